@@ -1,0 +1,369 @@
+"""The federation's round loop, as the aggregator runs it.
+
+Stages, in order: enrolment (wait for participants), statistics (global
+preprocessing from summed counts), then per round FIT (participants train
+from the global model and send weighted updates) and EVALUATE (participants
+score the new global model on their validation splits and send counts).
+
+Every stage waits for its cohort until all have answered, left, or the
+round timeout passes; the ones that did not answer are dropouts of that stage.
+The federation goes on while at least ``minParticipants`` answer, and
+otherwise stops with a message that names who was missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcrm.errors import FederationFailed
+from fedcrm.models.artifacts import save_model
+from fedcrm.models.layout import ModelLayout
+from fedcrm.protocol import from_vector, pb, to_vector
+from fedcrm.reporting import RoundRecord, build_report, write_report
+from fedcrm.spec.manifests import Federation
+from fedcrm.training.fedavg import Contribution, ordered_sum, weighted_average
+from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
+from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
+from fedcrm_aggregator.sessions import Session
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger("fedcrm.aggregator")
+
+_STAGE_NAMES = {pb.Task.STATISTICS: "statistics", pb.Task.FIT: "training", pb.Task.EVALUATE: "evaluation"}
+
+
+class Coordinator:
+    """Owns the sessions and the stage in progress; the gRPC servicer feeds it."""
+
+    def __init__(self, federation: Federation, participants: list[str], out_dir: Path) -> None:
+        self.federation = federation
+        self.expected = sorted(participants)
+        self.out_dir = out_dir
+        self.spec = federation.spec
+        self.stats_layout = StatisticsLayout(self.spec.task)
+        self._cond = threading.Condition()
+        self._sessions: dict[str, Session] = {}
+        self._stage: tuple[int, int] | None = None  # (task kind, round)
+        self._results: dict[str, Any] = {}
+        self._finished = threading.Event()
+        self._events = open(out_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
+        self.preprocessing: Preprocessing | None = None
+        self.layout: ModelLayout | None = None
+        self.weights: np.ndarray | None = None
+        self.version = 0
+        self.history: list[RoundRecord] = []
+        self.last_metrics: dict[str, float | None] = {}
+        self._started = time.monotonic()
+        self._dropped_reasons: dict[str, str] = {}
+
+    # ----------------------------------------------------------------- events
+    def emit(self, event: str, **fields: Any) -> None:
+        self._events.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    # ----------------------------------------------------------------- sessions (called from gRPC threads)
+    def connect(self, identity: str) -> Session:
+        with self._cond:
+            old = self._sessions.get(identity)
+            if old is not None and old.connected:
+                old.connected = False
+                old.send(pb.Task(kind=pb.Task.FINISH, succeeded=False, message="replaced by a newer connection"))
+            session = Session(identity=identity)
+            if old is not None:
+                session.rounds, session.bytes_up, session.bytes_down = old.rounds, old.bytes_up, old.bytes_down
+            self._sessions[identity] = session
+            self._cond.notify_all()
+        log.info("participant %s connected", identity)
+        self.emit("connected", identity=identity)
+        return session
+
+    def disconnect(self, session: Session) -> None:
+        with self._cond:
+            if not session.connected:
+                return
+            session.connected = False
+            self._cond.notify_all()
+        if not self._finished.is_set():
+            log.warning("participant %s disconnected", session.identity)
+            self.emit("disconnected", identity=session.identity)
+
+    def report_failure(self, identity: str, message: str) -> None:
+        with self._cond:
+            session = self._sessions.get(identity)
+            if session is not None:
+                session.failed = message
+            self._dropped_reasons[identity] = message
+            self._cond.notify_all()
+        log.error("participant %s cannot take part: %s", identity, message)
+        self.emit("participant_failed", identity=identity, message=message)
+
+    def count_up(self, identity: str, round_: int, size: int) -> None:
+        with self._cond:
+            session = self._sessions.get(identity)
+            if session is not None:
+                session.bytes_up[round_] += size
+
+    def submit(self, kind: int, identity: str, message: Any) -> pb.Ack:
+        """Accept a result for the stage in progress; anything else is refused with a reason."""
+        with self._cond:
+            if self._stage is None or self._stage[0] != kind or self._stage[1] != message.round:
+                current = "none" if self._stage is None else f"{_STAGE_NAMES[self._stage[0]]} of round {self._stage[1]}"
+                return pb.Ack(accepted=False, message=f"not expecting this result; the stage in progress is {current}")
+            if identity in self._results:
+                return pb.Ack(accepted=False, message="a result for this stage was already received")
+            session = self._sessions.get(identity)
+            if session is None or not session.usable:
+                return pb.Ack(accepted=False, message="this participant is not part of the stage")
+            try:
+                self._results[identity] = self._decode(kind, message)
+            except ValueError as err:
+                return pb.Ack(accepted=False, message=f"malformed result: {err}")
+            self._cond.notify_all()
+        return pb.Ack(accepted=True)
+
+    def _decode(self, kind: int, message: Any) -> Any:
+        if kind == pb.Task.STATISTICS:
+            return from_vector(message.statistics, expected_length=self.stats_layout.size)
+        if kind == pb.Task.FIT:
+            assert self.layout is not None
+            if message.model_version != self.version:
+                raise ValueError(f"update is for model version {message.model_version}, current is {self.version}")
+            if not np.isfinite(message.examples) or message.examples <= 0:
+                raise ValueError("the number of examples must be positive")
+            delta = from_vector(message.delta, expected_length=self.layout.size)
+            if not np.all(np.isfinite(delta)):
+                raise ValueError("the update contains NaN or infinite values")
+            return (float(message.examples), delta, float(message.loss_sum))
+        counts = from_vector(message.counts, expected_length=EVAL_SIZE)
+        return counts
+
+    def usable_sessions(self) -> list[Session]:
+        with self._cond:
+            return [s for _, s in sorted(self._sessions.items()) if s.usable]
+
+    # ----------------------------------------------------------------- stages
+    def _task(self, session: Session, kind: int, round_: int, deadline: float) -> pb.Task:
+        task = pb.Task(kind=kind, round=round_, deadline_unix=deadline)
+        if kind in (pb.Task.FIT, pb.Task.EVALUATE):
+            assert self.weights is not None and self.preprocessing is not None and self.layout is not None
+            task.model_version = self.version
+            if session.model_version != self.version:
+                task.model.CopyFrom(to_vector(self.weights))
+                session.model_version = self.version
+            if not session.has_preprocessing:
+                task.preprocessing_json = json.dumps(
+                    {"preprocessing": json.loads(self.preprocessing.to_json()), "layout": self.layout.to_dict()}
+                )
+                session.has_preprocessing = True
+        return task
+
+    def run_stage(self, kind: int, round_: int) -> dict[str, Any]:
+        """Send the stage's task to every usable participant and collect answers until the deadline."""
+        timeout = self.spec.training.round_timeout_seconds
+        deadline_mono = time.monotonic() + timeout
+        deadline_unix = time.time() + timeout
+        with self._cond:
+            cohort = [s for _, s in sorted(self._sessions.items()) if s.usable]
+            self._stage = (kind, round_)
+            self._results = {}
+            for s in cohort:
+                s.send(self._task(s, kind, round_, deadline_unix))
+            while True:
+                waiting = [s for s in cohort if s.identity not in self._results and s.usable]
+                remaining = deadline_mono - time.monotonic()
+                if not waiting or remaining <= 0:
+                    break
+                self._cond.wait(timeout=min(remaining, 1.0))
+            results = dict(self._results)
+            self._stage = None
+            missing = [s for s in cohort if s.identity not in results]
+            for s in missing:
+                if s.failed:
+                    reason = f"failed: {s.failed}"
+                elif not s.connected:
+                    reason = "disconnected"
+                else:
+                    reason = f"no answer within roundTimeoutSeconds ({timeout:g}s)"
+                    # A participant that misses a deadline gets the model afresh next time.
+                    s.model_version = None
+                self._dropped_reasons[s.identity] = reason
+                log.warning("round %d %s: participant %s dropped out (%s)", round_, _STAGE_NAMES[kind], s.identity, reason)
+                self.emit("dropout", identity=s.identity, round=round_, stage=_STAGE_NAMES[kind], reason=reason)
+        return results
+
+    def _require(self, count: int, what: str) -> None:
+        need = self.spec.training.min_participants
+        if count < need:
+            gone = ", ".join(f"{k} ({v})" for k, v in sorted(self._dropped_reasons.items())) or "none reported"
+            raise FederationFailed(
+                f"{what}: {count} participant(s) answered, minParticipants is {need}; dropouts: {gone}"
+            )
+
+    def wait_for_enrolment(self) -> None:
+        timeout = self.spec.training.round_timeout_seconds
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                usable = {i for i, s in self._sessions.items() if s.usable}
+                remaining = deadline - time.monotonic()
+                if usable >= set(self.expected) or remaining <= 0:
+                    break
+                self._cond.wait(timeout=min(remaining, 1.0))
+            missing = sorted(set(self.expected) - usable)
+        for m in missing:
+            self._dropped_reasons.setdefault(m, f"did not connect within roundTimeoutSeconds ({timeout:g}s)")
+        self.emit("enrolled", participants=sorted(usable), missing=missing)
+        self._require(len(usable), "enrolment")
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        """Run the whole federation; returns the report (also written to ``out_dir``)."""
+        status, message = "succeeded", ""
+        try:
+            self.emit("started", federation=self.federation.key, rounds=self.spec.training.rounds,
+                      expected=self.expected)
+            self.wait_for_enrolment()
+            self._statistics()
+            for round_ in range(1, self.spec.training.rounds + 1):
+                self._round(round_)
+            message = f"trained {len(self.history)} rounds"
+        except FederationFailed as err:
+            status, message = "failed", str(err)
+            log.error("federation failed: %s", message)
+        self._finished.set()
+        report = self._write_outputs(status, message)
+        with self._cond:
+            for s in self._sessions.values():
+                if s.connected:
+                    s.send(pb.Task(kind=pb.Task.FINISH, succeeded=status == "succeeded", message=message))
+        self.emit("finished", status=status, message=message)
+        return report
+
+    def _statistics(self) -> None:
+        results = self.run_stage(pb.Task.STATISTICS, 0)
+        self._require(len(results), "statistics")
+        total = ordered_sum(results.items())
+        self.preprocessing = self.stats_layout.preprocessing(total)
+        self.layout = ModelLayout.build(self.spec.model, self.preprocessing)
+        self.weights = self.layout.initial(self.spec.training.seed)
+        self.version = 0
+        self.emit("statistics", rows=self.preprocessing.rows, participants=len(results),
+                  parameters=self.layout.size)
+        log.info("global statistics from %d participants, %d rows; model has %d parameters",
+                 len(results), self.preprocessing.rows, self.layout.size)
+
+    def _round(self, round_: int) -> None:
+        assert self.weights is not None
+        started = time.monotonic()
+        fits = self.run_stage(pb.Task.FIT, round_)
+        self._require(len(fits), f"round {round_} training")
+        delta = weighted_average(Contribution(i, ex, d) for i, (ex, d, _) in fits.items())
+        self.weights = (self.weights.astype(np.float64) + delta).astype(np.float32)
+        self.version = round_
+        train_examples = sum(ex for ex, _, _ in fits.values())
+        train_loss = sum(loss for _, _, loss in fits.values()) / train_examples
+        evals = self.run_stage(pb.Task.EVALUATE, round_)
+        metrics = metrics_from_counts(ordered_sum(evals.items())) if evals else {}
+        with self._cond:
+            for identity in fits:
+                self._sessions[identity].rounds += 1
+            took_part = [self._sessions[i] for i in fits]
+            ups = [s.bytes_up.get(round_, 0) for s in took_part]
+            downs = [s.bytes_down.get(round_, 0) for s in took_part]
+        record = RoundRecord(
+            round=round_,
+            loss=metrics.get("loss"),
+            accuracy=metrics.get("accuracy"),
+            f1=metrics.get("f1"),
+            auc=metrics.get("auc"),
+            precision=metrics.get("precision"),
+            recall=metrics.get("recall"),
+            participants=len(fits),
+            duration_s=round(time.monotonic() - started, 4),
+            bytes_up_per_client=sum(ups) / len(ups),
+            bytes_down_per_client=sum(downs) / len(downs),
+            train_loss=train_loss,
+            dropped=[i for i in self.expected if i not in fits],
+        )
+        self.history.append(record)
+        self.last_metrics = metrics
+        self._save_model(partial=round_ < self.spec.training.rounds)
+        self.emit("round", rounds=self.spec.training.rounds, **{
+            k: v for k, v in record.__dict__.items() if k != "dropped"
+        }, dropped=record.dropped)
+        log.info("round %d/%d: %d participants, validation loss %.4f accuracy %.4f",
+                 round_, self.spec.training.rounds, len(fits), metrics.get("loss") or float("nan"),
+                 metrics.get("accuracy") or float("nan"))
+
+    # ----------------------------------------------------------------- outputs
+    def _save_model(self, *, partial: bool) -> str | None:
+        if self.weights is None or self.layout is None or self.preprocessing is None:
+            return None
+        return save_model(
+            self.out_dir / "model",
+            weights=self.weights,
+            layout=self.layout,
+            preprocessing=self.preprocessing,
+            task=self.spec.task,
+            metadata={
+                "federation": self.federation.key,
+                "rounds_completed": len(self.history),
+                "rounds_planned": self.spec.training.rounds,
+                "partial": partial,
+                "seed": self.spec.training.seed,
+            },
+        )
+
+    def _participants_summary(self) -> list[dict[str, Any]]:
+        out = []
+        with self._cond:
+            for identity in self.expected:
+                s = self._sessions.get(identity)
+                rounds = s.rounds if s else 0
+                completed = rounds == len(self.history) and len(self.history) > 0
+                entry: dict[str, Any] = {
+                    "identity": identity,
+                    "status": "completed" if completed else ("dropped" if identity in self._dropped_reasons else "partial"),
+                    "rounds": rounds,
+                }
+                if identity in self._dropped_reasons and not completed:
+                    entry["message"] = self._dropped_reasons[identity]
+                out.append(entry)
+        return out
+
+    def _write_outputs(self, status: str, message: str) -> dict[str, Any]:
+        digest = self._save_model(partial=status != "succeeded")
+        with self._cond:
+            per_pr = [
+                float(s.bytes_up.get(r.round, 0) + s.bytes_down.get(r.round, 0))
+                for r in self.history
+                for s in self._sessions.values()
+                if s.bytes_up.get(r.round, 0)
+            ]
+        report = build_report(
+            kind="federated",
+            federation=self.federation.key,
+            status=status,
+            message=message,
+            rounds_planned=self.spec.training.rounds,
+            history=self.history,
+            participants=self._participants_summary(),
+            metrics={k: v for k, v in self.last_metrics.items() if v is not None},
+            metrics_source="validation",
+            model_digest=digest,
+            privacy_mode=self.spec.privacy.differential_privacy.mode,
+            duration_s=round(time.monotonic() - self._started, 3),
+            bytes_per_participant_round=per_pr,
+        )
+        write_report(self.out_dir, report)
+        return report
+
+    def close(self) -> None:
+        self._events.close()

@@ -1,0 +1,69 @@
+"""``fedcrm-node``: run one participant of a federation.
+
+Exit codes: 0 the federation succeeded; 2 this participant's manifest, data or
+certificate is wrong (the message says what to fix); 3 the federation stopped
+without success; 4 the aggregator could not be reached or went away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedcrm.errors import FedcrmError
+from fedcrm.protocol import TlsFiles
+from fedcrm.spec.loading import load_participant
+
+log = logging.getLogger("fedcrm.node")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedcrm-node",
+        description="Run one participant: read its own data, train locally, send only updates and counts.",
+    )
+    p.add_argument("--participant", required=True, type=Path, help="the Participant manifest (YAML)")
+    p.add_argument("--aggregator", required=True, help="host:port of the aggregator's gRPC endpoint")
+    p.add_argument("--ca", required=True, type=Path, help="the federation CA certificate (PEM)")
+    p.add_argument("--cert", required=True, type=Path, help="this participant's certificate (PEM)")
+    p.add_argument("--key", required=True, type=Path, help="this participant's private key (PEM)")
+    p.add_argument("--server-name", help="name to verify in the aggregator's certificate, if not the host in --aggregator")
+    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the aggregator (default 60)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("FEDCRM_TORCH_THREADS", "1")),
+                   help="torch threads for local training (default 1, or $FEDCRM_TORCH_THREADS)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    from fedcrm_node.participant import NodeExit, ParticipantNode
+
+    try:
+        participant = load_participant(args.participant)
+        node = ParticipantNode(
+            participant,
+            manifest_dir=args.participant.resolve().parent,
+            aggregator=args.aggregator,
+            tls=TlsFiles(args.ca, args.cert, args.key),
+            server_name=args.server_name,
+            connect_timeout=args.connect_timeout,
+        )
+        node.run()
+    except NodeExit as err:
+        log.error("%s", err)
+        sys.exit(err.code)
+    except FedcrmError as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

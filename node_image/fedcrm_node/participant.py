@@ -1,0 +1,222 @@
+"""A participant's side of the protocol: its data stays here, only sums and updates leave.
+
+The node loads and maps its own records, then follows the aggregator's task
+stream: statistics of the training split, local training from each global
+model, evaluation of each new global model on its validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedcrm.data.canonical import CanonicalData
+from fedcrm.data.loaders import load_participant_data
+from fedcrm.data.splits import train_validation_split
+from fedcrm.errors import DataError, FedcrmError, ManifestError
+from fedcrm.protocol import PROTOCOL_VERSION, TlsFiles, client_channel, from_vector, pb, rpc, to_vector
+from fedcrm.spec.loading import check_membership, parse_manifest
+from fedcrm.spec.manifests import Federation, Participant
+
+__all__ = ["NodeExit", "ParticipantNode"]
+
+log = logging.getLogger("fedcrm.node")
+
+
+class NodeExit(FedcrmError):
+    """Ends the node with an exit code and a message for its log."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Split:
+    train: object  # EncodedData once preprocessing is known
+    validation: object
+
+
+class ParticipantNode:
+    def __init__(
+        self,
+        participant: Participant,
+        *,
+        manifest_dir: Path,
+        aggregator: str,
+        tls: TlsFiles,
+        server_name: str | None = None,
+        connect_timeout: float = 60.0,
+    ) -> None:
+        self.participant = participant
+        self.manifest_dir = manifest_dir
+        self.aggregator = aggregator
+        self.tls = tls
+        self.server_name = server_name
+        self.connect_timeout = connect_timeout
+        self.identity = participant.identity
+        self.federation: Federation | None = None
+        self.data: CanonicalData | None = None
+        self.frames: tuple[object, object] | None = None
+        self.encoded: _Split | None = None
+        self.model = None
+        self.weights: np.ndarray | None = None
+        self.version: int | None = None
+
+    # ----------------------------------------------------------------- protocol
+    def run(self) -> None:
+        ref = self.participant.spec.federation_ref
+        try:
+            channel = client_channel(self.aggregator, self.tls, server_name=self.server_name)
+        except FileNotFoundError as err:
+            raise NodeExit(str(err), 2) from None
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            raise NodeExit(
+                f"cannot reach the aggregator at {self.aggregator} within {self.connect_timeout:g}s. Check the address, "
+                "that the aggregator runs, and that this participant's certificate was issued by the federation's CA",
+                4,
+            ) from None
+        log.info("connected to the aggregator at %s", self.aggregator)
+        stub = rpc.FederatedTrainingStub(channel)
+        request = pb.ConnectRequest(protocol_version=PROTOCOL_VERSION, federation=f"{ref.namespace}/{ref.name}")
+        try:
+            for task in stub.Connect(request):
+                if not self._handle(stub, task):
+                    return
+        except grpc.RpcError as err:
+            raise NodeExit(self._describe_rpc_error(err), 4) from None
+        finally:
+            channel.close()
+        raise NodeExit("the aggregator closed the connection before the federation finished", 4)
+
+    def _describe_rpc_error(self, err: grpc.RpcError) -> str:
+        code = err.code() if hasattr(err, "code") else None
+        detail = err.details() if hasattr(err, "details") else str(err)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return (
+                f"cannot reach the aggregator at {self.aggregator}: {detail}. Check the address, that the "
+                "aggregator runs, and that this participant's certificate was issued by the federation's CA"
+            )
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return f"the aggregator refused this participant: {detail}"
+        return f"the aggregator connection failed ({code.name if code else 'unknown'}): {detail}"
+
+    def _handle(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> bool:
+        kind = task.kind
+        if kind == pb.Task.WELCOME:
+            self._welcome(stub, task)
+        elif kind == pb.Task.STATISTICS:
+            from fedcrm.training.preprocessing import StatisticsLayout
+
+            assert self.federation is not None and self.frames is not None
+            stats = StatisticsLayout(self.federation.spec.task).local(self.frames[0])
+            self._ack(stub.SubmitStatistics(pb.StatisticsResult(round=task.round, statistics=to_vector(stats))), task)
+        elif kind == pb.Task.FIT:
+            self._receive_model(task)
+            self._ack(stub.SubmitFit(self._fit(task)), task)
+        elif kind == pb.Task.EVALUATE:
+            self._receive_model(task)
+            self._ack(stub.SubmitEvaluation(self._evaluate(task)), task)
+        elif kind == pb.Task.FINISH:
+            if task.succeeded:
+                log.info("federation finished: %s", task.message)
+                return False
+            raise NodeExit(f"the federation stopped: {task.message}", 3)
+        else:
+            log.warning("ignoring a task of unknown kind %d (is the aggregator newer than this node?)", kind)
+        return True
+
+    def _ack(self, ack: pb.Ack, task: pb.Task) -> None:
+        if not ack.accepted:
+            log.warning("round %d: the aggregator did not accept this result: %s", task.round, ack.message)
+
+    def _welcome(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> None:
+        if task.identity != self.identity:
+            raise NodeExit(
+                f"this node's certificate says {task.identity!r} but its manifest is {self.identity!r}; "
+                "use the certificate issued for this participant", 2,
+            )
+        try:
+            federation = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
+            check_membership(federation, self.participant)
+            self.data = load_participant_data(self.participant, federation.spec.task, base_dir=self.manifest_dir)
+        except (ManifestError, DataError) as err:
+            stub.ReportFailure(pb.FailureReport(message=str(err)))
+            raise NodeExit(str(err), 2) from None
+        for note in self.data.notes:
+            log.warning("%s", note)
+        self.federation = federation
+        training = federation.spec.training
+        self.frames = train_validation_split(
+            self.data.frame, fraction=training.validation_fraction, seed=training.seed, identity=self.identity
+        )
+        log.info("joined %s with %d training and %d validation rows",
+                 federation.key, len(self.frames[0]), len(self.frames[1]))  # type: ignore[arg-type]
+
+    def _receive_model(self, task: pb.Task) -> None:
+        from fedcrm.models.layout import ModelLayout
+        from fedcrm.models.mlp import TabularMLP
+        from fedcrm.training.preprocessing import Preprocessing, encode
+
+        if task.preprocessing_json:
+            raw = json.loads(task.preprocessing_json)
+            prep = Preprocessing.from_json(json.dumps(raw["preprocessing"]))
+            layout = ModelLayout.from_dict(raw["layout"])
+            assert self.frames is not None
+            self.encoded = _Split(encode(self.frames[0], prep), encode(self.frames[1], prep))  # type: ignore[arg-type]
+            self.model = TabularMLP(layout)
+        if self.model is None:
+            raise NodeExit("protocol error: a model arrived before the preprocessing", 4)
+        if task.HasField("model"):
+            self.weights = from_vector(task.model, expected_length=self.model.layout.size).astype(np.float32)
+            self.version = task.model_version
+        if self.version != task.model_version or self.weights is None:
+            raise NodeExit(f"protocol error: asked to use model version {task.model_version}, holding {self.version}", 4)
+
+    def _fit(self, task: pb.Task) -> pb.FitResult:
+        from fedcrm.models.mlp import get_flat, set_flat
+        from fedcrm.training.local import derive_seed, train_epochs
+
+        assert self.federation is not None and self.encoded is not None and self.weights is not None
+        training = self.federation.spec.training
+        set_flat(self.model, self.weights)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        outcome = train_epochs(
+            self.model,  # type: ignore[arg-type]
+            self.encoded.train,  # type: ignore[arg-type]
+            epochs=training.local_epochs,
+            batch_size=training.batch_size,
+            learning_rate=training.learning_rate,
+            seed=derive_seed(training.seed, self.identity, task.round),
+            proximal_mu=training.proximal_mu if training.algorithm == "fedprox" else 0.0,
+        )
+        delta = get_flat(self.model) - self.weights  # type: ignore[arg-type]
+        took = time.perf_counter() - started
+        log.info("round %d: trained on %d rows in %.2fs, loss %.4f",
+                 task.round, outcome.examples, took, outcome.loss_sum / max(outcome.examples, 1))
+        return pb.FitResult(
+            round=task.round,
+            model_version=task.model_version,
+            delta=to_vector(delta),
+            examples=float(outcome.examples),
+            loss_sum=outcome.loss_sum,
+            train_seconds=took,
+        )
+
+    def _evaluate(self, task: pb.Task) -> pb.EvaluationResult:
+        from fedcrm.models.mlp import set_flat
+        from fedcrm.training.local import evaluate
+
+        assert self.encoded is not None and self.weights is not None
+        set_flat(self.model, self.weights)  # type: ignore[arg-type]
+        counts = evaluate(self.model, self.encoded.validation)  # type: ignore[arg-type]
+        return pb.EvaluationResult(round=task.round, model_version=task.model_version, counts=to_vector(counts))

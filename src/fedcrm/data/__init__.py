@@ -1,0 +1,1 @@
+"""Canonical schema mapping, loaders, and the synthetic CRM generator."""

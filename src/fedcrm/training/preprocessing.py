@@ -1,0 +1,187 @@
+"""Federated preprocessing: global feature statistics without pooling records.
+
+Each participant summarises its own rows as one fixed-length vector of counts
+and sums (:meth:`StatisticsLayout.local`); the aggregator adds the vectors up
+on the same path as model updates, and :meth:`StatisticsLayout.preprocessing`
+turns the sum into means, standard deviations and category vocabularies. The
+vector's length depends only on the schema, so the sum can later be taken
+under secure aggregation without change.
+
+Missing values are explicit: every numeric and boolean feature gets a
+missing-indicator input, and categorical features reserve index 0 for
+"missing or never seen".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedcrm.spec.manifests import FeatureType, Task, Transform
+
+if TYPE_CHECKING:  # the aggregator uses this module and never imports pandas
+    import pandas as pd
+
+__all__ = ["EncodedData", "Preprocessing", "StatisticsLayout", "encode"]
+
+# z-scores beyond this are clipped: one extreme account must not dominate a batch.
+_Z_CLIP = 6.0
+
+
+def _transform(values: np.ndarray, transform: Transform) -> np.ndarray:
+    if transform is Transform.log1p:
+        return np.sign(values) * np.log1p(np.abs(values))
+    return values
+
+
+@dataclass(frozen=True)
+class NumericStats:
+    name: str
+    mean: float
+    std: float
+    transform: str
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to encode canonical rows for the model, derived from global sums."""
+
+    numeric: list[NumericStats]
+    boolean: list[str]
+    categorical: dict[str, list[str]]
+    target: str
+    rows: int
+    positive_rate: float
+    missing_rate: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def numeric_width(self) -> int:
+        """Inputs besides embeddings: value + missing flag per numeric and boolean feature."""
+        return 2 * (len(self.numeric) + len(self.boolean))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        raw = json.loads(text)
+        raw["numeric"] = [NumericStats(**n) for n in raw["numeric"]]
+        return cls(**raw)
+
+
+class StatisticsLayout:
+    """The fixed layout of a participant's statistics vector for one task.
+
+    ``[rows, positives]``, then per numeric feature ``[present, sum, sum of squares]``
+    (after its transform), per boolean feature ``[present, trues]``, per categorical
+    feature one count per allowed category.
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.slots: list[tuple[str, FeatureType, int, int]] = []
+        offset = 2
+        for f in task.features:
+            width = {FeatureType.numeric: 3, FeatureType.boolean: 2}.get(f.type, len(f.categories or []))
+            self.slots.append((f.name, f.type, offset, width))
+            offset += width
+        self.size = offset
+
+    def local(self, frame: pd.DataFrame) -> np.ndarray:
+        """This participant's counts and sums (float64: sums of squares overflow float32)."""
+        out = np.zeros(self.size, dtype=np.float64)
+        out[0] = len(frame)
+        out[1] = float(frame[self.task.target].sum())
+        for name, kind, off, width in self.slots:
+            col = frame[name]
+            if kind is FeatureType.numeric:
+                v = _transform(col.to_numpy(dtype=np.float64), self.task.feature(name).transform)
+                v = v[~np.isnan(v)]
+                out[off : off + 3] = (v.size, v.sum(), np.square(v).sum())
+            elif kind is FeatureType.boolean:
+                v = col.to_numpy(dtype=np.float64)
+                v = v[~np.isnan(v)]
+                out[off : off + 2] = (v.size, v.sum())
+            else:
+                counts = col.value_counts()
+                for i, cat in enumerate(self.task.feature(name).categories or []):
+                    out[off + i] = float(counts.get(cat, 0))
+        return out
+
+    def preprocessing(self, total: np.ndarray) -> Preprocessing:
+        """Global statistics from the sum of every participant's :meth:`local` vector."""
+        if total.shape != (self.size,):
+            raise ValueError(f"statistics vector has shape {total.shape}, expected ({self.size},)")
+        rows = int(round(total[0]))
+        numeric: list[NumericStats] = []
+        boolean: list[str] = []
+        categorical: dict[str, list[str]] = {}
+        missing: dict[str, float] = {}
+        for name, kind, off, width in self.slots:
+            if kind is FeatureType.numeric:
+                n, s, ss = total[off : off + 3]
+                mean = s / n if n else 0.0
+                var = max(ss / n - mean * mean, 0.0) if n else 0.0
+                std = math.sqrt(var) if var > 1e-12 else 1.0
+                numeric.append(NumericStats(name, float(mean), float(std), self.task.feature(name).transform.value))
+                missing[name] = 1.0 - n / rows if rows else 1.0
+            elif kind is FeatureType.boolean:
+                boolean.append(name)
+                missing[name] = 1.0 - total[off] / rows if rows else 1.0
+            else:
+                cats = self.task.feature(name).categories or []
+                counts = total[off : off + width]
+                categorical[name] = [c for c, k in zip(cats, counts) if k > 0]
+                missing[name] = 1.0 - counts.sum() / rows if rows else 1.0
+        return Preprocessing(
+            numeric=numeric,
+            boolean=boolean,
+            categorical=categorical,
+            target=self.task.target,
+            rows=rows,
+            positive_rate=float(total[1] / rows) if rows else 0.0,
+            missing_rate={k: round(float(v), 6) for k, v in missing.items()},
+        )
+
+
+@dataclass(frozen=True)
+class EncodedData:
+    """Model inputs: dense float32 block, categorical indices, and labels."""
+
+    dense: np.ndarray  # (n, numeric_width) float32
+    categorical: np.ndarray  # (n, n_categorical) int64; 0 = missing or unseen
+    labels: np.ndarray  # (n,) float32 0/1
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode(frame: pd.DataFrame, prep: Preprocessing) -> EncodedData:
+    """Standardise, flag missing values and index categories, exactly as every participant does."""
+    n = len(frame)
+    dense = np.zeros((n, prep.numeric_width), dtype=np.float32)
+    col = 0
+    for stats in prep.numeric:
+        v = _transform(frame[stats.name].to_numpy(dtype=np.float64), Transform(stats.transform))
+        missing = np.isnan(v)
+        z = np.clip((v - stats.mean) / stats.std, -_Z_CLIP, _Z_CLIP)
+        dense[:, col] = np.where(missing, 0.0, z)
+        dense[:, col + 1] = missing
+        col += 2
+    for name in prep.boolean:
+        v = frame[name].to_numpy(dtype=np.float64)
+        missing = np.isnan(v)
+        dense[:, col] = np.where(missing, 0.0, v)
+        dense[:, col + 1] = missing
+        col += 2
+    cats = np.zeros((n, len(prep.categorical)), dtype=np.int64)
+    for j, (name, vocab) in enumerate(prep.categorical.items()):
+        index = {c: i + 1 for i, c in enumerate(vocab)}
+        cats[:, j] = [index.get(v, 0) if isinstance(v, str) else 0 for v in frame[name].tolist()]
+    labels = frame[prep.target].to_numpy(dtype=np.float32) if prep.target in frame else np.zeros(n, np.float32)
+    return EncodedData(dense=dense, categorical=cats, labels=labels)
