@@ -55,6 +55,7 @@ class Coordinator:
         self._results: dict[str, Any] = {}
         self._finished = threading.Event()
         self._events = open(out_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
+        self._events_lock = threading.Lock()
         self.preprocessing: Preprocessing | None = None
         self.layout: ModelLayout | None = None
         self.weights: np.ndarray | None = None
@@ -66,7 +67,10 @@ class Coordinator:
 
     # ----------------------------------------------------------------- events
     def emit(self, event: str, **fields: Any) -> None:
-        self._events.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        """Append one event to ``events.jsonl`` (gRPC threads and the round loop both write)."""
+        line = json.dumps({"event": event, "time": time.time(), **fields}) + "\n"
+        with self._events_lock:
+            self._events.write(line)
 
     # ----------------------------------------------------------------- sessions (called from gRPC threads)
     def connect(self, identity: str) -> Session:
@@ -79,9 +83,9 @@ class Coordinator:
             if old is not None:
                 session.rounds, session.bytes_up, session.bytes_down = old.rounds, old.bytes_up, old.bytes_down
             self._sessions[identity] = session
+            self.emit("connected", identity=identity)
             self._cond.notify_all()
         log.info("participant %s connected", identity)
-        self.emit("connected", identity=identity)
         return session
 
     def disconnect(self, session: Session) -> None:

@@ -128,7 +128,8 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _last_error_line(log_path: Path) -> str:
+def _last_error_line(log_path: Path, *, or_last_line: bool = False) -> str:
+    """The last ERROR message of a process's log (or its last line, for a process that died early)."""
     try:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
@@ -136,7 +137,7 @@ def _last_error_line(log_path: Path) -> str:
     for ln in reversed(lines):
         if " ERROR " in ln:
             return ln.split(": ", 1)[-1]
-    return lines[-1] if lines else ""
+    return lines[-1] if lines and or_last_line else ""
 
 
 def _describe_exit(code: int) -> str:
@@ -191,7 +192,7 @@ def _wait_for_port(procs: _Processes, port_file: Path, timeout: float) -> int:
         if port_file.exists():
             return int(port_file.read_text())
         if procs.aggregator.poll() is not None:
-            reason = _last_error_line(procs.logs / "aggregator.log")
+            reason = _last_error_line(procs.logs / "aggregator.log", or_last_line=True)
             raise FedcrmError(f"the aggregator exited before serving ({_describe_exit(procs.aggregator.returncode)}): {reason}")
         time.sleep(0.05)
     raise FedcrmError(f"the aggregator did not start serving within {timeout:g}s; see {procs.logs / 'aggregator.log'}")
@@ -244,7 +245,8 @@ def run_federation(
             offset = progress.feed_events(events, offset)
             for identity, p in procs.nodes.items():
                 code = p.poll()
-                if code not in (None, 0) and identity not in crashed:
+                # Exit code 3 is a node leaving because the federation stopped: not a crash of its own.
+                if code not in (None, 0, 3) and identity not in crashed:
                     reason = _last_error_line(procs.logs / f"{identity.replace('/', '_')}.log")
                     crashed[identity] = f"{_describe_exit(code)}" + (f": {reason}" if reason else "")
                     progress.participant_exited(identity, crashed[identity])
@@ -265,7 +267,7 @@ def run_federation(
         procs.stop_all()
 
     if not (out / "report.json").exists():
-        reason = "interrupted" if interrupted else _last_error_line(procs.logs / "aggregator.log")
+        reason = "interrupted" if interrupted else _last_error_line(procs.logs / "aggregator.log", or_last_line=True)
         raise FedcrmError(f"the federation stopped without a report ({reason}); logs are in {procs.logs}")
     report = read_report(out)
     if interrupted:

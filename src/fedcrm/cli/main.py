@@ -33,7 +33,7 @@ exit codes: 0 succeeded; 1 the federation failed (report marked partial); 2 bad 
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def _add_federation_args(p: argparse.ArgumentParser) -> None:

@@ -49,10 +49,8 @@ Non-IID clients (Dirichlet ``alpha``: small = skewed, large = near IID)
   drawn conditionally on these.
 * Label skew: each client draws a target positive rate, the first component of
   ``Dirichlet(2 * alpha * (p0, 1 - p0))`` clipped to [0.1, 0.7], with ``p0`` the
-  population's conversion rate (so the clients' rates centre on the natural
-  rate, and the pooled training data matches the test set's prior); a candidate pool from the
-  client's feature distribution is labelled by the shared model and exactly
-  ``rows`` rows are sampled from it (without replacement) at that rate. So
+  population's conversion rate, and its leads' engagement is shifted until they
+  convert at that rate (:func:`_calibrate`). Labels are never resampled, so
   P(y | x) stays shared while P(y) and P(x) differ.
 * The held-out ``test.csv`` draws from every client's feature distribution in
   proportion to its rows, labelled by the shared model and not resampled.
@@ -77,7 +75,7 @@ is (for equal ``rows``, ``alpha`` and ``seed``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -304,23 +302,30 @@ def _draw_leads(rng: np.random.Generator, profile: _Profile, n: int) -> pd.DataF
     return frame
 
 
+def _calibrate(rng: np.random.Generator, profile: _Profile) -> _Profile:
+    """Shift the client's lead engagement until its leads convert at its target rate.
+
+    Label skew comes from *who* the client's leads are (more or less engaged,
+    budget confirmed more or less often), never from resampling labels: so
+    P(y | x) is the same at every client and in the test set, and a model cannot
+    learn a client's base rate from client-identifying traits (such as a column
+    the client does not collect) that would not carry over to new data.
+    """
+    sample = 2000
+    low, high = -4.0, 4.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        probe = replace(profile, engagement=profile.engagement + mid)
+        rate = float(conversion_probability(_draw_leads(rng, probe, sample)).mean())
+        if abs(rate - profile.target_rate) < 0.003:
+            break
+        low, high = (mid, high) if rate < profile.target_rate else (low, mid)
+    return replace(profile, engagement=profile.engagement + mid)
+
+
 def _draw_client_rows(rng: np.random.Generator, profile: _Profile, rows: int) -> pd.DataFrame:
-    """Exactly ``rows`` rows at the client's target positive rate (label skew, P(y|x) unchanged)."""
-    n_pos = int(round(profile.target_rate * rows))
-    n_neg = rows - n_pos
-    pool = _draw_leads(rng, profile, 2 * rows)
-    while int(pool[_TARGET].sum()) < n_pos or int((~pool[_TARGET]).sum()) < n_neg:
-        if len(pool) > 200 * rows:
-            raise FedcrmError(
-                f"cannot reach a positive rate of {profile.target_rate:.2f}: this client's leads almost never "
-                f"{'convert' if n_pos else 'fail'}; try a larger alpha"
-            )
-        pool = pd.concat([pool, _draw_leads(rng, profile, 2 * rows)], ignore_index=True)
-    labels = pool[_TARGET].to_numpy()
-    pos = rng.choice(np.flatnonzero(labels), size=n_pos, replace=False)
-    neg = rng.choice(np.flatnonzero(~labels), size=n_neg, replace=False)
-    chosen = rng.permutation(np.concatenate([pos, neg]))
-    return pool.iloc[chosen].reset_index(drop=True)
+    """``rows`` rows of a calibrated profile, labelled by the shared model (no label resampling)."""
+    return _draw_leads(rng, profile, rows)
 
 
 def _draw_test(rng: np.random.Generator, profiles: list[_Profile], rows: list[int], n: int) -> pd.DataFrame:
@@ -622,7 +627,7 @@ def _simulate(*, clients: int, rows: int, seed: int = 0, alpha: float = 0.5,
         data_seed, format_seed = child.spawn(2)
         client_rngs.append((np.random.Generator(np.random.PCG64(data_seed)),
                             np.random.Generator(np.random.PCG64(format_seed))))
-    profiles = [_draw_profile(data_rng, alpha) for data_rng, _ in client_rngs]
+    profiles = [_calibrate(data_rng, _draw_profile(data_rng, alpha)) for data_rng, _ in client_rngs]
 
     out: list[_Client] = []
     for i, ((data_rng, format_rng), profile) in enumerate(zip(client_rngs, profiles)):

@@ -38,7 +38,7 @@ class ModelLayout:
 
     @classmethod
     def build(cls, spec: ModelSpec, prep: Preprocessing) -> ModelLayout:
-        vocab = tuple(len(v) + 1 for v in prep.categorical.values())
+        vocab = tuple(len(c.vocab) + 1 for c in prep.categorical)
         return cls(
             dense_width=prep.numeric_width,
             vocab_sizes=vocab,

@@ -27,7 +27,7 @@ from fedcrm.spec.manifests import FeatureType, Task, Transform
 if TYPE_CHECKING:  # the aggregator uses this module and never imports pandas
     import pandas as pd
 
-__all__ = ["EncodedData", "Preprocessing", "StatisticsLayout", "encode"]
+__all__ = ["CategoricalVocab", "EncodedData", "NumericStats", "Preprocessing", "StatisticsLayout", "encode"]
 
 # z-scores beyond this are clipped: one extreme account must not dominate a batch.
 _Z_CLIP = 6.0
@@ -48,12 +48,24 @@ class NumericStats:
 
 
 @dataclass(frozen=True)
+class CategoricalVocab:
+    """A categorical feature's vocabulary; index 0 is reserved for missing or unseen values."""
+
+    name: str
+    vocab: list[str]
+
+
+@dataclass(frozen=True)
 class Preprocessing:
-    """Everything needed to encode canonical rows for the model, derived from global sums."""
+    """Everything needed to encode canonical rows for the model, derived from global sums.
+
+    Feature order is significant (it is the model's input order), so every part
+    is a list: serialised JSON may sort object keys, never list items.
+    """
 
     numeric: list[NumericStats]
     boolean: list[str]
-    categorical: dict[str, list[str]]
+    categorical: list[CategoricalVocab]
     target: str
     rows: int
     positive_rate: float
@@ -71,6 +83,7 @@ class Preprocessing:
     def from_json(cls, text: str) -> Preprocessing:
         raw = json.loads(text)
         raw["numeric"] = [NumericStats(**n) for n in raw["numeric"]]
+        raw["categorical"] = [CategoricalVocab(**c) for c in raw["categorical"]]
         return cls(**raw)
 
 
@@ -120,7 +133,7 @@ class StatisticsLayout:
         rows = int(round(total[0]))
         numeric: list[NumericStats] = []
         boolean: list[str] = []
-        categorical: dict[str, list[str]] = {}
+        categorical: list[CategoricalVocab] = []
         missing: dict[str, float] = {}
         for name, kind, off, width in self.slots:
             if kind is FeatureType.numeric:
@@ -136,7 +149,7 @@ class StatisticsLayout:
             else:
                 cats = self.task.feature(name).categories or []
                 counts = total[off : off + width]
-                categorical[name] = [c for c, k in zip(cats, counts) if k > 0]
+                categorical.append(CategoricalVocab(name, [c for c, k in zip(cats, counts) if k > 0]))
                 missing[name] = 1.0 - counts.sum() / rows if rows else 1.0
         return Preprocessing(
             numeric=numeric,
@@ -180,8 +193,8 @@ def encode(frame: pd.DataFrame, prep: Preprocessing) -> EncodedData:
         dense[:, col + 1] = missing
         col += 2
     cats = np.zeros((n, len(prep.categorical)), dtype=np.int64)
-    for j, (name, vocab) in enumerate(prep.categorical.items()):
-        index = {c: i + 1 for i, c in enumerate(vocab)}
-        cats[:, j] = [index.get(v, 0) if isinstance(v, str) else 0 for v in frame[name].tolist()]
+    for j, cat in enumerate(prep.categorical):
+        index = {c: i + 1 for i, c in enumerate(cat.vocab)}
+        cats[:, j] = [index.get(v, 0) if isinstance(v, str) else 0 for v in frame[cat.name].tolist()]
     labels = frame[prep.target].to_numpy(dtype=np.float32) if prep.target in frame else np.zeros(n, np.float32)
     return EncodedData(dense=dense, categorical=cats, labels=labels)

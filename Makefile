@@ -1,0 +1,52 @@
+# fedcrm: the two commands a newcomer runs are `make demo` and `make test`.
+# Both create (once) and reuse the virtual environment in .venv/.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Wheels are cached per lock-file version, so a rerun (or a fresh clone on the same machine) installs offline.
+LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels/$(LOCK_HASH)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+
+.PHONY: demo test test-fast lint protos check-protos venv clean
+
+demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
+	$(BIN)/fedcrm demo
+
+test: $(STAMP)  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
+	$(BIN)/lint-imports
+	$(BIN)/python tools/protos.py --check
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the inner-loop subset (no whole federations), well under 2 minutes
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
+protos: $(STAMP)  ## regenerate the gRPC stubs from protos/
+	$(BIN)/python tools/protos.py
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt tools/requirements.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ ! -f $(WHEELHOUSE)/.complete ]; then \
+	  echo "downloading dependencies into $(WHEELHOUSE) (first run only)"; \
+	  mkdir -p $(WHEELHOUSE) && \
+	  $(BIN)/python tools/requirements.py dev > $(VENV)/requirements.txt && \
+	  $(BIN)/python -m pip download --quiet --progress-bar off -d $(WHEELHOUSE) -c constraints.txt \
+	    -r $(VENV)/requirements.txt "setuptools>=69" wheel && \
+	  touch $(WHEELHOUSE)/.complete; \
+	fi
+	$(BIN)/python tools/requirements.py dev > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet --no-index --find-links $(WHEELHOUSE) -c constraints.txt \
+	  -r $(VENV)/requirements.txt "setuptools>=69" wheel
+	$(BIN)/python -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis runs

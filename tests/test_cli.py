@@ -1,0 +1,109 @@
+"""The ``fedcrm`` command as a user meets it: help that explains, errors that say what to fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedcrm.data.synthetic import SynthResult
+
+FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
+
+
+def _fedcrm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FEDCRM, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ([], ["run", "baseline", "synth", "demo"]),
+        (["run"], ["--federation", "--participant", "--test-data", "mutual TLS", "exit codes"]),
+        (["baseline"], ["Pool every participant", "--participant"]),
+        (["synth"], ["--clients", "--alpha", "Dirichlet"]),
+        (["demo"], ["--out", "10 enterprises"]),
+    ],
+)
+def test_every_command_explains_itself(command: list[str], words: list[str]) -> None:
+    proc = _fedcrm(*command, "--help")
+    assert proc.returncode == 0
+    for w in words:
+        assert w in proc.stdout
+
+
+def _copy(small: SynthResult, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A private copy of the synthetic federation's manifests (data paths made absolute)."""
+    fed = tmp_path / "federation.yaml"
+    fed.write_text(small.federation_path.read_text())
+    parts = []
+    for p in small.participant_paths:
+        doc = yaml.safe_load(p.read_text())
+        doc["spec"]["data"]["file"]["path"] = str((p.parent / doc["spec"]["data"]["file"]["path"]).resolve())
+        out = tmp_path / p.name
+        out.write_text(yaml.safe_dump(doc))
+        parts.append(out)
+    return fed, parts
+
+
+def _edit(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    doc = yaml.safe_load(path.read_text())
+    change(doc)
+    path.write_text(yaml.safe_dump(doc))
+
+
+def _assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_a_misspelled_column_is_named_with_a_suggestion(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    doc = yaml.safe_load(parts[0].read_text())
+    column = doc["spec"]["data"]["mapping"]["converted"]
+    _edit(parts[0], lambda d: d["spec"]["data"]["mapping"].update(converted=column + "x"))
+    who = f"{doc['metadata']['namespace']}/{doc['metadata']['name']}"
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--out", tmp_path / "out")
+    _assert_clean_error(proc, f"participant {who}", f"column '{column}x' (mapped to 'converted') is not in the file; did you mean '{column}'?")
+    assert not (tmp_path / "out" / "logs").exists()  # nothing was started
+
+
+def test_an_unmapped_value_says_where_to_map_it(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    for part in parts:
+        _edit(part, lambda d: d["spec"]["data"].update(values={}))
+    proc = _fedcrm("baseline", "--federation", fed, "--participant", *parts, "--out", tmp_path / "out")
+    _assert_clean_error(proc, "has values with no mapping", "spec.data.values.")
+
+
+def test_a_participant_naming_another_federation_is_refused(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    _edit(parts[2], lambda d: d["spec"]["federationRef"].update(name="churn"))
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--out", tmp_path / "out")
+    _assert_clean_error(proc, "names federation fedcrm-system/churn", "fix spec.federationRef")
+
+
+def test_an_unreadable_data_file_and_a_missing_manifest(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    _edit(parts[0], lambda d: d["spec"]["data"]["file"].update(path=str(tmp_path / "gone.csv")))
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--out", tmp_path / "out")
+    _assert_clean_error(proc, "gone.csv does not exist; check spec.data.file.path")
+    proc = _fedcrm("run", "--federation", tmp_path / "nope.yaml", "--participant", *parts, "--out", tmp_path / "out")
+    _assert_clean_error(proc, "nope.yaml: no such file")
+
+
+def test_too_few_participants_for_min_participants(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    proc = _fedcrm("run", "--federation", fed, "--participant", parts[0], "--out", tmp_path / "out")
+    _assert_clean_error(proc, "1 participant(s) given but spec.training.minParticipants is 2")
+
+
+def test_synth_rejects_impossible_arguments(tmp_path: Path) -> None:
+    proc = _fedcrm("synth", "--clients", "0", "--out", tmp_path)
+    _assert_clean_error(proc, "clients")

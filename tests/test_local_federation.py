@@ -1,0 +1,175 @@
+"""Whole federations through real processes and real mutual TLS (``fedcrm run``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedcrm.data.synthetic import SynthResult
+
+pytestmark = pytest.mark.slow
+
+FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
+
+
+def _federation(small: SynthResult, tmp_path: Path, **training: Any) -> Path:
+    doc = yaml.safe_load(small.federation_path.read_text())
+    doc["spec"]["training"].update(training)
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _run_args(fed: Path, small: SynthResult, out: Path) -> list[str]:
+    return [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small.participant_paths),
+            "--test-data", str(small.test_path), "--out", str(out)]
+
+
+def _run(fed: Path, small: SynthResult, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_run_args(fed, small, out), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def three_rounds(small_federation: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    return out, _run(small_federation.federation_path, small_federation, out)
+
+
+def test_three_participants_train_three_rounds_over_mutual_tls(three_rounds: tuple[Path, Any]) -> None:
+    out, proc = three_rounds
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "succeeded" and report["partial"] is False
+    assert report["rounds_completed"] == 3
+    assert [p["status"] for p in report["participants"]] == ["completed"] * 3
+    assert report["metrics_source"] == "test"
+    assert set(report["metrics"]) == {"accuracy", "precision", "recall", "f1", "auc"}
+    assert report["metrics"]["accuracy"] > 0.75  # a learned model, far above the majority class
+    assert report["metrics"]["auc"] > 0.8
+    assert report["privacy"] == {"mode": "none", "epsilon_spent": None, "delta": None}
+    history = report["history"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+    model = json.loads((out / "model" / "model.json").read_text())
+    n_params = (out / "model" / "model.npz").stat().st_size  # sanity: file exists
+    assert n_params > 0 and model["digest"] == report["model_digest"]
+    # Traffic is measured from the serialized messages: every round uploads at least one full update.
+    weights = 4 * _parameter_count(model)
+    for h in history:
+        assert h["participants"] == 3
+        assert h["bytes_up_per_client"] > weights
+        assert h["bytes_down_per_client"] > weights  # each round's new global model
+    assert report["bytes_per_client_per_round"] == pytest.approx(
+        sum(h["bytes_up_per_client"] + h["bytes_down_per_client"] for h in history) / 3, rel=1e-9)
+    # The certificates are real and per run; the CA's private key was never written.
+    assert (out / "pki" / "ca.crt").exists() and not (out / "pki" / "ca.key").exists()
+    assert "| Round |" in (out / "report.md").read_text()
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in events if e["event"] == "round"] == [1, 2, 3]
+
+
+def _parameter_count(model_meta: dict[str, Any]) -> int:
+    layout = model_meta["layout"]
+    width = layout["dense_width"] + sum(layout["embedding_widths"])
+    total = sum(v * w for v, w in zip(layout["vocab_sizes"], layout["embedding_widths"]))
+    for h in [*layout["hidden"], 1]:
+        total += h * width + h
+        width = h
+    return total
+
+
+def test_the_same_seed_trains_the_same_model(three_rounds: tuple[Path, Any], small_federation: SynthResult, tmp_path: Path) -> None:
+    first_out, _ = three_rounds
+    proc = _run(small_federation.federation_path, small_federation, tmp_path / "again")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((first_out / "report.json").read_text())
+    second = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert second["model_digest"] == first["model_digest"]
+    assert second["metrics"] == first["metrics"]
+    for a, b in zip(first["history"], second["history"]):
+        assert (a["loss"], a["accuracy"], a["f1"], a["auc"]) == (b["loss"], b["accuracy"], b["f1"], b["auc"])
+
+
+def _start_and_kill_one(fed: Path, small: SynthResult, out: Path, at_round: int) -> tuple[subprocess.CompletedProcess[str], str]:
+    proc = subprocess.Popen(_run_args(fed, small, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        events = out / "events.jsonl"
+        if events.exists() and any(
+            json.loads(line).get("round", 0) >= at_round and json.loads(line)["event"] == "round"
+            for line in events.read_text().splitlines() if line.strip()
+        ):
+            pids = json.loads((out / "processes.json").read_text())
+            victim = sorted(k for k in pids if k != "aggregator")[1]
+            os.kill(pids[victim], signal.SIGKILL)
+        assert proc.poll() is None, "the run ended before a participant could be killed; make rounds slower"
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), str(victim)
+
+
+def test_a_killed_participant_is_a_dropout_and_the_federation_goes_on(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed = _federation(small_federation, tmp_path, rounds=80, localEpochs=4, minParticipants=2, roundTimeoutSeconds=60)
+    done, victim = _start_and_kill_one(fed, small_federation, tmp_path / "out", at_round=2)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert f"participant {victim} process ended (killed by SIGKILL); treated as a dropout" in done.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "succeeded" and report["rounds_completed"] == 80
+    entry = next(p for p in report["participants"] if p["identity"] == victim)
+    assert entry["status"] == "dropped" and "SIGKILL" in entry["message"]
+    assert report["history"][-1]["participants"] == 2
+    assert victim in report["history"][-1]["dropped"]
+
+
+def test_below_min_participants_the_run_stops_with_partial_results(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed = _federation(small_federation, tmp_path, rounds=80, localEpochs=4, minParticipants=3, roundTimeoutSeconds=60)
+    done, victim = _start_and_kill_one(fed, small_federation, tmp_path / "out", at_round=2)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "federation failed" in done.stdout and "minParticipants is 3" in done.stdout
+    assert f"{victim} (disconnected)" in done.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "failed" and report["partial"] is True
+    assert 2 <= report["rounds_completed"] < 80
+    model = json.loads((tmp_path / "out" / "model" / "model.json").read_text())
+    assert model["partial"] is True and model["rounds_completed"] == report["rounds_completed"]
+
+
+def test_the_baseline_pools_the_same_splits_and_saves_the_model_it_evaluated(small_federation: SynthResult, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from fedcrm.data.loaders import load_participant_data
+    from fedcrm.data.splits import train_validation_split
+    from fedcrm.models.artifacts import load_model
+    from fedcrm.models.scoring import score_frame
+    from fedcrm.spec import load_federation, load_participant
+
+    out = tmp_path / "baseline"
+    proc = subprocess.run([*FEDCRM, "baseline", "--federation", str(small_federation.federation_path),
+                           "--participant", *map(str, small_federation.participant_paths), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "baseline" and report["metrics_source"] == "validation"
+    assert report["rounds_completed"] == 3 and report["metrics"]["accuracy"] == report["history"][-1]["accuracy"]
+    fed = load_federation(small_federation.federation_path)
+    validation = []
+    for path in small_federation.participant_paths:
+        p = load_participant(path)
+        frame = load_participant_data(p, fed.spec.task, base_dir=path.parent).frame
+        validation.append(train_validation_split(frame, fraction=fed.spec.training.validation_fraction,
+                                                 seed=fed.spec.training.seed, identity=p.identity)[1])
+    rescored = score_frame(load_model(out / "model"), pd.concat(validation, ignore_index=True))
+    assert rescored["accuracy"] == pytest.approx(report["history"][-1]["accuracy"])
+    assert rescored["loss"] == pytest.approx(report["history"][-1]["loss"], rel=1e-5)
