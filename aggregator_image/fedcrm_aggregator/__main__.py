@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fedcrm.errors import FedcrmError
+from fedcrm.logs import add_log_level_argument, configure
 from fedcrm.runconfig import AggregatorConfig
 
 log = logging.getLogger("fedcrm.aggregator")
@@ -23,13 +24,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve one federation: enrol participants, run the rounds, write the model and report.",
     )
     p.add_argument("--config", required=True, type=Path, help="aggregator config (JSON) written by fedcrm run or the operator")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure(args.log_level)
     try:
         config = AggregatorConfig.read(args.config)
         config.out_dir.mkdir(parents=True, exist_ok=True)

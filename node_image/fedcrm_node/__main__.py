@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fedcrm.errors import FedcrmError
+from fedcrm.logs import add_log_level_argument, configure
 from fedcrm.protocol import TlsFiles
 from fedcrm.spec.loading import load_participant
 
@@ -34,13 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the aggregator (default 60)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("FEDCRM_TORCH_THREADS", "1")),
                    help="torch threads for local training (default 1, or $FEDCRM_TORCH_THREADS)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure(args.log_level)
     import torch
 
     torch.set_num_threads(max(1, args.threads))
