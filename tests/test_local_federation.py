@@ -173,3 +173,50 @@ def test_the_baseline_pools_the_same_splits_and_saves_the_model_it_evaluated(sma
     rescored = score_frame(load_model(out / "model"), pd.concat(validation, ignore_index=True))
     assert rescored["accuracy"] == pytest.approx(report["history"][-1]["accuracy"])
     assert rescored["loss"] == pytest.approx(report["history"][-1]["loss"], rel=1e-5)
+
+
+def test_a_crashed_aggregator_is_restarted_and_resumes_from_its_checkpoint(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed = _federation(small_federation, tmp_path, rounds=60, localEpochs=4, minParticipants=3, roundTimeoutSeconds=60)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_run_args(fed, small_federation, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    killed = False
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.05)
+        events = out / "events.jsonl"
+        rounds = [json.loads(x) for x in events.read_text().splitlines() if '"event": "round"' in x] if events.exists() else []
+        if len(rounds) >= 3:
+            os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
+            killed = True
+        assert proc.poll() is None, "the run ended before the aggregator could be killed"
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr + stdout
+    assert "restarting it from its checkpoint (restart 1 of 3)" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "succeeded" and report["aggregator_restarts"] == 1
+    assert [h["round"] for h in report["history"]] == list(range(1, 61))  # nothing lost, nothing repeated
+    assert all(p["status"] == "completed" and p["rounds"] == 60 for p in report["participants"])
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["round"] >= 3
+
+
+def test_secure_aggregation_matches_the_plain_run_and_reports_its_traffic(small_federation: SynthResult, tmp_path: Path) -> None:
+    runs = {}
+    for enabled in (True, False):
+        doc = yaml.safe_load(small_federation.federation_path.read_text())
+        doc["spec"]["privacy"] = {"secureAggregation": {"enabled": enabled, "neighbours": "complete", "threshold": 0.5}}
+        fed = tmp_path / f"fed-{enabled}.yaml"
+        fed.write_text(yaml.safe_dump(doc))
+        proc = _run(fed, small_federation, tmp_path / f"out-{enabled}")
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        runs[enabled] = json.loads((tmp_path / f"out-{enabled}" / "report.json").read_text())
+    secure, plain = runs[True], runs[False]
+    # Same seed: the only difference is fixed-point quantization of the sums (about 1e-9 per weight).
+    for s, p in zip(secure["history"], plain["history"]):
+        assert s["loss"] == pytest.approx(p["loss"], abs=1e-4)
+        assert s["accuracy"] == pytest.approx(p["accuracy"], abs=0.005)
+    assert secure["metrics"]["accuracy"] == pytest.approx(plain["metrics"]["accuracy"], abs=0.005)
+    # The masked update is 32-bit integers: no bigger than the plain float32 upload.
+    for s, p in zip(secure["history"], plain["history"]):
+        assert 0 < s["bytes_up_per_client"] <= 1.1 * p["bytes_up_per_client"]

@@ -91,7 +91,9 @@ def test_unknown_field_names_its_path_and_suggests_the_right_one() -> None:
     [
         ("spec.training.rounds", 0, "spec.training.rounds: Input should be greater than 0"),
         ("spec.training.learningRate", "fast", "spec.training.learningRate"),
-        ("spec.privacy", {"secureAggregation": {"enabled": True}}, "spec.privacy.secureAggregation.enabled"),
+        ("spec.privacy", {"secureAggregation": {"neighbours": "some"}}, "spec.privacy.secureAggregation.neighbours"),
+        ("spec.privacy", {"secureAggregation": {"threshold": 0}}, "spec.privacy.secureAggregation.threshold"),
+        ("spec.privacy", {"secureAggregation": {"bits": 64}}, "spec.privacy.secureAggregation.bits"),
         ("spec.privacy", {"differentialPrivacy": {"mode": "sample"}}, "spec.privacy.differentialPrivacy.mode"),
         ("metadata.name", "Lead_Conversion", "must be a DNS label"),
         ("spec.participants.namespaces", ["ok", "Not OK"], "namespace 'Not OK' must be a DNS label"),

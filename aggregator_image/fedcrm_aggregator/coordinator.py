@@ -17,27 +17,44 @@ import json
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcrm.errors import FederationFailed
+from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
 from fedcrm.models.artifacts import save_model
 from fedcrm.models.layout import ModelLayout
 from fedcrm.protocol import from_vector, pb, to_vector
 from fedcrm.reporting import RoundRecord, build_report, write_report
 from fedcrm.spec.manifests import Federation
-from fedcrm.training.fedavg import Contribution, ordered_sum, weighted_average
+from fedcrm.training.fedavg import ordered_sum
+from fedcrm.training.secure_vectors import fit_vector
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
 from fedcrm_aggregator.sessions import Session
 
-__all__ = ["Coordinator"]
+if TYPE_CHECKING:
+    from fedcrm_aggregator.secure_sums import SecureSums
+
+__all__ = ["STAGE_NAMES", "Coordinator", "Receiver"]
 
 log = logging.getLogger("fedcrm.aggregator")
 
-_STAGE_NAMES = {pb.Task.STATISTICS: "statistics", pb.Task.FIT: "training", pb.Task.EVALUATE: "evaluation"}
+STAGE_NAMES = {
+    pb.Task.STATISTICS: "statistics",
+    pb.Task.FIT: "training",
+    pb.Task.EVALUATE: "evaluation",
+    pb.Task.SECAGG_SHARE_KEYS: "secure aggregation (share keys)",
+    pb.Task.SECAGG_MASKED_INPUT: "secure aggregation (masked input)",
+    pb.Task.SECAGG_UNMASK: "secure aggregation (unmasking)",
+}
+
+# Decodes one participant's answer to a stage (raising ValueError to refuse it).
+Receiver = Callable[[str, Any], Any]
 
 
 class Coordinator:
@@ -53,6 +70,10 @@ class Coordinator:
         self._sessions: dict[str, Session] = {}
         self._stage: tuple[int, int] | None = None  # (task kind, round)
         self._results: dict[str, Any] = {}
+        self._cohort: set[str] = set()
+        self._receiver: Receiver | None = None
+        # Set by the secure-aggregation driver when spec.privacy.secureAggregation is enabled.
+        self.secure: SecureSums | None = None
         self._finished = threading.Event()
         self._events = open(out_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
         self._events_lock = threading.Lock()
@@ -64,6 +85,13 @@ class Coordinator:
         self.last_metrics: dict[str, float | None] = {}
         self._started = time.monotonic()
         self._dropped_reasons: dict[str, str] = {}
+        self._carried_rounds: dict[str, int] = {}
+        self.incarnations = 1
+        if self.spec.privacy.secure_aggregation.enabled:
+            from fedcrm_aggregator.secure_sums import SecureSums
+
+            # A fresh incarnation per process start: a restarted aggregator never reuses a round id.
+            self.secure = SecureSums(self, self.spec.privacy.secure_aggregation, incarnation=uuid.uuid4().hex)
 
     # ----------------------------------------------------------------- events
     def emit(self, event: str, **fields: Any) -> None:
@@ -79,7 +107,7 @@ class Coordinator:
             if old is not None and old.connected:
                 old.connected = False
                 old.send(pb.Task(kind=pb.Task.FINISH, succeeded=False, message="replaced by a newer connection"))
-            session = Session(identity=identity)
+            session = Session(identity=identity, rounds=self._carried_rounds.get(identity, 0))
             if old is not None:
                 session.rounds, session.bytes_up, session.bytes_down = old.rounds, old.bytes_up, old.bytes_down
             self._sessions[identity] = session
@@ -118,35 +146,39 @@ class Coordinator:
         """Accept a result for the stage in progress; anything else is refused with a reason."""
         with self._cond:
             if self._stage is None or self._stage[0] != kind or self._stage[1] != message.round:
-                current = "none" if self._stage is None else f"{_STAGE_NAMES[self._stage[0]]} of round {self._stage[1]}"
+                current = "none" if self._stage is None else f"{STAGE_NAMES[self._stage[0]]} of round {self._stage[1]}"
                 return pb.Ack(accepted=False, message=f"not expecting this result; the stage in progress is {current}")
             if identity in self._results:
                 return pb.Ack(accepted=False, message="a result for this stage was already received")
             session = self._sessions.get(identity)
-            if session is None or not session.usable:
+            if session is None or not session.usable or identity not in self._cohort:
                 return pb.Ack(accepted=False, message="this participant is not part of the stage")
             try:
-                self._results[identity] = self._decode(kind, message)
+                assert self._receiver is not None
+                self._results[identity] = self._receiver(identity, message)
             except ValueError as err:
+                log.warning("refused a malformed %s result from %s: %s", STAGE_NAMES[kind], identity, err)
                 return pb.Ack(accepted=False, message=f"malformed result: {err}")
             self._cond.notify_all()
         return pb.Ack(accepted=True)
 
-    def _decode(self, kind: int, message: Any) -> Any:
-        if kind == pb.Task.STATISTICS:
-            return from_vector(message.statistics, expected_length=self.stats_layout.size)
-        if kind == pb.Task.FIT:
-            assert self.layout is not None
-            if message.model_version != self.version:
-                raise ValueError(f"update is for model version {message.model_version}, current is {self.version}")
-            if not np.isfinite(message.examples) or message.examples <= 0:
-                raise ValueError("the number of examples must be positive")
-            delta = from_vector(message.delta, expected_length=self.layout.size)
-            if not np.all(np.isfinite(delta)):
-                raise ValueError("the update contains NaN or infinite values")
-            return (float(message.examples), delta, float(message.loss_sum))
-        counts = from_vector(message.counts, expected_length=EVAL_SIZE)
-        return counts
+    # ----------------------------------------------------------------- receivers (called under the lock)
+    def _receive_statistics(self, identity: str, message: pb.StatisticsResult) -> np.ndarray:
+        return from_vector(message.statistics, expected_length=self.stats_layout.size)
+
+    def _receive_plain_fit(self, identity: str, message: pb.FitResult) -> np.ndarray:
+        assert self.layout is not None
+        if message.model_version != self.version:
+            raise ValueError(f"update is for model version {message.model_version}, current is {self.version}")
+        if not np.isfinite(message.examples) or message.examples <= 0:
+            raise ValueError("the number of examples must be positive")
+        delta = from_vector(message.delta, expected_length=self.layout.size)
+        if not np.all(np.isfinite(delta)):
+            raise ValueError("the update contains NaN or infinite values")
+        return fit_vector(delta, examples=int(message.examples), loss_sum=message.loss_sum, clip=np.inf)
+
+    def _receive_plain_evaluation(self, identity: str, message: pb.EvaluationResult) -> np.ndarray:
+        return from_vector(message.counts, expected_length=EVAL_SIZE)
 
     def usable_sessions(self) -> list[Session]:
         with self._cond:
@@ -168,26 +200,44 @@ class Coordinator:
                 session.has_preprocessing = True
         return task
 
-    def run_stage(self, kind: int, round_: int) -> dict[str, Any]:
-        """Send the stage's task to every usable participant and collect answers until the deadline."""
+    def run_stage(
+        self,
+        kind: int,
+        round_: int,
+        receiver: Receiver,
+        *,
+        cohort: Collection[str] | None = None,
+        customize: Callable[[Session, pb.Task], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send the stage's task to the cohort and collect answers until all are in or the deadline passes.
+
+        ``cohort`` defaults to every usable participant; ``customize`` adds what
+        each participant's task needs; ``receiver`` decodes (and may consume) each
+        answer as it arrives, under the lock, raising ValueError to refuse it.
+        """
         timeout = self.spec.training.round_timeout_seconds
         deadline_mono = time.monotonic() + timeout
         deadline_unix = time.time() + timeout
         with self._cond:
-            cohort = [s for _, s in sorted(self._sessions.items()) if s.usable]
+            members = [s for _, s in sorted(self._sessions.items()) if s.usable and (cohort is None or s.identity in cohort)]
             self._stage = (kind, round_)
             self._results = {}
-            for s in cohort:
-                s.send(self._task(s, kind, round_, deadline_unix))
+            self._cohort = {s.identity for s in members}
+            self._receiver = receiver
+            for s in members:
+                task = self._task(s, kind, round_, deadline_unix)
+                if customize is not None:
+                    customize(s, task)
+                s.send(task)
             while True:
-                waiting = [s for s in cohort if s.identity not in self._results and s.usable]
+                waiting = [s for s in members if s.identity not in self._results and s.usable]
                 remaining = deadline_mono - time.monotonic()
                 if not waiting or remaining <= 0:
                     break
                 self._cond.wait(timeout=min(remaining, 1.0))
             results = dict(self._results)
-            self._stage = None
-            missing = [s for s in cohort if s.identity not in results]
+            self._stage, self._receiver, self._cohort = None, None, set()
+            missing = [s for s in members if s.identity not in results]
             for s in missing:
                 if s.failed:
                     reason = f"failed: {s.failed}"
@@ -198,8 +248,8 @@ class Coordinator:
                     # A participant that misses a deadline gets the model afresh next time.
                     s.model_version = None
                 self._dropped_reasons[s.identity] = reason
-                log.warning("round %d %s: participant %s dropped out (%s)", round_, _STAGE_NAMES[kind], s.identity, reason)
-                self.emit("dropout", identity=s.identity, round=round_, stage=_STAGE_NAMES[kind], reason=reason)
+                log.warning("round %d %s: participant %s dropped out (%s)", round_, STAGE_NAMES[kind], s.identity, reason)
+                self.emit("dropout", identity=s.identity, round=round_, stage=STAGE_NAMES[kind], reason=reason)
         return results
 
     def _require(self, count: int, what: str) -> None:
@@ -233,9 +283,12 @@ class Coordinator:
         try:
             self.emit("started", federation=self.federation.key, rounds=self.spec.training.rounds,
                       expected=self.expected)
+            resumed = self._resume()
             self.wait_for_enrolment()
-            self._statistics()
-            for round_ in range(1, self.spec.training.rounds + 1):
+            if not resumed:
+                self._statistics()
+            for round_ in range(len(self.history) + 1, self.spec.training.rounds + 1):
+                mark_in_progress(self.out_dir, round_)
                 self._round(round_)
             message = f"trained {len(self.history)} rounds"
         except FederationFailed as err:
@@ -250,8 +303,44 @@ class Coordinator:
         self.emit("finished", status=status, message=message)
         return report
 
+    def _resume(self) -> bool:
+        """Continue from the checkpoint of an earlier incarnation, if there is one."""
+        try:
+            cp = load_checkpoint(self.out_dir, self.federation.key)
+        except (ValueError, OSError, KeyError) as err:
+            raise FederationFailed(f"cannot resume from the checkpoint: {err}") from None
+        if cp is None:
+            return False
+        self.preprocessing, self.layout, self.weights = cp.preprocessing, cp.layout, cp.weights
+        self.version = cp.rounds_completed
+        self.history = cp.history
+        if cp.history:
+            last = cp.history[-1]
+            self.last_metrics = {k: getattr(last, k) for k in ("loss", "accuracy", "precision", "recall", "f1", "auc")}
+        self.incarnations = cp.incarnations
+        self._dropped_reasons.update(cp.dropped)
+        self._carried_rounds = cp.participant_rounds
+        note = ""
+        if cp.in_progress is not None and cp.in_progress > cp.rounds_completed:
+            note = (f"; round {cp.in_progress} was in progress and is re-run from the start with fresh keys "
+                    "(its secure sum was never finished, so nothing of it was released)")
+        log.warning("resuming after round %d from the checkpoint (incarnation %d)%s",
+                    cp.rounds_completed, cp.incarnations, note)
+        self.emit("resumed", round=cp.rounds_completed, incarnation=cp.incarnations, abandoned=cp.in_progress)
+        return True
+
+    def _checkpoint(self) -> None:
+        assert self.weights is not None and self.preprocessing is not None and self.layout is not None
+        with self._cond:
+            rounds = {i: s.rounds for i, s in self._sessions.items()}
+        save_checkpoint(self.out_dir, Checkpoint(
+            federation=self.federation.key, rounds_completed=len(self.history), weights=self.weights,
+            preprocessing=self.preprocessing, layout=self.layout, history=self.history,
+            participant_rounds=rounds, dropped=dict(self._dropped_reasons), incarnations=self.incarnations,
+        ))
+
     def _statistics(self) -> None:
-        results = self.run_stage(pb.Task.STATISTICS, 0)
+        results = self.run_stage(pb.Task.STATISTICS, 0, self._receive_statistics)
         self._require(len(results), "statistics")
         total = ordered_sum(results.items())
         self.preprocessing = self.stats_layout.preprocessing(total)
@@ -263,22 +352,35 @@ class Coordinator:
         log.info("global statistics from %d participants, %d rows; model has %d parameters",
                  len(results), self.preprocessing.rows, self.layout.size)
 
+    def _sum(self, kind: int, round_: int) -> tuple[list[str], np.ndarray]:
+        """Who contributed and the sum of their FIT or EVALUATE vectors, securely when configured."""
+        if self.secure is not None:
+            return self.secure.run(kind, round_)
+        receiver = self._receive_plain_fit if kind == pb.Task.FIT else self._receive_plain_evaluation
+        results = self.run_stage(kind, round_, receiver)
+        if not results:
+            return [], np.zeros(0)
+        return sorted(results), ordered_sum(results.items())
+
     def _round(self, round_: int) -> None:
-        assert self.weights is not None
+        assert self.weights is not None and self.layout is not None
         started = time.monotonic()
-        fits = self.run_stage(pb.Task.FIT, round_)
-        self._require(len(fits), f"round {round_} training")
-        delta = weighted_average(Contribution(i, ex, d) for i, (ex, d, _) in fits.items())
+        contributors, fit_total = self._sum(pb.Task.FIT, round_)
+        self._require(len(contributors), f"round {round_} training")
+        size = self.layout.size
+        examples = fit_total[size]
+        if examples <= 0:
+            raise FederationFailed(f"round {round_}: the contributions carry no training examples")
+        delta = fit_total[:size] / examples
         self.weights = (self.weights.astype(np.float64) + delta).astype(np.float32)
         self.version = round_
-        train_examples = sum(ex for ex, _, _ in fits.values())
-        train_loss = sum(loss for _, _, loss in fits.values()) / train_examples
-        evals = self.run_stage(pb.Task.EVALUATE, round_)
-        metrics = metrics_from_counts(ordered_sum(evals.items())) if evals else {}
+        train_loss = float(fit_total[size + 1] / examples)
+        evaluators, eval_total = self._sum(pb.Task.EVALUATE, round_)
+        metrics = metrics_from_counts(eval_total) if evaluators else {}
         with self._cond:
-            for identity in fits:
+            for identity in contributors:
                 self._sessions[identity].rounds += 1
-            took_part = [self._sessions[i] for i in fits]
+            took_part = [self._sessions[i] for i in contributors]
             ups = [s.bytes_up.get(round_, 0) for s in took_part]
             downs = [s.bytes_down.get(round_, 0) for s in took_part]
         record = RoundRecord(
@@ -289,21 +391,22 @@ class Coordinator:
             auc=metrics.get("auc"),
             precision=metrics.get("precision"),
             recall=metrics.get("recall"),
-            participants=len(fits),
+            participants=len(contributors),
             duration_s=round(time.monotonic() - started, 4),
             bytes_up_per_client=sum(ups) / len(ups),
             bytes_down_per_client=sum(downs) / len(downs),
             train_loss=train_loss,
-            dropped=[i for i in self.expected if i not in fits],
+            dropped=[i for i in self.expected if i not in contributors],
         )
         self.history.append(record)
         self.last_metrics = metrics
+        self._checkpoint()
         self._save_model(partial=round_ < self.spec.training.rounds)
         self.emit("round", rounds=self.spec.training.rounds, **{
             k: v for k, v in record.__dict__.items() if k != "dropped"
         }, dropped=record.dropped)
         log.info("round %d/%d: %d participants, validation loss %.4f accuracy %.4f",
-                 round_, self.spec.training.rounds, len(fits), metrics.get("loss") or float("nan"),
+                 round_, self.spec.training.rounds, len(contributors), metrics.get("loss") or float("nan"),
                  metrics.get("accuracy") or float("nan"))
 
     # ----------------------------------------------------------------- outputs

@@ -59,6 +59,7 @@ class FederatedTrainingService(rpc.FederatedTrainingServicer):
         welcome = pb.Task(
             kind=pb.Task.WELCOME,
             identity=identity,
+            secagg_id=self.coordinator.expected.index(identity),
             federation_json=fed.model_dump_json(by_alias=True, exclude={"status"}),
         )
         session.bytes_down[0] += welcome.ByteSize()
@@ -87,6 +88,9 @@ class FederatedTrainingService(rpc.FederatedTrainingServicer):
 
     def SubmitEvaluation(self, request: pb.EvaluationResult, context: grpc.ServicerContext) -> pb.Ack:
         return self._submit(pb.Task.EVALUATE, request, context)
+
+    def SubmitSecAgg(self, request: pb.SecAggResult, context: grpc.ServicerContext) -> pb.Ack:
+        return self._submit(request.stage, request, context)
 
     def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.Ack:
         identity = self._identity(context)

@@ -37,6 +37,14 @@ class NodeExit(FedcrmError):
         self.code = code
 
 
+class _Lost(Exception):
+    """The connection to the aggregator broke; worth reconnecting."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass
 class _Split:
     train: object  # EncodedData once preprocessing is known
@@ -68,9 +76,30 @@ class ParticipantNode:
         self.model = None
         self.weights: np.ndarray | None = None
         self.version: int | None = None
+        self.secagg_id = 0
+        self.contribution = None  # the secure sum in progress, if any
 
     # ----------------------------------------------------------------- protocol
     def run(self) -> None:
+        """Take part until the federation finishes.
+
+        If the aggregator goes away mid-federation (a restart of its pod or
+        process), reconnect for up to ``connect_timeout`` seconds: the restarted
+        aggregator resumes from its checkpoint and sends what this node needs.
+        """
+        connected_once = False
+        while True:
+            try:
+                if self._session(first=not connected_once):
+                    return
+                reason = "the aggregator closed the connection before the federation finished"
+            except _Lost as lost:
+                reason = lost.reason
+            connected_once = True
+            log.warning("%s; reconnecting for up to %gs", reason, self.connect_timeout)
+
+    def _session(self, *, first: bool) -> bool:
+        """One connection: True when the federation finished, raises _Lost when the aggregator went away."""
         ref = self.participant.spec.federation_ref
         try:
             channel = client_channel(self.aggregator, self.tls, server_name=self.server_name)
@@ -85,18 +114,20 @@ class ParticipantNode:
                 "that the aggregator runs, and that this participant's certificate was issued by the federation's CA",
                 4,
             ) from None
-        log.info("connected to the aggregator at %s", self.aggregator)
+        log.info("%s the aggregator at %s", "connected to" if first else "reconnected to", self.aggregator)
         stub = rpc.FederatedTrainingStub(channel)
         request = pb.ConnectRequest(protocol_version=PROTOCOL_VERSION, federation=f"{ref.namespace}/{ref.name}")
         try:
             for task in stub.Connect(request):
                 if not self._handle(stub, task):
-                    return
+                    return True
         except grpc.RpcError as err:
+            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):  # type: ignore[attr-defined]
+                raise _Lost(self._describe_rpc_error(err)) from None
             raise NodeExit(self._describe_rpc_error(err), 4) from None
         finally:
             channel.close()
-        raise NodeExit("the aggregator closed the connection before the federation finished", 4)
+        return False
 
     def _describe_rpc_error(self, err: grpc.RpcError) -> str:
         code = err.code() if hasattr(err, "code") else None
@@ -126,6 +157,8 @@ class ParticipantNode:
         elif kind == pb.Task.EVALUATE:
             self._receive_model(task)
             self._ack(stub.SubmitEvaluation(self._evaluate(task)), task)
+        elif kind in (pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_MASKED_INPUT, pb.Task.SECAGG_UNMASK):
+            self._ack(stub.SubmitSecAgg(self._secure_answer(task)), task)
         elif kind == pb.Task.FINISH:
             if task.succeeded:
                 log.info("federation finished: %s", task.message)
@@ -145,6 +178,10 @@ class ParticipantNode:
                 f"this node's certificate says {task.identity!r} but its manifest is {self.identity!r}; "
                 "use the certificate issued for this participant", 2,
             )
+        if self.federation is not None:
+            # A reconnection: the data is loaded; the model and preprocessing arrive again with the next task.
+            self.version, self.weights, self.contribution = None, None, None
+            return
         try:
             federation = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
             check_membership(federation, self.participant)
@@ -155,6 +192,7 @@ class ParticipantNode:
         for note in self.data.notes:
             log.warning("%s", note)
         self.federation = federation
+        self.secagg_id = task.secagg_id
         training = federation.spec.training
         self.frames = train_validation_split(
             self.data.frame, fraction=training.validation_fraction, seed=training.seed, identity=self.identity
@@ -203,6 +241,14 @@ class ParticipantNode:
         took = time.perf_counter() - started
         log.info("round %d: trained on %d rows in %.2fs, loss %.4f",
                  task.round, outcome.examples, took, outcome.loss_sum / max(outcome.examples, 1))
+        if task.HasField("secagg"):
+            from fedcrm.training.secure_vectors import fit_quantizer, fit_vector
+
+            s = task.secagg
+            values = fit_vector(delta, examples=outcome.examples, loss_sum=outcome.loss_sum, clip=s.clip)
+            quantizer = fit_quantizer(parameters=delta.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits)
+            keys = self._start_secure_sum(task, quantizer, values)
+            return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
         return pb.FitResult(
             round=task.round,
             model_version=task.model_version,
@@ -219,4 +265,28 @@ class ParticipantNode:
         assert self.encoded is not None and self.weights is not None
         set_flat(self.model, self.weights)  # type: ignore[arg-type]
         counts = evaluate(self.model, self.encoded.validation)  # type: ignore[arg-type]
+        if task.HasField("secagg"):
+            from fedcrm.training.secure_vectors import evaluation_quantizer
+
+            s = task.secagg  # weight_bound is the public bound on pooled validation rows here
+            keys = self._start_secure_sum(task, evaluation_quantizer(validation_rows_bound=s.weight_bound, bits=s.bits), counts)
+            return pb.EvaluationResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
         return pb.EvaluationResult(round=task.round, model_version=task.model_version, counts=to_vector(counts))
+
+    # ----------------------------------------------------------------- secure aggregation
+    def _start_secure_sum(self, task: pb.Task, quantizer: object, values: np.ndarray) -> pb.SecAggKeys:
+        from fedcrm_node.secure_sums import SecureContribution
+
+        self.contribution = SecureContribution(
+            client_id=self.secagg_id, round_=task.round, secagg=task.secagg, quantizer=quantizer, values=values,  # type: ignore[arg-type]
+        )
+        return self.contribution.keys()
+
+    def _secure_answer(self, task: pb.Task) -> pb.SecAggResult:
+        if self.contribution is None or not self.contribution.matches(task):
+            raise NodeExit(f"protocol error: a secure-aggregation task for round {task.round} arrived outside its exchange", 4)
+        try:
+            return self.contribution.answer(task)
+        except ValueError as err:
+            # A tampered share or a request to reveal too much: refuse, and let the round go on without us.
+            raise NodeExit(f"round {task.round}: refusing a secure-aggregation request: {err}", 4) from None

@@ -30,7 +30,11 @@ from fedcrm.spec.manifests import Federation, Participant
 
 __all__ = ["LoadedFederation", "RunResult", "load_federation_inputs", "run_federation"]
 
-_OUTPUTS = ("pki", "logs", "model", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port")
+_OUTPUTS = ("pki", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port")
+
+
+# How often `fedcrm run` restarts a crashed aggregator before giving up.
+_MAX_AGGREGATOR_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class _Processes:
         self._handles: list[Any] = []
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")
+        log = open(self.logs / f"{name}.log", "ab")
         self._handles.append(log)
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env())
 
@@ -227,9 +231,13 @@ def run_federation(
     procs = _Processes(out)
     crashed: dict[str, str] = {}
     interrupted = False
+    aggregator_argv = [sys.executable, "-m", "fedcrm_aggregator", "--config", str(out / "aggregator.json")]
+    restarts = 0
     try:
-        procs.aggregator = procs.start("aggregator", [sys.executable, "-m", "fedcrm_aggregator", "--config", str(out / "aggregator.json")])
+        procs.aggregator = procs.start("aggregator", aggregator_argv)
         port = _wait_for_port(procs, port_file, timeout=60)
+        # A restarted aggregator must come back on the same port for the participants to find it.
+        config.model_copy(update={"listen": f"127.0.0.1:{port}"}).write(out / "aggregator.json")
         for participant, path in inputs.participants:
             tls = client_tls[participant.identity]
             procs.nodes[participant.identity] = procs.start(
@@ -250,8 +258,16 @@ def run_federation(
                     reason = _last_error_line(procs.logs / f"{identity.replace('/', '_')}.log")
                     crashed[identity] = f"{_describe_exit(code)}" + (f": {reason}" if reason else "")
                     progress.participant_exited(identity, crashed[identity])
-            if procs.aggregator.poll() is not None:
-                break
+            code = procs.aggregator.poll()
+            if code is not None:
+                # 0 succeeded, 1 failed, 2 bad config: final. Anything else is a crash, restarted
+                # from the checkpoint as a StatefulSet would restart its pod.
+                if code in (0, 1, 2) or restarts >= _MAX_AGGREGATOR_RESTARTS:
+                    break
+                restarts += 1
+                progress.aggregator_restarted(_describe_exit(code), restarts, _MAX_AGGREGATOR_RESTARTS)
+                procs.aggregator = procs.start("aggregator", aggregator_argv)
+                procs.record()
             time.sleep(0.1)
         progress.feed_events(events, offset)
         # Nodes got FINISH; give them a moment to leave on their own.
@@ -283,5 +299,6 @@ def run_federation(
         report["metrics"] = {k: metrics[k] for k in report["metrics"]}
         report["metrics_source"] = "test"
         report["test_rows"] = len(test)
+    report["aggregator_restarts"] = restarts
     write_report(out, report)
     return RunResult(report=report, exit_code=0 if report["status"] == "succeeded" else 1, crashed=crashed)

@@ -95,12 +95,22 @@ class RunProgress:
                 f"{human_bytes(e['bytes_down_per_client']):>11}"
             )
             self.progress.update(self.task, completed=e["round"], status=f"accuracy {pct(e['accuracy'])}")
+        elif kind == "resumed":
+            abandoned = e.get("abandoned")
+            self._print(f"[yellow]aggregator resumed after round {e['round']}[/]"
+                        + (f"; round {abandoned} is re-run with fresh keys" if abandoned and abandoned > e["round"] else ""))
+        elif kind == "secagg_abandoned":
+            self._print(f"[red]round {e['round']} {e['phase']}: secure aggregation abandoned, no sum released:[/] {e['reason']}")
         elif kind == "dropout":
             self._print(f"[yellow]round {e['round']} {e['stage']}: {e['identity']} dropped out ({e['reason']})[/]")
         elif kind == "participant_failed":
             self._print(f"[red]{e['identity']} cannot take part:[/] {e['message']}")
         elif kind == "finished" and e["status"] != "succeeded":
             self._print(f"[red]federation failed:[/] {e['message']}")
+
+    def aggregator_restarted(self, how: str, restart: int, limit: int) -> None:
+        self._print(f"[yellow]the aggregator process ended ({how}); restarting it from its checkpoint "
+                    f"(restart {restart} of {limit})[/]")
 
     def participant_exited(self, identity: str, how: str) -> None:
         self._print(f"[yellow]participant {identity} process ended ({how}); treated as a dropout[/]")

@@ -96,6 +96,8 @@ from fedcrm.spec.manifests import (
     Participant,
     ParticipantSpec,
     ParticipantsSpec,
+    Privacy,
+    SecureAggregation,
     Task,
     Training,
     Transform,
@@ -688,6 +690,7 @@ def _federation(namespaces: list[str], rounds: int, seed: int) -> Federation:
                 min_participants=min(clients, max(2, math.ceil(clients / 2))),
                 round_timeout_seconds=120, seed=seed,
             ),
+            privacy=Privacy(secure_aggregation=SecureAggregation(enabled=True)),
             participants=ParticipantsSpec(namespaces=namespaces),
         ),
     )

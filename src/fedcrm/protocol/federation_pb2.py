@@ -24,33 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedcrm/protocol/federation.proto\x12\tfedcrm.v1\"\x88\x01\n\x06Vector\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.fedcrm.v1.Vector.DType\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\">\n\x0e\x43onnectRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\"\xd2\x02\n\x04Task\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedcrm.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\x0f\x66\x65\x64\x65ration_json\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12 \n\x05model\x18\x06 \x01(\x0b\x32\x11.fedcrm.v1.Vector\x12\x1a\n\x12preprocessing_json\x18\x07 \x01(\t\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x11\n\tsucceeded\x18\t \x01(\x08\x12\x0f\n\x07message\x18\n \x01(\t\"\\\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07WELCOME\x10\x01\x12\x0e\n\nSTATISTICS\x10\x02\x12\x07\n\x03\x46IT\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x12\n\n\x06\x46INISH\x10\x05\"H\n\x10StatisticsResult\x12\r\n\x05round\x18\x01 \x01(\r\x12%\n\nstatistics\x18\x02 \x01(\x0b\x32\x11.fedcrm.v1.Vector\"\x8e\x01\n\tFitResult\x12\r\n\x05round\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12 \n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x11.fedcrm.v1.Vector\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x01\x12\x10\n\x08loss_sum\x18\x05 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\"[\n\x10\x45valuationResult\x12\r\n\x05round\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12!\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x11.fedcrm.v1.Vector\" \n\rFailureReport\x12\x0f\n\x07message\x18\x01 \x01(\t\"(\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xbc\x02\n\x11\x46\x65\x64\x65ratedTraining\x12\x37\n\x07\x43onnect\x12\x19.fedcrm.v1.ConnectRequest\x1a\x0f.fedcrm.v1.Task0\x01\x12?\n\x10SubmitStatistics\x12\x1b.fedcrm.v1.StatisticsResult\x1a\x0e.fedcrm.v1.Ack\x12\x31\n\tSubmitFit\x12\x14.fedcrm.v1.FitResult\x1a\x0e.fedcrm.v1.Ack\x12?\n\x10SubmitEvaluation\x12\x1b.fedcrm.v1.EvaluationResult\x1a\x0e.fedcrm.v1.Ack\x12\x39\n\rReportFailure\x12\x18.fedcrm.v1.FailureReport\x1a\x0e.fedcrm.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedcrm/protocol/federation.proto\x12\tfedcrm.v1\"\xa0\x01\n\x06Vector\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.fedcrm.v1.Vector.DType\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\n\n\x06UINT32\x10\x03\x12\n\n\x06UINT64\x10\x04\">\n\x0e\x43onnectRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\"\xd0\x03\n\x04Task\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.fedcrm.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\x0f\x66\x65\x64\x65ration_json\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12 \n\x05model\x18\x06 \x01(\x0b\x32\x11.fedcrm.v1.Vector\x12\x1a\n\x12preprocessing_json\x18\x07 \x01(\t\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\x11\n\tsucceeded\x18\t \x01(\x08\x12\x0f\n\x07message\x18\n \x01(\t\x12\x11\n\tsecagg_id\x18\x0b \x01(\r\x12%\n\x06secagg\x18\x0c \x01(\x0b\x32\x15.fedcrm.v1.SecAggTask\"\x9f\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07WELCOME\x10\x01\x12\x0e\n\nSTATISTICS\x10\x02\x12\x07\n\x03\x46IT\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x12\n\n\x06\x46INISH\x10\x05\x12\x15\n\x11SECAGG_SHARE_KEYS\x10\x06\x12\x17\n\x13SECAGG_MASKED_INPUT\x10\x07\x12\x11\n\rSECAGG_UNMASK\x10\x08\"\xd6\x03\n\nSecAggTask\x12*\n\x05phase\x18\x01 \x01(\x0e\x32\x1b.fedcrm.v1.SecAggTask.Phase\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x12\n\nneighbours\x18\x04 \x01(\t\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x14\n\x0cweight_bound\x18\x06 \x01(\x01\x12\x0c\n\x04\x63lip\x18\x07 \x01(\x01\x12\x31\n\x06roster\x18\x08 \x03(\x0b\x32!.fedcrm.v1.SecAggTask.RosterEntry\x12/\n\x05inbox\x18\t \x03(\x0b\x32 .fedcrm.v1.SecAggTask.InboxEntry\x12\x0f\n\x07\x64ropped\x18\n \x03(\r\x12\x11\n\tsurvivors\x18\x0b \x03(\r\x1a\x44\n\x0bRosterEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.fedcrm.v1.SecAggKeys:\x02\x38\x01\x1a,\n\nInboxEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"5\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x46IT\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\"(\n\nSecAggKeys\x12\x0c\n\x04\x63_pk\x18\x01 \x01(\x0c\x12\x0c\n\x04s_pk\x18\x02 \x01(\x0c\"H\n\x10StatisticsResult\x12\r\n\x05round\x18\x01 \x01(\r\x12%\n\nstatistics\x18\x02 \x01(\x0b\x32\x11.fedcrm.v1.Vector\"\xba\x01\n\tFitResult\x12\r\n\x05round\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12 \n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x11.fedcrm.v1.Vector\x12\x10\n\x08\x65xamples\x18\x04 \x01(\x01\x12\x10\n\x08loss_sum\x18\x05 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12*\n\x0bsecagg_keys\x18\x07 \x01(\x0b\x32\x15.fedcrm.v1.SecAggKeys\"\x87\x01\n\x10\x45valuationResult\x12\r\n\x05round\x18\x01 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12!\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x11.fedcrm.v1.Vector\x12*\n\x0bsecagg_keys\x18\x04 \x01(\x0b\x32\x15.fedcrm.v1.SecAggKeys\"\xf3\x03\n\x0cSecAggResult\x12\r\n\x05round\x18\x01 \x01(\r\x12*\n\x05phase\x18\x02 \x01(\x0e\x32\x1b.fedcrm.v1.SecAggTask.Phase\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12#\n\x05stage\x18\x04 \x01(\x0e\x32\x14.fedcrm.v1.Task.Kind\x12\x33\n\x06shares\x18\x05 \x03(\x0b\x32#.fedcrm.v1.SecAggResult.SharesEntry\x12!\n\x06masked\x18\x06 \x01(\x0b\x32\x11.fedcrm.v1.Vector\x12\x45\n\x10self_mask_shares\x18\x07 \x03(\x0b\x32+.fedcrm.v1.SecAggResult.SelfMaskSharesEntry\x12:\n\nkey_shares\x18\x08 \x03(\x0b\x32&.fedcrm.v1.SecAggResult.KeySharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x35\n\x13SelfMaskSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x30\n\x0eKeySharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\" \n\rFailureReport\x12\x0f\n\x07message\x18\x01 \x01(\t\"(\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xf5\x02\n\x11\x46\x65\x64\x65ratedTraining\x12\x37\n\x07\x43onnect\x12\x19.fedcrm.v1.ConnectRequest\x1a\x0f.fedcrm.v1.Task0\x01\x12?\n\x10SubmitStatistics\x12\x1b.fedcrm.v1.StatisticsResult\x1a\x0e.fedcrm.v1.Ack\x12\x31\n\tSubmitFit\x12\x14.fedcrm.v1.FitResult\x1a\x0e.fedcrm.v1.Ack\x12?\n\x10SubmitEvaluation\x12\x1b.fedcrm.v1.EvaluationResult\x1a\x0e.fedcrm.v1.Ack\x12\x39\n\rReportFailure\x12\x18.fedcrm.v1.FailureReport\x1a\x0e.fedcrm.v1.Ack\x12\x37\n\x0cSubmitSecAgg\x12\x17.fedcrm.v1.SecAggResult\x1a\x0e.fedcrm.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedcrm.protocol.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SECAGGTASK_ROSTERENTRY']._loaded_options = None
+  _globals['_SECAGGTASK_ROSTERENTRY']._serialized_options = b'8\001'
+  _globals['_SECAGGTASK_INBOXENTRY']._loaded_options = None
+  _globals['_SECAGGTASK_INBOXENTRY']._serialized_options = b'8\001'
+  _globals['_SECAGGRESULT_SHARESENTRY']._loaded_options = None
+  _globals['_SECAGGRESULT_SHARESENTRY']._serialized_options = b'8\001'
+  _globals['_SECAGGRESULT_SELFMASKSHARESENTRY']._loaded_options = None
+  _globals['_SECAGGRESULT_SELFMASKSHARESENTRY']._serialized_options = b'8\001'
+  _globals['_SECAGGRESULT_KEYSHARESENTRY']._loaded_options = None
+  _globals['_SECAGGRESULT_KEYSHARESENTRY']._serialized_options = b'8\001'
   _globals['_VECTOR']._serialized_start=48
-  _globals['_VECTOR']._serialized_end=184
+  _globals['_VECTOR']._serialized_end=208
   _globals['_VECTOR_DTYPE']._serialized_start=128
-  _globals['_VECTOR_DTYPE']._serialized_end=184
-  _globals['_CONNECTREQUEST']._serialized_start=186
-  _globals['_CONNECTREQUEST']._serialized_end=248
-  _globals['_TASK']._serialized_start=251
-  _globals['_TASK']._serialized_end=589
-  _globals['_TASK_KIND']._serialized_start=497
-  _globals['_TASK_KIND']._serialized_end=589
-  _globals['_STATISTICSRESULT']._serialized_start=591
-  _globals['_STATISTICSRESULT']._serialized_end=663
-  _globals['_FITRESULT']._serialized_start=666
-  _globals['_FITRESULT']._serialized_end=808
-  _globals['_EVALUATIONRESULT']._serialized_start=810
-  _globals['_EVALUATIONRESULT']._serialized_end=901
-  _globals['_FAILUREREPORT']._serialized_start=903
-  _globals['_FAILUREREPORT']._serialized_end=935
-  _globals['_ACK']._serialized_start=937
-  _globals['_ACK']._serialized_end=977
-  _globals['_FEDERATEDTRAINING']._serialized_start=980
-  _globals['_FEDERATEDTRAINING']._serialized_end=1296
+  _globals['_VECTOR_DTYPE']._serialized_end=208
+  _globals['_CONNECTREQUEST']._serialized_start=210
+  _globals['_CONNECTREQUEST']._serialized_end=272
+  _globals['_TASK']._serialized_start=275
+  _globals['_TASK']._serialized_end=739
+  _globals['_TASK_KIND']._serialized_start=580
+  _globals['_TASK_KIND']._serialized_end=739
+  _globals['_SECAGGTASK']._serialized_start=742
+  _globals['_SECAGGTASK']._serialized_end=1212
+  _globals['_SECAGGTASK_ROSTERENTRY']._serialized_start=1043
+  _globals['_SECAGGTASK_ROSTERENTRY']._serialized_end=1111
+  _globals['_SECAGGTASK_INBOXENTRY']._serialized_start=1113
+  _globals['_SECAGGTASK_INBOXENTRY']._serialized_end=1157
+  _globals['_SECAGGTASK_PHASE']._serialized_start=1159
+  _globals['_SECAGGTASK_PHASE']._serialized_end=1212
+  _globals['_SECAGGKEYS']._serialized_start=1214
+  _globals['_SECAGGKEYS']._serialized_end=1254
+  _globals['_STATISTICSRESULT']._serialized_start=1256
+  _globals['_STATISTICSRESULT']._serialized_end=1328
+  _globals['_FITRESULT']._serialized_start=1331
+  _globals['_FITRESULT']._serialized_end=1517
+  _globals['_EVALUATIONRESULT']._serialized_start=1520
+  _globals['_EVALUATIONRESULT']._serialized_end=1655
+  _globals['_SECAGGRESULT']._serialized_start=1658
+  _globals['_SECAGGRESULT']._serialized_end=2157
+  _globals['_SECAGGRESULT_SHARESENTRY']._serialized_start=2007
+  _globals['_SECAGGRESULT_SHARESENTRY']._serialized_end=2052
+  _globals['_SECAGGRESULT_SELFMASKSHARESENTRY']._serialized_start=2054
+  _globals['_SECAGGRESULT_SELFMASKSHARESENTRY']._serialized_end=2107
+  _globals['_SECAGGRESULT_KEYSHARESENTRY']._serialized_start=2109
+  _globals['_SECAGGRESULT_KEYSHARESENTRY']._serialized_end=2157
+  _globals['_FAILUREREPORT']._serialized_start=2159
+  _globals['_FAILUREREPORT']._serialized_end=2191
+  _globals['_ACK']._serialized_start=2193
+  _globals['_ACK']._serialized_end=2233
+  _globals['_FEDERATEDTRAINING']._serialized_start=2236
+  _globals['_FEDERATEDTRAINING']._serialized_end=2609
 # @@protoc_insertion_point(module_scope)

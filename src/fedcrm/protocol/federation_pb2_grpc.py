@@ -59,6 +59,11 @@ class FederatedTrainingStub:
                 request_serializer=fedcrm_dot_protocol_dot_federation__pb2.FailureReport.SerializeToString,
                 response_deserializer=fedcrm_dot_protocol_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SubmitSecAgg = channel.unary_unary(
+                '/fedcrm.v1.FederatedTraining/SubmitSecAgg',
+                request_serializer=fedcrm_dot_protocol_dot_federation__pb2.SecAggResult.SerializeToString,
+                response_deserializer=fedcrm_dot_protocol_dot_federation__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederatedTrainingServicer:
@@ -94,6 +99,13 @@ class FederatedTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSecAgg(self, request, context):
+        """Secure aggregation: the ShareKeys, MaskedInputCollection and Unmasking answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +132,11 @@ def add_FederatedTrainingServicer_to_server(servicer, server):
             'ReportFailure': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFailure,
                     request_deserializer=fedcrm_dot_protocol_dot_federation__pb2.FailureReport.FromString,
+                    response_serializer=fedcrm_dot_protocol_dot_federation__pb2.Ack.SerializeToString,
+            ),
+            'SubmitSecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSecAgg,
+                    request_deserializer=fedcrm_dot_protocol_dot_federation__pb2.SecAggResult.FromString,
                     response_serializer=fedcrm_dot_protocol_dot_federation__pb2.Ack.SerializeToString,
             ),
     }
@@ -257,6 +274,33 @@ class FederatedTraining:
             target,
             '/fedcrm.v1.FederatedTraining/ReportFailure',
             fedcrm_dot_protocol_dot_federation__pb2.FailureReport.SerializeToString,
+            fedcrm_dot_protocol_dot_federation__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcrm.v1.FederatedTraining/SubmitSecAgg',
+            fedcrm_dot_protocol_dot_federation__pb2.SecAggResult.SerializeToString,
             fedcrm_dot_protocol_dot_federation__pb2.Ack.FromString,
             options,
             channel_credentials,

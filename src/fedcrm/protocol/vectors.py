@@ -8,7 +8,12 @@ from fedcrm.protocol import federation_pb2 as pb
 
 __all__ = ["from_vector", "to_vector"]
 
-_DTYPES = {pb.Vector.FLOAT32: np.dtype("<f4"), pb.Vector.FLOAT64: np.dtype("<f8")}
+_DTYPES = {
+    pb.Vector.FLOAT32: np.dtype("<f4"),
+    pb.Vector.FLOAT64: np.dtype("<f8"),
+    pb.Vector.UINT32: np.dtype("<u4"),
+    pb.Vector.UINT64: np.dtype("<u8"),
+}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -16,7 +21,7 @@ def to_vector(array: np.ndarray) -> pb.Vector:
     a = np.ascontiguousarray(array).ravel()
     dtype = a.dtype.newbyteorder("<")
     if dtype not in _CODES:
-        raise TypeError(f"cannot send {a.dtype} vectors; use float32 or float64")
+        raise TypeError(f"cannot send {a.dtype} vectors; use float32, float64, uint32 or uint64")
     return pb.Vector(dtype=_CODES[dtype], length=a.size, data=a.astype(dtype, copy=False).tobytes())
 
 

@@ -71,7 +71,10 @@ def describe_validation_error(err: ValidationError, model: type[BaseModel]) -> l
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # Pydantic reports union branches as path parts ("str", "bool"); they mean nothing to a user.
-        loc = tuple(p for p in loc if p not in {"str", "bool", "int", "float", "literal['none']"})
+        loc = tuple(
+            p for p in loc
+            if not (isinstance(p, str) and (p in {"str", "bool", "int", "float"} or p.startswith(("literal[", "constrained-"))))
+        )
         where = _path(loc)
         if e["type"] == "extra_forbidden":
             known = _known_fields(model, loc)

@@ -231,10 +231,47 @@ class DifferentialPrivacy(_Model):
 
 
 class SecureAggregation(_Model):
-    enabled: Annotated[
-        Literal[False],
-        Field(description="Secure aggregation of masked updates. This release supports false only."),
-    ] = False
+    """Bonawitz-style secure aggregation with SecAgg+ neighbourhoods.
+
+    The aggregator learns only the sum of the participants' (weighted) updates and
+    evaluation counts, never one participant's. Federated preprocessing
+    statistics are summed in the clear.
+    """
+
+    enabled: Annotated[bool, Field(description="Mask every update so the aggregator sees only the sum.")] = False
+    threshold: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description=(
+                "Fraction of each neighbourhood (the participant included) whose shares are needed to unmask. "
+                "Higher tolerates fewer dropouts but resists more colluding participants."
+            ),
+        ),
+    ] = 0.5
+    neighbours: Annotated[
+        Literal["complete", "logarithmic"] | Annotated[int, Field(ge=1)],
+        Field(
+            description=(
+                "Who shares masks with whom: 'complete' (classic SecAgg, cost grows with n^2), 'logarithmic' "
+                "(SecAgg+, k = O(log n) neighbours) or a number of neighbours."
+            )
+        ),
+    ] = "logarithmic"
+    bits: Annotated[
+        int, Field(ge=16, le=62, description="Arithmetic modulo 2^bits; 32 keeps uploads the size of float32 weights.")
+    ] = 32
+    clip: Annotated[
+        float,
+        Field(
+            gt=0,
+            description=(
+                "Bound on each element of a participant's model update per round; larger values are clipped. "
+                "It fixes the quantization range: smaller is finer."
+            ),
+        ),
+    ] = 1.0
 
 
 class Privacy(_Model):

@@ -1,0 +1,246 @@
+"""Secure aggregation, ours against Flower's SecAgg+, side by side in one run.
+
+For each configuration both implementations run one full round in this
+process with the same n, d, dropout fraction, neighbourhood and threshold:
+every client's stage work is timed per client, the server's work separately,
+and the upload is the masked vector as each puts it on the wire. Dropouts
+happen after ShareKeys, so both exercise mask recovery.
+
+    python bench/secagg.py --json OUT.json [--quick] [--no-flower]
+
+prints a table (ours / Flower ratios) and writes rows {impl, n, d, dropout,
+neighbours, threshold, client_s, server_s, upload_bytes}. Flower comes from the
+optional ``bench`` extra (``pip install -e .[bench]``); Flower configurations
+that would exceed --flower-budget seconds (estimated from the smaller runs)
+are skipped and reported as such.
+
+"neighbours" is the number of peers each client shares with besides itself
+(Flower's ``num_shares`` minus one); "threshold" is the number of shares needed
+to reconstruct (Flower's ``reconstruction_threshold``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedcrm.protocol import to_vector
+from fedcrm.secagg.client import SecAggClient
+from fedcrm.secagg.params import SecAggParams
+from fedcrm.secagg.quantization import choose_scale, quantize
+from fedcrm.secagg.server import SecAggServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BITS = 32
+CLIP = 1.0
+
+
+@dataclass
+class Config:
+    n: int
+    d: int
+    dropout: float
+    neighbours: int | str  # peers besides self, or "complete" / "logarithmic"
+    threshold: int
+
+    def label(self) -> str:
+        return f"n={self.n} d={self.d:,} drop={self.dropout:.0%} k={self.neighbours} t={self.threshold}"
+
+
+@dataclass
+class Row:
+    impl: str
+    n: int
+    d: int
+    dropout: float
+    neighbours: int | str
+    threshold: int
+    client_s: float
+    server_s: float
+    upload_bytes: float
+    peak_server_mb: float | None = None
+    note: str = ""
+
+
+def configurations(quick: bool) -> list[Config]:
+    if quick:
+        return [Config(50, 100_000, 0.1, 2, 2), Config(50, 1_000_000, 0.1, 2, 2)]
+    out = []
+    for n in (10, 50, 200):
+        for d in (100_000, 1_000_000):
+            for dropout in (0.0, 0.1):
+                out.append(Config(n, d, dropout, 2, 2))
+                out.append(Config(n, d, dropout, "complete", n // 2 + 1))
+    out.append(Config(1000, 100_000, 0.1, "logarithmic", 0))
+    return out
+
+
+def _params(cfg: Config) -> SecAggParams:
+    """Our parameters for a configuration: same neighbourhood size and absolute threshold."""
+    if cfg.neighbours == "logarithmic":
+        return SecAggParams(threshold=0.5, neighbours="logarithmic", bits=BITS)
+    k = cfg.n - 1 if cfg.neighbours == "complete" else int(cfg.neighbours)
+    # shares_needed(k) = ceil(threshold * (k + 1)); pick the fraction that yields cfg.threshold.
+    fraction = (cfg.threshold - 0.5) / (k + 1)
+    params = SecAggParams(threshold=fraction, neighbours="complete" if cfg.neighbours == "complete" else k, bits=BITS)
+    assert params.shares_needed(k) == cfg.threshold, (params.shares_needed(k), cfg.threshold)
+    return params
+
+
+def run_fedcrm(cfg: Config, seed: int = 0) -> Row:
+    rng = np.random.default_rng(seed)
+    params = _params(cfg)
+    ids = list(range(cfg.n))
+    dropped = set(rng.choice(cfg.n, size=int(round(cfg.dropout * cfg.n)), replace=False).tolist())
+    client_time = dict.fromkeys(ids, 0.0)
+    server_time = 0.0
+
+    def timed_client(cid: int, fn, *args):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        out = fn(*args)
+        client_time[cid] += time.perf_counter() - t
+        return out
+
+    scale = choose_scale(clip=CLIP, weight_bound=cfg.n, bits=BITS)
+    clients = {i: SecAggClient(client_id=i, round_id=1, params=params, vector_length=cfg.d) for i in ids}
+    tracemalloc.start()
+    t = time.perf_counter()
+    server = SecAggServer(round_id=1, params=params, client_ids=ids, vector_length=cfg.d)
+    server_time += time.perf_counter() - t
+    keys = {i: timed_client(i, clients[i].advertise_keys) for i in ids}
+    t = time.perf_counter()
+    for i, k in keys.items():
+        server.receive_keys(i, k)
+    server.close_advertise()
+    rosters = {i: server.roster_for(i) for i in ids}
+    server_time += time.perf_counter() - t
+    for i in ids:
+        shares = timed_client(i, clients[i].share_keys, rosters[i], sorted(rosters[i]))
+        t = time.perf_counter()
+        server.receive_shares(i, shares)
+        server_time += time.perf_counter() - t
+    t = time.perf_counter()
+    server.close_share_keys()
+    inboxes = {i: server.inbox_for(i) for i in ids if i not in dropped}
+    server_time += time.perf_counter() - t
+    upload = []
+    for i in ids:
+        if i in dropped:
+            continue
+        values = rng.uniform(-0.1, 0.1, cfg.d).astype(np.float32)
+        q = timed_client(i, lambda v: quantize(v.astype(np.float64), clip=CLIP, scale=scale, bits=BITS), values)
+        masked = timed_client(i, clients[i].masked_input, inboxes[i], q)
+        upload.append(to_vector(masked).ByteSize())
+        t = time.perf_counter()
+        server.receive_masked(i, masked)
+        server_time += time.perf_counter() - t
+    t = time.perf_counter()
+    gone, survivors = server.close_masked_input()
+    server_time += time.perf_counter() - t
+    gone_set, alive = set(gone), set(survivors)
+    for i in survivors:
+        neighbours = set(server.neighbours_of(i))
+        reply = timed_client(i, lambda: clients[i].unmask(dropped=sorted(neighbours & gone_set),
+                                                         survivors=sorted((neighbours | {i}) & alive)))
+        t = time.perf_counter()
+        server.receive_unmask(i, reply)
+        server_time += time.perf_counter() - t
+    t = time.perf_counter()
+    server.finish()
+    server_time += time.perf_counter() - t
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    active = [client_time[i] for i in ids if i not in dropped]
+    return Row("fedcrm", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, params.shares_needed(params.neighbour_count(cfg.n)),
+               float(np.mean(active)), server_time, float(np.mean(upload)), peak / 2**20)
+
+
+def run_flower(cfg: Config, seed: int = 0) -> Row:
+    from flower_secaggplus import run_flower_round  # type: ignore[import-not-found]
+
+    num_shares = cfg.n if cfg.neighbours == "complete" else int(cfg.neighbours) + 1
+    out = run_flower_round(n=cfg.n, d=cfg.d, dropout=cfg.dropout, neighbours=num_shares if cfg.neighbours != "complete" else "complete",
+                           threshold=cfg.threshold, seed=seed)
+    note = "" if out.get("correct", True) else "WRONG SUM"
+    return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, cfg.threshold, out["client_s"], out["server_s"],
+               out["upload_bytes"], None, note)
+
+
+def _flower_available() -> bool:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _estimate(rows: list[Row], cfg: Config) -> float | None:
+    """Flower's server time for ``cfg`` extrapolated from the largest measured run of the same shape."""
+    same = [r for r in rows if r.impl == "flower" and r.neighbours == cfg.neighbours and r.dropout == cfg.dropout]
+    if not same:
+        return None
+    ref = max(same, key=lambda r: r.n * r.d)
+    grow = (cfg.d / ref.d) * ((cfg.n / ref.n) ** (3 if cfg.neighbours == "complete" else 1))
+    return (ref.server_s + ref.client_s * ref.n) * grow
+
+
+def _table(rows: list[Row]) -> str:
+    lines = [f"{'impl':7} {'n':>5} {'d':>9} {'drop':>5} {'k':>11} {'t':>4} {'client s':>9} {'server s':>9} "
+             f"{'upload MB':>9} {'client x':>8} {'server x':>8} {'upload x':>8}"]
+    flower = {(r.n, r.d, r.dropout, str(r.neighbours)): r for r in rows if r.impl == "flower"}
+    for r in rows:
+        ratios = ["", "", ""]
+        if r.impl == "fedcrm" and (f := flower.get((r.n, r.d, r.dropout, str(r.neighbours)))) and f.server_s > 0:
+            ratios = [f"{r.client_s / f.client_s:.3f}", f"{r.server_s / f.server_s:.3f}", f"{r.upload_bytes / f.upload_bytes:.3f}"]
+        lines.append(f"{r.impl:7} {r.n:>5} {r.d:>9,} {r.dropout:>5.0%} {str(r.neighbours):>11} {r.threshold:>4} "
+                     f"{r.client_s:>9.4f} {r.server_s:>9.3f} {r.upload_bytes / 1e6:>9.2f} "
+                     f"{ratios[0]:>8} {ratios[1]:>8} {ratios[2]:>8}" + (f"  {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--quick", action="store_true", help="only n=50 with d=100k and d=1M, 10%% dropout, 3 shares / threshold 2")
+    parser.add_argument("--no-flower", action="store_true", help="run ours only")
+    parser.add_argument("--flower-budget", type=float, default=600.0,
+                        help="skip a Flower configuration estimated to take longer than this many seconds (default 600)")
+    args = parser.parse_args()
+    use_flower = not args.no_flower and _flower_available()
+    if not args.no_flower and not use_flower:
+        print("flwr is not installed (pip install -e '.[bench]'); running ours only", file=sys.stderr)
+    rows: list[Row] = []
+    for cfg in configurations(args.quick):
+        row = run_fedcrm(cfg)
+        rows.append(row)
+        print(f"fedcrm  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
+        if not use_flower or cfg.neighbours == "logarithmic" and cfg.n >= 1000 and args.flower_budget < 600:
+            continue
+        estimate = _estimate(rows, cfg)
+        if estimate is not None and estimate > args.flower_budget:
+            skipped = Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, cfg.threshold, math.nan, math.nan, math.nan,
+                          note=f"skipped: estimated {estimate:.0f}s > budget {args.flower_budget:.0f}s")
+            rows.append(skipped)
+            print(f"flower  {cfg.label():45} {skipped.note}", flush=True)
+            continue
+        row = run_flower(cfg)
+        rows.append(row)
+        print(f"flower  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
+    print()
+    print(_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Secure aggregation: the aggregator learns the sum of participants' vectors and nothing else.
+
+The protocol of Bonawitz et al. (CCS 2017) with the SecAgg+ neighbourhoods of
+Bell et al. (CCS 2020), as pure, transport-independent state machines: a
+:class:`SecAggClient` per participant and a :class:`SecAggServer` for the
+aggregator, one of each per round, exchanging plain Python values that the
+node and aggregator carry over gRPC. No torch, no network here.
+
+Modules: :mod:`~fedcrm.secagg.params` (the knobs), :mod:`~fedcrm.secagg.quantization`
+(reals <-> integers modulo ``2**bits``), :mod:`~fedcrm.secagg.graph` (who
+neighbours whom), :mod:`~fedcrm.secagg.shamir` (secret sharing),
+:mod:`~fedcrm.secagg.crypto` (X25519, AES-GCM, AES-CTR masks),
+:mod:`~fedcrm.secagg.client` and :mod:`~fedcrm.secagg.server` (the two sides).
+"""
+
+from __future__ import annotations
+
+from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, SecAggClient, UnmaskReply
+from fedcrm.secagg.crypto import TamperedCiphertext
+from fedcrm.secagg.params import SecAggParams
+from fedcrm.secagg.quantization import choose_scale, dequantize, quantize
+from fedcrm.secagg.server import BelowThreshold, SecAggServer
+from fedcrm.secagg.shamir import NotEnoughShares
+
+__all__ = [
+    "AdvertisedKeys",
+    "BelowThreshold",
+    "NotEnoughShares",
+    "ProtocolViolation",
+    "SecAggClient",
+    "SecAggParams",
+    "SecAggServer",
+    "TamperedCiphertext",
+    "UnmaskReply",
+    "choose_scale",
+    "dequantize",
+    "quantize",
+]

@@ -1,0 +1,94 @@
+"""Who shares secrets with whom: the SecAgg+ neighbourhood graph.
+
+In SecAgg+ (Bell et al., CCS 2020) a participant masks its input only against
+its ``k`` neighbours and secret-shares its keys only among them, which cuts
+the cost from ``O(n)`` to ``O(log n)`` per participant. Security then rests on
+the graph not being chosen by the adversary: an aggregator that could pick
+neighbourhoods would surround a victim with colluding participants. So the
+graph here is a deterministic function of *public randomness* only, a seed
+that hashes the round id and the whole roster of advertised keys
+(:func:`graph_seed`). It is fixed only once every key is in, so neither the
+aggregator nor a participant can steer it except by grinding keys, and every
+party can recompute it.
+
+The graph is the Harary-style ring over a pseudorandom permutation of the
+participants: each connects to the ``k // 2`` nearest on each side, and for odd
+``k`` to the participant diametrically opposite. That is exactly ``k``-regular
+whenever ``n * k`` is even; when both are odd no ``k``-regular graph exists,
+and one participant gets ``k + 1`` neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Mapping, Sequence
+
+__all__ = ["graph_seed", "neighbourhoods"]
+
+_PERMUTATION_LABEL = b"fedcrm-secagg/graph-permutation/v1"
+_SEED_LABEL = b"fedcrm-secagg/graph-seed/v1"
+
+
+def graph_seed(round_id: int, keys: Mapping[int, tuple[bytes, bytes]]) -> bytes:
+    """SHA-256 over the round id and every participant's id and advertised keys, in id order.
+
+    ``keys`` maps a participant id to its ``(c_pk, s_pk)``.
+    """
+    h = hashlib.sha256(_SEED_LABEL)
+    h.update(struct.pack(">Q", round_id))
+    h.update(struct.pack(">Q", len(keys)))
+    for cid in sorted(keys):
+        c_pk, s_pk = keys[cid]
+        h.update(struct.pack(">QHH", cid, len(c_pk), len(s_pk)))
+        h.update(c_pk)
+        h.update(s_pk)
+    return h.digest()
+
+
+def _permute(ids: Sequence[int], public_seed: bytes) -> list[int]:
+    """Sort ids by HMAC-SHA256(seed, id): a pseudorandom permutation nobody can steer without the seed."""
+    return sorted(
+        ids,
+        key=lambda cid: (hmac.new(public_seed, _PERMUTATION_LABEL + struct.pack(">Q", cid), hashlib.sha256).digest(), cid),
+    )
+
+
+def neighbourhoods(ids: Sequence[int], k: int, public_seed: bytes) -> dict[int, tuple[int, ...]]:
+    """Each participant's neighbours (sorted), a symmetric graph of degree ``k`` derived from ``public_seed``.
+
+    ``k >= len(ids) - 1`` gives the complete graph (classic SecAgg).
+    """
+    unique = sorted(set(ids))
+    if len(unique) != len(ids):
+        raise ValueError("participant ids must be distinct")
+    if any(cid < 0 for cid in unique):
+        raise ValueError("participant ids must be non-negative")
+    if k < 0:
+        raise ValueError(f"k must be non-negative, got {k}")
+    n = len(unique)
+    if k >= n - 1:
+        return {cid: tuple(c for c in unique if c != cid) for cid in unique}
+    ring = _permute(unique, public_seed)
+    adjacent: dict[int, set[int]] = {cid: set() for cid in unique}
+
+    def link(i: int, j: int) -> None:
+        a, b = ring[i % n], ring[j % n]
+        if a != b:
+            adjacent[a].add(b)
+            adjacent[b].add(a)
+
+    for i in range(n):
+        for step in range(1, k // 2 + 1):
+            link(i, i + step)
+    if k % 2 == 1:
+        if n % 2 == 0:
+            for i in range(n // 2):
+                link(i, i + n // 2)
+        else:
+            # Harary H(k, n) with k and n odd: chords of length (n + 1) / 2 from the first half;
+            # ring position 0 ends with k + 1 neighbours, everyone else with k.
+            for i in range((n - 1) // 2 + 1):
+                link(i, i + (n + 1) // 2)
+    return {cid: tuple(sorted(adjacent[cid])) for cid in unique}
