@@ -31,7 +31,7 @@ import numpy as np
 
 from fedcrm.errors import FederationFailed
 from fedcrm.protocol import from_vector, pb
-from fedcrm.secagg.client import AdvertisedKeys, UnmaskReply
+from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, UnmaskReply
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
@@ -103,7 +103,9 @@ class SecureSums:
         name = "training" if kind == pb.Task.FIT else "evaluation"
         try:
             return self._stages(kind, round_, phase, round_id, base, quantizer)
-        except BelowThreshold as err:
+        except (BelowThreshold, ProtocolViolation) as err:
+            # ProtocolViolation here means a reconstructed key did not match its advertised key:
+            # a participant sent a corrupt share. Either way the round's sum is never released.
             self.c.emit("secagg_abandoned", round=round_, phase=name, reason=str(err))
             raise FederationFailed(f"round {round_} {name}: secure aggregation abandoned, no sum released: {err}") from None
 

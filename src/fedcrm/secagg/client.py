@@ -122,8 +122,8 @@ class SecAggClient:
         return self._stage
 
     @property
-    def neighbours_holding_my_shares(self) -> tuple[int, ...]:
-        """Neighbours whose shares this participant received in stage 2 (known after :meth:`masked_input`)."""
+    def holds_shares_of(self) -> tuple[int, ...]:
+        """Neighbours whose shares this participant holds (from :meth:`masked_input` until :meth:`unmask`)."""
         return tuple(sorted(self._held_b))
 
     def _expect(self, stage: str, action: str) -> None:
@@ -182,7 +182,8 @@ class SecAggClient:
         share_keys: dict[int, bytes] = {}
         for v in ids:
             try:
-                share_keys[v] = crypto.agree(self._c_sk, roster[v].c_pk, info=crypto.share_key_info(self.round_id, me, v))
+                share_info = crypto.share_key_info(self.round_id, me, v)
+                share_keys[v] = crypto.agree(self._c_sk, roster[v].c_pk, info=share_info)
                 pair_seeds[v] = crypto.agree(self._s_sk, roster[v].s_pk, info=crypto.mask_info(self.round_id, me, v))
             except ValueError as exc:
                 raise ProtocolViolation(f"participant {v} advertised an unusable public key ({exc})") from None
@@ -193,7 +194,9 @@ class SecAggClient:
         b_shares = shamir.split(b, xs=xs, threshold=t)
         sk_shares = shamir.split(s_sk_raw, xs=xs, threshold=t)
         out = {
-            v: crypto.encrypt(share_keys[v], b_shares[v + 1] + sk_shares[v + 1], aad=crypto.share_aad(self.round_id, me, v))
+            v: crypto.encrypt(
+                share_keys[v], b_shares[v + 1] + sk_shares[v + 1], aad=crypto.share_aad(self.round_id, me, v)
+            )
             for v in ids
         }
         self._neighbours = tuple(sorted(ids))

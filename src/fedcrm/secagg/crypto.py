@@ -149,7 +149,9 @@ def decrypt(key: bytes, ciphertext: bytes, *, aad: bytes) -> bytes:
     try:
         return AESGCM(key).decrypt(bytes(ciphertext[:NONCE_BYTES]), bytes(ciphertext[NONCE_BYTES:]), aad)
     except InvalidTag:
-        raise TamperedCiphertext("ciphertext failed authentication (altered, or not meant for this round, sender or receiver)") from None
+        raise TamperedCiphertext(
+            "ciphertext failed authentication (altered, or not meant for this round, sender or receiver)"
+        ) from None
 
 
 def _keystream_into(seed: bytes, zeros: memoryview, out: np.ndarray) -> None:

@@ -49,10 +49,10 @@ def graph_seed(round_id: int, keys: Mapping[int, tuple[bytes, bytes]]) -> bytes:
 
 def _permute(ids: Sequence[int], public_seed: bytes) -> list[int]:
     """Sort ids by HMAC-SHA256(seed, id): a pseudorandom permutation nobody can steer without the seed."""
-    return sorted(
-        ids,
-        key=lambda cid: (hmac.new(public_seed, _PERMUTATION_LABEL + struct.pack(">Q", cid), hashlib.sha256).digest(), cid),
-    )
+    def rank(cid: int) -> tuple[bytes, int]:
+        return hmac.new(public_seed, _PERMUTATION_LABEL + struct.pack(">Q", cid), hashlib.sha256).digest(), cid
+
+    return sorted(ids, key=rank)
 
 
 def neighbourhoods(ids: Sequence[int], k: int, public_seed: bytes) -> dict[int, tuple[int, ...]]:

@@ -255,7 +255,8 @@ class SecAggServer:
         if not isinstance(masked, np.ndarray) or masked.dtype != self._dtype or masked.shape != (self.vector_length,):
             got = f"{masked.dtype} of shape {masked.shape}" if isinstance(masked, np.ndarray) else type(masked).__name__
             raise ProtocolViolation(
-                f"participant {cid}'s masked input must be a {self._dtype} vector of length {self.vector_length}, got {got}"
+                f"participant {cid}'s masked input must be a {self._dtype} vector of length {self.vector_length}, "
+                f"got {got}"
             )
         self._sum += masked  # wraps at the dtype's width, a multiple of 2**bits: reduced once in finish()
         self._masked.add(cid)
@@ -318,7 +319,9 @@ class SecAggServer:
         if not isinstance(reply, UnmaskReply):
             raise ProtocolViolation(f"participant {cid} sent {type(reply).__name__}, expected UnmaskReply")
         asked_dropped, asked_survivors = self.unmask_request_for(cid)
-        extra = sorted((set(reply.self_mask_shares) - set(asked_survivors)) | (set(reply.key_shares) - set(asked_dropped)))
+        extra = sorted(
+            (set(reply.self_mask_shares) - set(asked_survivors)) | (set(reply.key_shares) - set(asked_dropped))
+        )
         if extra:
             raise ProtocolViolation(f"participant {cid} sent shares it was not asked for (owners {extra})")
         for share in (*reply.self_mask_shares.values(), *reply.key_shares.values()):
@@ -409,7 +412,11 @@ class SecAggServer:
         meta = {
             "format": _FORMAT,
             "round_id": self.round_id,
-            "params": {"threshold": self.params.threshold, "neighbours": self.params.neighbours, "bits": self.params.bits},
+            "params": {
+                "threshold": self.params.threshold,
+                "neighbours": self.params.neighbours,
+                "bits": self.params.bits,
+            },
             "client_ids": list(self.client_ids),
             "vector_length": self.vector_length,
             "stage": self._stage,
@@ -417,7 +424,8 @@ class SecAggServer:
             "u1": list(self._u1),
             "neighbours": {str(c): list(n) for c, n in sorted(self._neighbours.items())},
             "ciphertexts": {
-                str(s): {str(r): _b64(ct) for r, ct in sorted(cts.items())} for s, cts in sorted(self._ciphertexts.items())
+                str(s): {str(r): _b64(ct) for r, ct in sorted(cts.items())}
+                for s, cts in sorted(self._ciphertexts.items())
             },
             "u2": list(self._u2),
             "masked": sorted(self._masked),
@@ -465,7 +473,8 @@ class SecAggServer:
             server._u1 = tuple(meta["u1"])
             server._neighbours = {int(c): tuple(n) for c, n in meta["neighbours"].items()}
             if server._u1:
-                seed = graph_seed(server.round_id, {c: (server._keys[c].c_pk, server._keys[c].s_pk) for c in server._u1})
+                roster = {c: (server._keys[c].c_pk, server._keys[c].s_pk) for c in server._u1}
+                seed = graph_seed(server.round_id, roster)
                 k = server.params.neighbour_count(len(server._u1))
                 if neighbourhoods(server._u1, k, seed) != server._neighbours:
                     raise ValueError("its neighbourhoods differ from this version's graph")

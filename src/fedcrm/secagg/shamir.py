@@ -114,7 +114,9 @@ def _chosen_points(shares: Mapping[int, bytes], threshold: int) -> tuple[int, ..
     return tuple(points[:threshold])
 
 
-def _combine(shares: Mapping[int, bytes], points: Sequence[int], coefficients: Sequence[int], secret_length: int) -> bytes:
+def _combine(
+    shares: Mapping[int, bytes], points: Sequence[int], coefficients: Sequence[int], secret_length: int
+) -> bytes:
     n_chunks = -(-secret_length // CHUNK_BYTES)
     totals = [0] * n_chunks
     for x, lam in zip(points, coefficients):

@@ -246,10 +246,11 @@ class SecureAggregation(_Model):
             le=1,
             description=(
                 "Fraction of each neighbourhood (the participant included) whose shares are needed to unmask. "
-                "Higher tolerates fewer dropouts but resists more colluding participants."
+                "Keep it above 0.5 (a strict majority) so an aggregator that lies about who dropped out cannot "
+                "collect both kinds of share for one participant; higher tolerates fewer dropouts."
             ),
         ),
-    ] = 0.5
+    ] = 0.6
     neighbours: Annotated[
         Literal["complete", "logarithmic"] | Annotated[int, Field(ge=1)],
         Field(
