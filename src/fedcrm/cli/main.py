@@ -225,6 +225,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     base_report = _baseline(argparse.Namespace(**{**vars(ns), "out": out / "baseline"}), console)
 
     from fedcrm.cli.progress import human_bytes, pct
+    from fedcrm.spec.loading import load_federation
 
     fm, bm = fed_report["metrics"], base_report["metrics"]
     gap = None if fm["accuracy"] is None or bm["accuracy"] is None else 100 * (bm["accuracy"] - fm["accuracy"])
@@ -236,8 +237,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     console.print(f"  On {fed_report.get('test_rows', 0):,} held-out leads the federated model predicts conversion with "
                   f"accuracy {pct(fm['accuracy'])} (F1 {pct(fm['f1'])}, ROC AUC {fm['auc']:.3f}).")
-    console.print(f"  Pooling all the data centrally would give {pct(bm['accuracy'])}"
-                  + (f": federation costs {gap:.2f} accuracy points." if gap is not None else "."))
+    if gap is None:
+        comparison = "."
+    elif gap > 0:
+        comparison = f": federation costs {gap:.2f} accuracy points."
+    else:
+        comparison = f": the federated model is {-gap:.2f} points better here (FedAvg's averaging regularises)."
+    console.print(f"  Pooling all the data centrally would give {pct(bm['accuracy'])}{comparison}")
+    secure = load_federation(synth.federation_path).spec.privacy.secure_aggregation.enabled
+    if secure:
+        console.print("  Updates and evaluation counts were masked (secure aggregation): the aggregator saw only sums.")
     console.print(f"  Each enterprise sent and received {human_bytes(fed_report['bytes_per_client_per_round'])} per round.")
     console.print(f"  Reports: {ns.out / 'report.md'} and {out / 'baseline' / 'report.md'} "
                   f"(finished in {time.monotonic() - started:.0f}s)")
