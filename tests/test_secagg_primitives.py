@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 
 import numpy as np
+from uniformity import chi_square_p
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -228,29 +228,20 @@ def test_expand_mask_is_deterministic_and_sized(bits: int) -> None:
     assert np.array_equal(raw & raw.dtype.type(2**bits - 1), m)
 
 
-def _chi_square_p(counts: np.ndarray) -> float:
-    """Upper tail of chi-square with len(counts) - 1 degrees of freedom (Wilson-Hilferty), no scipy needed."""
-    expected = counts.sum() / counts.size
-    stat = float(((counts - expected) ** 2 / expected).sum())
-    k = counts.size - 1
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def test_expand_mask_looks_uniform() -> None:
     m = crypto.expand_mask(b"\x42" * 32, 1 << 18, 32)
     byte_counts = np.bincount(m.view(np.uint8), minlength=256)
-    assert _chi_square_p(byte_counts) > 0.001
+    assert chi_square_p(byte_counts) > 0.001
     top = np.bincount((m >> np.uint32(24)).astype(np.int64), minlength=256)
-    assert _chi_square_p(top) > 0.001
+    assert chi_square_p(top) > 0.001
     low = crypto.expand_mask(b"\x43" * 32, 1 << 16, 12)
-    assert _chi_square_p(np.bincount((low >> np.uint32(4)).astype(np.int64), minlength=256)) > 0.001
+    assert chi_square_p(np.bincount((low >> np.uint32(4)).astype(np.int64), minlength=256)) > 0.001
 
 
 def test_chi_square_helper_rejects_skew() -> None:
     skewed = np.full(256, 1000)
     skewed[:16] = 1200
-    assert _chi_square_p(skewed) < 0.001
+    assert chi_square_p(skewed) < 0.001
 
 
 # Graph ----------------------------------------------------------------------

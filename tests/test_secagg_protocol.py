@@ -6,10 +6,10 @@ Exact sums under dropouts, refusals, checkpoints, and what the aggregator sees.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 
 import numpy as np
+from uniformity import chi_square_p
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -425,15 +425,6 @@ def test_restore_rejects_garbage() -> None:
 # What the aggregator sees ---------------------------------------------------------
 
 
-def _chi_square_p(counts: np.ndarray) -> float:
-    """Upper tail of chi-square (Wilson-Hilferty approximation; len(counts) - 1 degrees of freedom)."""
-    expected = counts.sum() / counts.size
-    stat = float(((counts - expected) ** 2 / expected).sum())
-    k = counts.size - 1
-    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def test_what_the_aggregator_sees_is_uniform_but_the_sum_is_right(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every masked vector the aggregator receives passes for uniform noise, even for all-zero or constant inputs."""
     # Fixed key material so the statistical test is deterministic (one run, not a 1% flake across runs).
@@ -456,9 +447,9 @@ def test_what_the_aggregator_sees_is_uniform_but_the_sum_is_right(monkeypatch: p
     assert len(r.seen) == n - 1
     for cid, masked in r.seen.items():
         top = np.bincount((masked >> np.uint32(24)).astype(np.int64), minlength=256)
-        assert _chi_square_p(top) > 0.001, f"participant {cid}'s masked vector is not uniform"
+        assert chi_square_p(top) > 0.001, f"participant {cid}'s masked vector is not uniform"
         raw_top = np.bincount((inputs[cid] >> np.uint32(24)).astype(np.int64), minlength=256)
-        assert _chi_square_p(raw_top) < 1e-6  # the unmasked input is anything but uniform
+        assert chi_square_p(raw_top) < 1e-6  # the unmasked input is anything but uniform
     survivors = r.server.survivors
     assert np.array_equal(total, r.expected(survivors))
     mean = dequantize(total, scale=scale, bits=32)
