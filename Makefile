@@ -10,7 +10,7 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels/$(LOCK_HASH)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos check-protos venv clean
+.PHONY: demo test test-fast lint protos venv bench-secagg clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
@@ -31,6 +31,17 @@ protos: $(STAMP)  ## regenerate the gRPC stubs from protos/
 
 venv: $(STAMP)
 
+# Flower lives in its own environment: it needs protobuf < 7 and cryptography >= 50,
+# which our pinned gRPC stubs cannot share a process with.
+.venv-bench/.installed: bench/requirements-flower.txt
+	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet -r bench/requirements-flower.txt
+	@touch $@
+
+bench-secagg: $(STAMP) .venv-bench/.installed  ## secure aggregation, ours against Flower's SecAgg+ (JSON in bench/results/)
+	@mkdir -p bench/results
+	$(BIN)/python bench/secagg.py --json bench/results/secagg.json
+
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if [ ! -f $(WHEELHOUSE)/.complete ]; then \
@@ -49,4 +60,4 @@ $(STAMP): pyproject.toml constraints.txt tools/requirements.py
 	@touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis runs
+	rm -rf $(VENV) .venv-bench .pytest_cache .hypothesis runs

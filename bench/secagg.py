@@ -10,9 +10,11 @@ happen after ShareKeys, so both exercise mask recovery.
 
 prints a table (ours / Flower ratios) and writes rows {impl, n, d, dropout,
 neighbours, threshold, client_s, server_s, upload_bytes}. Flower comes from the
-optional ``bench`` extra (``pip install -e .[bench]``); Flower configurations
-that would exceed --flower-budget seconds (estimated from the smaller runs)
-are skipped and reported as such.
+virtual environment ``.venv-bench`` that ``make bench-secagg`` creates (Flower
+1.42 needs protobuf < 7 and cryptography >= 50, which our pinned stubs cannot
+share a process with), run as a subprocess per configuration. Flower
+configurations that would exceed --flower-budget seconds (estimated from the
+smaller runs) are skipped and reported as such.
 
 "neighbours" is the number of peers each client shares with besides itself
 (Flower's ``num_shares`` minus one); "threshold" is the number of shares needed
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -37,8 +40,6 @@ from fedcrm.secagg.client import SecAggClient
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import choose_scale, quantize
 from fedcrm.secagg.server import SecAggServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BITS = 32
 CLIP = 1.0
@@ -201,23 +202,40 @@ def run_fedcrm(cfg: Config, seed: int = 0, *, trace_memory: bool = False) -> Row
                server_peak / 2**20 if trace_memory else None)
 
 
-def run_flower(cfg: Config, seed: int = 0) -> Row:
-    from flower_secaggplus import run_flower_round  # type: ignore[import-not-found]
+def _flower_shape(cfg: Config) -> tuple[int, int]:
+    """Flower's (num_shares, reconstruction_threshold) for the same neighbourhood and threshold as ours."""
+    params = _params(cfg)
+    k = params.neighbour_count(cfg.n)
+    return (cfg.n if cfg.neighbours == "complete" else k + 1), params.shares_needed(k)
 
-    num_shares = cfg.n if cfg.neighbours == "complete" else int(cfg.neighbours) + 1
-    out = run_flower_round(n=cfg.n, d=cfg.d, dropout=cfg.dropout, neighbours=num_shares if cfg.neighbours != "complete" else "complete",
-                           threshold=cfg.threshold, seed=seed)
-    note = "" if out.get("correct", True) else "WRONG SUM"
-    return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, cfg.threshold, out["client_s"], out["server_s"],
+
+def run_flower(cfg: Config, python: Path, timeout: float, seed: int = 0) -> Row:
+    """Flower's round in its own interpreter (see bench/flower_secaggplus.py for why)."""
+    num_shares, threshold = _flower_shape(cfg)
+    argv = [str(python), str(Path(__file__).with_name("flower_secaggplus.py")), "--n", str(cfg.n), "--d", str(cfg.d),
+            "--dropout", str(cfg.dropout), "--num-shares", str(num_shares), "--threshold", str(threshold),
+            "--seed", str(seed)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, math.nan, math.nan, math.nan,
+                   note=f"did not finish within {timeout:.0f}s")
+    except subprocess.CalledProcessError as err:
+        return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, math.nan, math.nan, math.nan,
+                   note="failed: " + (err.stderr.strip().splitlines() or ["?"])[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    note = "" if out["correct"] else f"WRONG SUM (max error {out['max_error']:.3g})"
+    return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, out["client_s"], out["server_s"],
                out["upload_bytes"], None, note)
 
 
-def _flower_available() -> bool:
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _flower_python() -> Path | None:
+    """The interpreter of .venv-bench (made by `make bench-secagg`), if it has flwr."""
+    python = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
+    if not python.exists():
+        return None
+    probe = subprocess.run([str(python), "-c", "import flwr"], capture_output=True)
+    return python if probe.returncode == 0 else None
 
 
 def _estimate(rows: list[Row], cfg: Config) -> float | None:
@@ -252,9 +270,9 @@ def main() -> int:
     parser.add_argument("--flower-budget", type=float, default=600.0,
                         help="skip a Flower configuration estimated to take longer than this many seconds (default 600)")
     args = parser.parse_args()
-    use_flower = not args.no_flower and _flower_available()
-    if not args.no_flower and not use_flower:
-        print("flwr is not installed (pip install -e '.[bench]'); running ours only", file=sys.stderr)
+    flower_python = None if args.no_flower else _flower_python()
+    if not args.no_flower and flower_python is None:
+        print("no .venv-bench with flwr (run `make bench-secagg`); running ours only", file=sys.stderr)
     rows: list[Row] = []
     for cfg in configurations(args.quick):
         row = run_fedcrm(cfg)
@@ -265,7 +283,7 @@ def main() -> int:
                         f"{3 * cfg.n * (1 - cfg.dropout) * cfg.d * 4 / 2**20:.0f} MB")
         rows.append(row)
         print(f"fedcrm  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
-        if not use_flower or cfg.neighbours == "logarithmic" and cfg.n >= 1000 and args.flower_budget < 600:
+        if flower_python is None:
             continue
         estimate = _estimate(rows, cfg)
         if estimate is not None and estimate > args.flower_budget:
@@ -274,7 +292,7 @@ def main() -> int:
             rows.append(skipped)
             print(f"flower  {cfg.label():45} {skipped.note}", flush=True)
             continue
-        row = run_flower(cfg)
+        row = run_flower(cfg, flower_python, timeout=args.flower_budget)
         rows.append(row)
         print(f"flower  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
     print()
