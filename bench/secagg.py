@@ -239,13 +239,20 @@ def _flower_python() -> Path | None:
 
 
 def _estimate(rows: list[Row], cfg: Config) -> float | None:
-    """Flower's server time for ``cfg`` extrapolated from the largest measured run of the same shape."""
-    same = [r for r in rows if r.impl == "flower" and r.neighbours == cfg.neighbours and r.dropout == cfg.dropout]
-    if not same:
-        return None
-    ref = max(same, key=lambda r: r.n * r.d)
-    grow = (cfg.d / ref.d) * ((cfg.n / ref.n) ** (3 if cfg.neighbours == "complete" else 1))
-    return (ref.server_s + ref.client_s * ref.n) * grow
+    """Flower's time for ``cfg`` extrapolated from the measured runs of the same shape (the largest estimate).
+
+    Complete graphs scale with n^3 (pure-Python Shamir over every pair) and at least linearly in d; a
+    same-shape run that already timed out makes any larger one infinite.
+    """
+    same = [r for r in rows if r.impl == "flower" and r.neighbours == cfg.neighbours and r.n <= cfg.n and r.d <= cfg.d]
+    if any(math.isnan(r.server_s) for r in same):  # timed out or itself over budget
+        return math.inf
+    estimates = [
+        (r.server_s + r.client_s * r.n) * (cfg.d / r.d) ** (0 if cfg.neighbours == "complete" else 1)
+        * (cfg.n / r.n) ** (3 if cfg.neighbours == "complete" else 1)
+        for r in same
+    ]
+    return max(estimates) if estimates else None
 
 
 def _table(rows: list[Row]) -> str:
@@ -287,8 +294,10 @@ def main() -> int:
             continue
         estimate = _estimate(rows, cfg)
         if estimate is not None and estimate > args.flower_budget:
+            why = (f"not run: a smaller run of this shape was already over the {args.flower_budget:.0f}s budget"
+                   if math.isinf(estimate) else f"not run: estimated {estimate:.0f}s > budget {args.flower_budget:.0f}s")
             skipped = Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, cfg.threshold, math.nan, math.nan, math.nan,
-                          note=f"skipped: estimated {estimate:.0f}s > budget {args.flower_budget:.0f}s")
+                          note=why)
             rows.append(skipped)
             print(f"flower  {cfg.label():45} {skipped.note}", flush=True)
             continue
