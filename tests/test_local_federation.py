@@ -220,3 +220,29 @@ def test_secure_aggregation_matches_the_plain_run_and_reports_its_traffic(small_
     # The masked update is 32-bit integers: no bigger than the plain float32 upload.
     for s, p in zip(secure["history"], plain["history"]):
         assert 0 < s["bytes_up_per_client"] <= 1.1 * p["bytes_up_per_client"]
+
+
+def test_a_participant_that_stops_answering_is_dropped_after_the_round_timeout(small_federation: SynthResult, tmp_path: Path) -> None:
+    # Long enough for every process to start (enrolment waits roundTimeoutSeconds too), short for a test.
+    fed = _federation(small_federation, tmp_path, rounds=2, localEpochs=1, minParticipants=2, roundTimeoutSeconds=8)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_run_args(fed, small_federation, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = None
+    deadline = time.monotonic() + 300
+    while stopped is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        events = out / "events.jsonl"
+        if events.exists() and '"event": "statistics"' in events.read_text():
+            pids = json.loads((out / "processes.json").read_text())
+            stopped = sorted(k for k in pids if k != "aggregator")[0]
+            os.kill(pids[stopped], signal.SIGSTOP)  # connected, but silent: only the deadline can drop it
+    stdout, stderr = proc.communicate(timeout=300)
+    assert stopped is not None, stdout + stderr
+    assert proc.returncode == 0, stderr + stdout
+    assert f"{stopped} dropped out (no answer within roundTimeoutSeconds (8s))" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounds_completed"] == 2
+    # Still connected, so it is asked again each round; each round waits for one deadline, not one per stage.
+    assert all(h["participants"] == 2 and 8 <= h["duration_s"] < 16 for h in report["history"])
+    entry = next(p for p in report["participants"] if p["identity"] == stopped)
+    assert entry["status"] == "dropped" and entry["rounds"] == 0

@@ -71,6 +71,7 @@ class Coordinator:
         self._stage: tuple[int, int] | None = None  # (task kind, round)
         self._results: dict[str, Any] = {}
         self._cohort: set[str] = set()
+        self._silent_this_round: set[str] = set()
         self._receiver: Receiver | None = None
         # Set by the secure-aggregation driver when spec.privacy.secureAggregation is enabled.
         self.secure: SecureSums | None = None
@@ -219,7 +220,10 @@ class Coordinator:
         deadline_mono = time.monotonic() + timeout
         deadline_unix = time.time() + timeout
         with self._cond:
-            members = [s for _, s in sorted(self._sessions.items()) if s.usable and (cohort is None or s.identity in cohort)]
+            members = [
+                s for _, s in sorted(self._sessions.items())
+                if s.usable and (cohort is None or s.identity in cohort) and s.identity not in self._silent_this_round
+            ]
             self._stage = (kind, round_)
             self._results = {}
             self._cohort = {s.identity for s in members}
@@ -245,8 +249,10 @@ class Coordinator:
                     reason = "disconnected"
                 else:
                     reason = f"no answer within roundTimeoutSeconds ({timeout:g}s)"
-                    # A participant that misses a deadline gets the model afresh next time.
+                    # Not asked again this round (one deadline per round is enough); next round it is,
+                    # with the model sent afresh.
                     s.model_version = None
+                    self._silent_this_round.add(s.identity)
                 self._dropped_reasons[s.identity] = reason
                 log.warning("round %d %s: participant %s dropped out (%s)", round_, STAGE_NAMES[kind], s.identity, reason)
                 self.emit("dropout", identity=s.identity, round=round_, stage=STAGE_NAMES[kind], reason=reason)
@@ -365,6 +371,8 @@ class Coordinator:
     def _round(self, round_: int) -> None:
         assert self.weights is not None and self.layout is not None
         started = time.monotonic()
+        with self._cond:
+            self._silent_this_round = set()
         contributors, fit_total = self._sum(pb.Task.FIT, round_)
         self._require(len(contributors), f"round {round_} training")
         size = self.layout.size
