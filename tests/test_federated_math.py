@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from fedcrm.protocol import from_vector, to_vector
 from fedcrm.spec.manifests import Feature, Task
-from fedcrm.training.fedavg import Contribution, ordered_sum, weighted_average
+from fedcrm.training.fedavg import fedavg_step, ordered_sum
+from fedcrm.training.secure_vectors import fit_vector
 from fedcrm.training.metrics import BINS, evaluation_counts, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout, encode
 
@@ -109,13 +110,25 @@ def test_undefined_metrics_are_none() -> None:
 @given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 8))
 def test_fedavg_is_the_weighted_mean_and_independent_of_arrival_order(seed: int, k: int) -> None:
     rng = np.random.default_rng(seed)
-    contribs = [Contribution(f"t{i}", float(rng.integers(1, 1000)), rng.standard_normal(50).astype(np.float32))
-                for i in range(k)]
-    avg = weighted_average(contribs)
-    expected = sum(c.weight * c.vector.astype(np.float64) for c in contribs) / sum(c.weight for c in contribs)
-    np.testing.assert_allclose(avg, expected, rtol=1e-12, atol=1e-12)
-    shuffled = [contribs[i] for i in rng.permutation(k)]
-    assert np.array_equal(weighted_average(shuffled), avg)  # bit-identical: runs are reproducible
+    weights = rng.standard_normal(50).astype(np.float32)
+    parts = [(f"t{i}", int(rng.integers(1, 1000)), rng.standard_normal(50).astype(np.float32) * 0.01, float(rng.random()))
+             for i in range(k)]
+    vectors = [(name, fit_vector(d, examples=n, loss_sum=loss, clip=np.inf)) for name, n, d, loss in parts]
+    step = fedavg_step(weights, ordered_sum(vectors))
+    total = sum(n for _, n, _, _ in parts)
+    expected = weights + sum(n * d.astype(np.float64) for _, n, d, _ in parts) / total
+    np.testing.assert_allclose(step.weights, expected.astype(np.float32), rtol=1e-6, atol=1e-7)
+    assert step.examples == total
+    assert step.train_loss == pytest.approx(sum(loss for *_, loss in parts) / total)
+    shuffled = [vectors[i] for i in rng.permutation(k)]
+    assert np.array_equal(fedavg_step(weights, ordered_sum(shuffled)).weights, step.weights)  # bit-identical
+
+
+def test_fedavg_refuses_an_empty_or_misshapen_sum() -> None:
+    with pytest.raises(ValueError, match="no training examples"):
+        fedavg_step(np.zeros(3, np.float32), np.zeros(5))
+    with pytest.raises(ValueError, match="expected \\(5,\\)"):
+        fedavg_step(np.zeros(3, np.float32), np.zeros(4))
 
 
 def test_vectors_round_trip_and_reject_bad_lengths() -> None:

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcrm.errors import FederationFailed
-from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
 from fedcrm.models.artifacts import save_model
 from fedcrm.models.layout import ModelLayout
 from fedcrm.protocol import from_vector, pb, to_vector
 from fedcrm.reporting import RoundRecord, build_report, write_report
 from fedcrm.spec.manifests import Federation
-from fedcrm.training.fedavg import ordered_sum
-from fedcrm.training.secure_vectors import fit_vector
+from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
+from fedcrm.training.secure_vectors import fit_vector
+from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
 from fedcrm_aggregator.sessions import Session
 
 if TYPE_CHECKING:
@@ -375,14 +375,13 @@ class Coordinator:
             self._silent_this_round = set()
         contributors, fit_total = self._sum(pb.Task.FIT, round_)
         self._require(len(contributors), f"round {round_} training")
-        size = self.layout.size
-        examples = fit_total[size]
-        if examples <= 0:
-            raise FederationFailed(f"round {round_}: the contributions carry no training examples")
-        delta = fit_total[:size] / examples
-        self.weights = (self.weights.astype(np.float64) + delta).astype(np.float32)
+        try:
+            step = fedavg_step(self.weights, fit_total)
+        except ValueError as err:
+            raise FederationFailed(f"round {round_}: {err}") from None
+        self.weights = step.weights
         self.version = round_
-        train_loss = float(fit_total[size + 1] / examples)
+        train_loss = step.train_loss
         evaluators, eval_total = self._sum(pb.Task.EVALUATE, round_)
         metrics = metrics_from_counts(eval_total) if evaluators else {}
         with self._cond:

@@ -1,8 +1,12 @@
-"""Federated averaging of participants' contributions.
+"""Federated averaging from summed contributions.
 
-Sums are taken in a fixed order (by participant identity) in float64, so the
-same contributions give bit-identical results however they arrived: the run is
-reproducible for a seed even though participants finish in random order.
+Each participant contributes ``[examples * delta, examples, loss sum]``
+(:func:`fedcrm.training.secure_vectors.fit_vector`); the aggregator only ever
+needs the sum of those vectors, plainly or under secure aggregation, and the
+FedAvg step is the weighted mean it implies. Plain sums are taken in a fixed
+order (by participant identity) in float64, so the same contributions give
+bit-identical results however they arrived: a run is reproducible for a seed
+even though participants finish in random order.
 """
 
 from __future__ import annotations
@@ -12,14 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Contribution", "ordered_sum", "weighted_average"]
-
-
-@dataclass(frozen=True)
-class Contribution:
-    identity: str
-    weight: float
-    vector: np.ndarray
+__all__ = ["FedAvgStep", "fedavg_step", "ordered_sum"]
 
 
 def ordered_sum(vectors: Iterable[tuple[str, np.ndarray]]) -> np.ndarray:
@@ -33,10 +30,20 @@ def ordered_sum(vectors: Iterable[tuple[str, np.ndarray]]) -> np.ndarray:
     return total
 
 
-def weighted_average(contributions: Iterable[Contribution]) -> np.ndarray:
-    """FedAvg: the sample-weighted mean of the contributed vectors (e.g. model deltas)."""
-    items = list(contributions)
-    total_weight = sum(c.weight for c in items)
-    if total_weight <= 0:
-        raise ValueError("contributions carry no weight")
-    return ordered_sum((c.identity, c.vector.astype(np.float64) * c.weight) for c in items) / total_weight
+@dataclass(frozen=True)
+class FedAvgStep:
+    weights: np.ndarray  # the new global model (float32)
+    examples: float  # total training examples behind it
+    train_loss: float  # mean training loss over those examples
+
+
+def fedavg_step(weights: np.ndarray, fit_total: np.ndarray) -> FedAvgStep:
+    """Apply the sample-weighted mean delta in ``fit_total`` (a summed FIT contribution) to ``weights``."""
+    size = weights.shape[0]
+    if fit_total.shape != (size + 2,):
+        raise ValueError(f"summed contribution has shape {fit_total.shape}, expected ({size + 2},)")
+    examples = float(fit_total[size])
+    if examples <= 0:
+        raise ValueError("the contributions carry no training examples")
+    new = (weights.astype(np.float64) + fit_total[:size] / examples).astype(np.float32)
+    return FedAvgStep(weights=new, examples=examples, train_loss=float(fit_total[size + 1] / examples))
