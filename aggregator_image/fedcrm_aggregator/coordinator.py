@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +35,8 @@ from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
 from fedcrm.training.secure_vectors import fit_vector
 from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
+from fedcrm_aggregator.secure_sums import SecureSums
 from fedcrm_aggregator.sessions import Session
-
-if TYPE_CHECKING:
-    from fedcrm_aggregator.secure_sums import SecureSums
 
 __all__ = ["STAGE_NAMES", "Coordinator", "Receiver"]
 
@@ -89,8 +87,6 @@ class Coordinator:
         self._carried_rounds: dict[str, int] = {}
         self.incarnations = 1
         if self.spec.privacy.secure_aggregation.enabled:
-            from fedcrm_aggregator.secure_sums import SecureSums
-
             # A fresh incarnation per process start: a restarted aggregator never reuses a round id.
             self.secure = SecureSums(self, self.spec.privacy.secure_aggregation, incarnation=uuid.uuid4().hex)
 

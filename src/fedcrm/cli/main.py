@@ -213,7 +213,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     console.print(f"[bold]1/3[/] synthesising CRM data for {args.clients} enterprises x {args.rows:,} leads ...")
     synth = generate_federation(out / "data", clients=args.clients, rows=args.rows, seed=args.seed, rounds=args.rounds)
-    console.print(f"[bold]2/3[/] federated training: each enterprise's leads stay in its own process; "
+    console.print("[bold]2/3[/] federated training: each enterprise's leads stay in its own process; "
                   "only model updates and counts cross mutual TLS")
     ns = argparse.Namespace(federation=synth.federation_path, participant=synth.participant_paths,
                             test_data=synth.test_path, out=out / "federated")
