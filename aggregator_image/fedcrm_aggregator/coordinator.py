@@ -177,10 +177,6 @@ class Coordinator:
     def _receive_plain_evaluation(self, identity: str, message: pb.EvaluationResult) -> np.ndarray:
         return from_vector(message.counts, expected_length=EVAL_SIZE)
 
-    def usable_sessions(self) -> list[Session]:
-        with self._cond:
-            return [s for _, s in sorted(self._sessions.items()) if s.usable]
-
     # ----------------------------------------------------------------- stages
     def _task(self, session: Session, kind: int, round_: int, deadline: float) -> pb.Task:
         task = pb.Task(kind=kind, round=round_, deadline_unix=deadline)

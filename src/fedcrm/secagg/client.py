@@ -121,11 +121,6 @@ class SecAggClient:
     def stage(self) -> str:
         return self._stage
 
-    @property
-    def holds_shares_of(self) -> tuple[int, ...]:
-        """Neighbours whose shares this participant holds (from :meth:`masked_input` until :meth:`unmask`)."""
-        return tuple(sorted(self._held_b))
-
     def _expect(self, stage: str, action: str) -> None:
         if self._stage != stage:
             raise ProtocolViolation(
