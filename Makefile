@@ -5,9 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Wheels are cached per lock-file version, so a rerun (or a fresh clone on the same machine) installs offline.
+# One wheel cache for every lock-file version: a rerun (or a fresh clone on the same machine) installs
+# offline, and a changed lock file downloads only the wheels it does not already hold.
 LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
-WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels/$(LOCK_HASH)
+WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
 .PHONY: demo test test-fast lint protos venv bench-secagg clean
@@ -44,13 +45,13 @@ bench-secagg: $(STAMP) .venv-bench/.installed  ## secure aggregation, ours again
 
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@if [ ! -f $(WHEELHOUSE)/.complete ]; then \
-	  echo "downloading dependencies into $(WHEELHOUSE) (first run only)"; \
+	@if [ ! -f $(WHEELHOUSE)/.complete-$(LOCK_HASH) ]; then \
+	  echo "downloading dependencies into $(WHEELHOUSE) (once per lock-file version)"; \
 	  mkdir -p $(WHEELHOUSE) && \
 	  $(BIN)/python tools/requirements.py dev > $(VENV)/requirements.txt && \
 	  $(BIN)/python -m pip download --quiet --progress-bar off -d $(WHEELHOUSE) -c constraints.txt \
 	    -r $(VENV)/requirements.txt "setuptools>=69" wheel && \
-	  touch $(WHEELHOUSE)/.complete; \
+	  touch $(WHEELHOUSE)/.complete-$(LOCK_HASH); \
 	fi
 	$(BIN)/python tools/requirements.py dev > $(VENV)/requirements.txt
 	$(BIN)/python -m pip install --quiet --no-index --find-links $(WHEELHOUSE) -c constraints.txt \
