@@ -11,7 +11,7 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos venv bench-secagg clean
+.PHONY: demo test test-fast lint protos crds venv bench-secagg clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
@@ -19,6 +19,7 @@ demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated mod
 test: $(STAMP)  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
 	$(BIN)/lint-imports
 	$(BIN)/python tools/protos.py --check
+	$(BIN)/python tools/crds.py --check
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## the inner-loop subset (no whole federations), well under 2 minutes
@@ -29,6 +30,9 @@ lint: $(STAMP)
 
 protos: $(STAMP)  ## regenerate the gRPC stubs from protos/
 	$(BIN)/python tools/protos.py
+
+crds: $(STAMP)  ## regenerate crds/ from the spec models
+	$(BIN)/python tools/crds.py
 
 venv: $(STAMP)
 

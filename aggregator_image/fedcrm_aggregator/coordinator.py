@@ -86,6 +86,7 @@ class Coordinator:
         self._dropped_reasons: dict[str, str] = {}
         self._carried_rounds: dict[str, int] = {}
         self.incarnations = 1
+        self.state, self.outcome_message, self.model_digest = "enrolling", "", None
         if self.spec.privacy.secure_aggregation.enabled:
             # A fresh incarnation per process start: a restarted aggregator never reuses a round id.
             self.secure = SecureSums(self, self.spec.privacy.secure_aggregation, incarnation=uuid.uuid4().hex)
@@ -283,6 +284,7 @@ class Coordinator:
                       expected=self.expected)
             resumed = self._resume()
             self.wait_for_enrolment()
+            self.state = "training"
             if not resumed:
                 self._statistics()
             for round_ in range(len(self.history) + 1, self.spec.training.rounds + 1):
@@ -294,6 +296,7 @@ class Coordinator:
             log.error("federation failed: %s", message)
         self._finished.set()
         report = self._write_outputs(status, message)
+        self.state, self.outcome_message, self.model_digest = status, message, report.get("model_digest")
         with self._cond:
             for s in self._sessions.values():
                 if s.connected:
@@ -470,6 +473,27 @@ class Coordinator:
         )
         write_report(self.out_dir, report)
         return report
+
+    def progress(self) -> dict[str, Any]:
+        """A snapshot for the status endpoint, which the operator copies into the Federation's status."""
+        with self._cond:
+            active = sum(1 for s in self._sessions.values() if s.connected)
+            last = self.history[-1] if self.history else None
+        return {
+            "federation": self.federation.key,
+            "state": self.state,
+            "round": len(self.history),
+            "rounds": self.spec.training.rounds,
+            "expected_participants": len(self.expected),
+            "active_participants": last.participants if last else active,
+            "connected_participants": active,
+            "metrics": {k: v for k, v in self.last_metrics.items() if v is not None},
+            "round_duration_s": last.duration_s if last else None,
+            "bytes_up_per_client": last.bytes_up_per_client if last else None,
+            "epsilon_spent": None,
+            "model_digest": self.model_digest,
+            "message": self.outcome_message,
+        }
 
     def close(self) -> None:
         self._events.close()

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", required=True, type=Path, help="the federation CA certificate (PEM)")
     p.add_argument("--cert", required=True, type=Path, help="this participant's certificate (PEM)")
     p.add_argument("--key", required=True, type=Path, help="this participant's private key (PEM)")
+    p.add_argument("--data-root", type=Path,
+                   help="where the spec.data.pvc claim is mounted (set by the operator in a training pod)")
     p.add_argument("--server-name", help="name to verify in the aggregator's certificate, if not the host in --aggregator")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the aggregator (default 60)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("FEDCRM_TORCH_THREADS", "1")),
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         node = ParticipantNode(
             participant,
             manifest_dir=args.participant.resolve().parent,
+            data_root=args.data_root,
             aggregator=args.aggregator,
             tls=TlsFiles(args.ca, args.cert, args.key),
             server_name=args.server_name,

@@ -57,6 +57,7 @@ class ParticipantNode:
         participant: Participant,
         *,
         manifest_dir: Path,
+        data_root: Path | None = None,
         aggregator: str,
         tls: TlsFiles,
         server_name: str | None = None,
@@ -64,6 +65,7 @@ class ParticipantNode:
     ) -> None:
         self.participant = participant
         self.manifest_dir = manifest_dir
+        self.data_root = data_root
         self.aggregator = aggregator
         self.tls = tls
         self.server_name = server_name
@@ -185,7 +187,9 @@ class ParticipantNode:
         try:
             federation = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
             check_membership(federation, self.participant)
-            self.data = load_participant_data(self.participant, federation.spec.task, base_dir=self.manifest_dir)
+            self.data = load_participant_data(
+                self.participant, federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root
+            )
         except (ManifestError, DataError) as err:
             stub.ReportFailure(pb.FailureReport(message=str(err)))
             raise NodeExit(str(err), 2) from None

@@ -34,6 +34,10 @@ class AggregatorConfig(BaseModel):
     tls: TlsPaths
     out_dir: Path = Field(description="Where the model, report, events and checkpoints are written.")
     port_file: Path | None = Field(default=None, description="Written with the bound port once serving.")
+    status_listen: str | None = Field(
+        default=None,
+        description="host:port of the HTTP endpoint serving /healthz, /status (JSON) and /metrics; unset: none.",
+    )
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(by_alias=True, indent=2))

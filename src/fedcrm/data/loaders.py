@@ -25,13 +25,13 @@ def resolve_data_path(path: str, base_dir: Path | None) -> Path:
     return p
 
 
-def read_table(path: Path, fmt: str | None, *, who: str) -> pd.DataFrame:
+def read_table(path: Path, fmt: str | None, *, who: str, field: str = "spec.data.file.path") -> pd.DataFrame:
     fmt = fmt or ("parquet" if path.suffix.lower() in {".parquet", ".pq"} else "csv")
     where = who
     if not path.exists():
-        raise DataError(f"{where}: data file {path} does not exist; check spec.data.file.path")
+        raise DataError(f"{where}: data file {path} does not exist; check {field}")
     if path.is_dir():
-        raise DataError(f"{where}: {path} is a folder; spec.data.file.path must name a CSV or Parquet file")
+        raise DataError(f"{where}: {path} is a folder; {field} must name a CSV or Parquet file")
     try:
         if fmt == "parquet":
             return pd.read_parquet(path)
@@ -45,17 +45,36 @@ def read_table(path: Path, fmt: str | None, *, who: str) -> pd.DataFrame:
         raise DataError(f"{where}: cannot read {path} as {fmt.upper()}: {err}") from None
 
 
-def _load(source: DataSource, task: Task, *, who: str, base_dir: Path | None) -> CanonicalData:
+def _load(
+    source: DataSource, task: Task, *, who: str, base_dir: Path | None, pvc_root: Path | None
+) -> CanonicalData:
+    if source.pvc is not None:
+        if pvc_root is None:
+            raise DataError(
+                f"{who}: spec.data.pvc is read inside a cluster, where the claim is mounted; "
+                "to run locally, point spec.data.file at a copy of the file"
+            )
+        path = pvc_root / source.pvc.path
+        table = read_table(path, source.pvc.format, who=who, field="spec.data.pvc.path")
+        return to_canonical(table, source, task, who=who, file=path)
+    assert source.file is not None  # DataSource guarantees exactly one source
     path = resolve_data_path(source.file.path, base_dir)
     table = read_table(path, source.file.format, who=who)
     return to_canonical(table, source, task, who=who, file=path)
 
 
-def load_participant_data(participant: Participant, task: Task, *, base_dir: Path | None) -> CanonicalData:
-    """The participant's records in the canonical schema; :class:`DataError` says what to fix."""
-    return _load(participant.spec.data, task, who=f"participant {participant.identity}", base_dir=base_dir)
+def load_participant_data(
+    participant: Participant, task: Task, *, base_dir: Path | None, pvc_root: Path | None = None
+) -> CanonicalData:
+    """The participant's records in the canonical schema; :class:`DataError` says what to fix.
+
+    ``pvc_root`` is where a ``spec.data.pvc`` claim is mounted (only in a training pod).
+    """
+    return _load(
+        participant.spec.data, task, who=f"participant {participant.identity}", base_dir=base_dir, pvc_root=pvc_root
+    )
 
 
 def load_canonical_file(path: str | Path, task: Task) -> CanonicalData:
     """A file that already uses canonical column names (e.g. a held-out test set)."""
-    return _load(identity_source(task, str(path)), task, who="test data", base_dir=None)
+    return _load(identity_source(task, str(path)), task, who="test data", base_dir=None, pvc_root=None)

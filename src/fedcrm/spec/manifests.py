@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "API_VERSION",
     "Condition",
+    "DATA_SOURCE_FIELDS",
     "DataSource",
     "DifferentialPrivacy",
     "Feature",
@@ -32,11 +33,16 @@ __all__ = [
     "Participant",
     "ParticipantSpec",
     "ParticipantsSpec",
+    "ParticipantPhase",
+    "ParticipantStatus",
     "Phase",
     "Privacy",
+    "PvcSource",
+    "ResourceOverrides",
     "Resources",
     "SecureAggregation",
     "Task",
+    "Toleration",
     "Training",
     "Transform",
     "ValueTransform",
@@ -70,6 +76,8 @@ def _check_dns_label(value: str, what: str) -> str:
 
 class ObjectMeta(_Model):
     """The part of Kubernetes metadata a manifest author writes."""
+
+    model_config = ConfigDict(extra="ignore")  # uid, resourceVersion, managedFields... come back from the API server
 
     name: str
     namespace: str = "default"
@@ -109,7 +117,7 @@ class Transform(str, Enum):
 
 class Feature(_Model):
     name: Annotated[str, Field(description="Canonical field name (lowercase, digits, '_').")]
-    type: FeatureType
+    type: Annotated[FeatureType, Field(description="numeric, categorical or boolean.")]
     categories: Annotated[
         list[str] | None,
         Field(
@@ -120,8 +128,10 @@ class Feature(_Model):
             )
         ),
     ] = None
-    transform: Transform = Transform.none
-    description: str = ""
+    transform: Annotated[
+        Transform, Field(description="Reshaping of a numeric feature before standardisation: none or log1p.")
+    ] = Transform.none
+    description: Annotated[str, Field(description="What the field means, for people reading the federation.")] = ""
 
     @field_validator("name")
     @classmethod
@@ -150,8 +160,8 @@ class Task(_Model):
     """What to predict: a binary target and the canonical feature schema."""
 
     target: Annotated[str, Field(description="Canonical name of the boolean label, e.g. 'converted'.")]
-    features: list[Feature]
-    description: str = ""
+    features: Annotated[list[Feature], Field(description="The canonical feature schema every participant maps to.")]
+    description: Annotated[str, Field(description="What the model predicts, in words.")] = ""
 
     @field_validator("target")
     @classmethod
@@ -185,8 +195,13 @@ class Task(_Model):
 
 
 class ModelSpec(_Model):
-    type: Literal["mlp"] = "mlp"
-    hidden: Annotated[list[Annotated[int, Field(gt=0, le=4096)]], Field(min_length=1, max_length=8)] = [64, 32]
+    """The architecture every participant trains."""
+
+    type: Annotated[Literal["mlp"], Field(description="Model family; a tabular multilayer perceptron.")] = "mlp"
+    hidden: Annotated[
+        list[Annotated[int, Field(gt=0, le=4096)]],
+        Field(min_length=1, max_length=8, description="Widths of the hidden layers."),
+    ] = [64, 32]
     embedding_dim: Annotated[
         int | None,
         Field(gt=0, le=64, description="Width of each categorical embedding; derived from the vocabulary size when unset."),
@@ -194,15 +209,24 @@ class ModelSpec(_Model):
 
 
 class Training(_Model):
-    rounds: Annotated[int, Field(gt=0, le=10_000)] = 20
-    local_epochs: Annotated[int, Field(gt=0, le=1000)] = 1
-    batch_size: Annotated[int, Field(gt=0, le=65_536)] = 64
-    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.005
-    algorithm: Literal["fedavg", "fedprox"] = "fedavg"
+    """How the federation trains: rounds of local training followed by one aggregation each."""
+
+    rounds: Annotated[int, Field(gt=0, le=10_000, description="Federated rounds to run.")] = 20
+    local_epochs: Annotated[
+        int, Field(gt=0, le=1000, description="Passes over its own data each participant makes per round.")
+    ] = 1
+    batch_size: Annotated[int, Field(gt=0, le=65_536, description="Local mini-batch size.")] = 64
+    learning_rate: Annotated[float, Field(gt=0, le=10, description="Local optimiser step size.")] = 0.005
+    algorithm: Annotated[
+        Literal["fedavg", "fedprox"],
+        Field(description="fedavg, or fedprox (adds a proximal term; needs proximalMu > 0)."),
+    ] = "fedavg"
     proximal_mu: Annotated[
         float, Field(ge=0, description="FedProx proximal term weight; used when algorithm is fedprox.")
     ] = 0.0
-    min_participants: Annotated[int, Field(gt=0)] = 2
+    min_participants: Annotated[
+        int, Field(gt=0, description="Fewest participants a round may run with; fewer stops the federation.")
+    ] = 2
     round_timeout_seconds: Annotated[
         float,
         Field(
@@ -213,7 +237,9 @@ class Training(_Model):
             ),
         ),
     ] = 300.0
-    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    validation_fraction: Annotated[
+        float, Field(gt=0, lt=1, description="Share of each participant's records held out for evaluation.")
+    ] = 0.2
     seed: Annotated[int, Field(ge=0, description="Seeds initialisation, splits and shuffling; same seed, same model.")] = 0
 
     @model_validator(mode="after")
@@ -224,6 +250,8 @@ class Training(_Model):
 
 
 class DifferentialPrivacy(_Model):
+    """Differential privacy settings."""
+
     mode: Annotated[
         Literal["none"],
         Field(description="Differential privacy mechanism. This release supports 'none'."),
@@ -276,15 +304,33 @@ class SecureAggregation(_Model):
 
 
 class Privacy(_Model):
-    differential_privacy: DifferentialPrivacy = DifferentialPrivacy()
-    secure_aggregation: SecureAggregation = SecureAggregation()
+    """What the aggregator and the model may reveal about one participant or one record."""
+
+    differential_privacy: Annotated[
+        DifferentialPrivacy, Field(description="Noise that bounds what the model reveals about a record.")
+    ] = DifferentialPrivacy()
+    secure_aggregation: Annotated[
+        SecureAggregation, Field(description="Masking that shows the aggregator only the sum of updates.")
+    ] = SecureAggregation()
 
 
 class ParticipantsSpec(_Model):
+    """Who may join: the coordinator's half of the two-sided consent."""
+
     namespaces: Annotated[
         list[str],
         Field(description="Tenant namespaces allowed to join. A Participant elsewhere is refused."),
     ] = Field(default_factory=list)
+    enrollment_timeout_seconds: Annotated[
+        float,
+        Field(
+            gt=0,
+            description=(
+                "In a cluster, training starts as soon as every allowed namespace has an admitted Participant, "
+                "or this long after minParticipants were first admitted, whichever comes first."
+            ),
+        ),
+    ] = 300.0
 
     @field_validator("namespaces")
     @classmethod
@@ -294,21 +340,45 @@ class ParticipantsSpec(_Model):
         return v
 
 
-class Resources(_Model):
-    """What each training pod requests in a cluster; the local runner does not use it."""
+_QUANTITY = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 
-    cpu: str = "1"
-    memory: str = "2Gi"
-    gpu: Annotated[int, Field(ge=0, le=16)] = 0
+
+class Resources(_Model):
+    """What each training pod requests in a cluster (requests = limits); the local runner does not use it."""
+
+    cpu: Annotated[str, Field(pattern=_QUANTITY, description="CPU cores, as a Kubernetes quantity (e.g. 1, 500m).")] = "1"
+    memory: Annotated[
+        str, Field(pattern=_QUANTITY, description="Memory, as a Kubernetes quantity (e.g. 2Gi).")
+    ] = "2Gi"
+    gpu: Annotated[
+        int, Field(ge=0, le=16, description="nvidia.com/gpu devices; 0 schedules the pod on any node.")
+    ] = 0
+
+
+class ResourceOverrides(_Model):
+    """A tenant's own sizing for its training pod; unset fields keep the Federation's."""
+
+    cpu: Annotated[str | None, Field(pattern=_QUANTITY, description="CPU cores (e.g. 2, 500m).")] = None
+    memory: Annotated[str | None, Field(pattern=_QUANTITY, description="Memory (e.g. 8Gi).")] = None
+    gpu: Annotated[int | None, Field(ge=0, le=16, description="nvidia.com/gpu devices.")] = None
+
+    def applied_to(self, base: Resources) -> Resources:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
 class FederationSpec(_Model):
-    task: Task
-    model: ModelSpec = ModelSpec()
-    training: Training = Training()
-    privacy: Privacy = Privacy()
-    participants: ParticipantsSpec = ParticipantsSpec()
-    resources: Resources = Resources()
+    """What to learn, how, under which guarantees, and with whom."""
+
+    task: Annotated[Task, Field(description="The binary target and the canonical feature schema.")]
+    model: Annotated[ModelSpec, Field(description="The model architecture.")] = ModelSpec()
+    training: Annotated[Training, Field(description="Rounds, local training and round timing.")] = Training()
+    privacy: Annotated[Privacy, Field(description="Differential privacy and secure aggregation.")] = Privacy()
+    participants: Annotated[
+        ParticipantsSpec, Field(description="Which tenant namespaces may join.")
+    ] = ParticipantsSpec()
+    resources: Annotated[
+        Resources, Field(description="Default requests of every training pod; a Participant may override them.")
+    ] = Resources()
 
 
 class Phase(str, Enum):
@@ -320,23 +390,42 @@ class Phase(str, Enum):
 
 
 class Condition(_Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    last_transition_time: str | None = None
+    """A Kubernetes-style condition; its message says what happened and what to do."""
+
+    type: Annotated[str, Field(description="What the condition is about, e.g. Ready, Admitted.")]
+    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
+    reason: Annotated[str, Field(description="One CamelCase word, for machines.")] = ""
+    message: Annotated[str, Field(description="What happened and what to do about it, for people.")] = ""
+    last_transition_time: Annotated[
+        str | None, Field(description="When status last changed (RFC 3339).")
+    ] = None
 
 
 class FederationStatus(_Model):
-    phase: Phase = Phase.pending
-    round: int = 0
-    rounds: int = 0
-    enrolled_participants: int = 0
-    active_participants: int = 0
-    epsilon_spent: float | None = None
-    last_metrics: dict[str, float] = Field(default_factory=dict)
-    conditions: list[Condition] = Field(default_factory=list)
-    model_digest: str | None = None
+    """Written by the operator; round progress comes from the aggregator."""
+
+    phase: Annotated[Phase, Field(description="Pending, Enrolling, Training, Succeeded or Failed.")] = Phase.pending
+    observed_generation: Annotated[int, Field(description="The spec generation this status describes.")] = 0
+    round: Annotated[int, Field(description="Rounds completed.")] = 0
+    rounds: Annotated[int, Field(description="Rounds planned.")] = 0
+    progress: Annotated[str, Field(description="round/rounds, for kubectl get.")] = ""
+    enrolled_participants: Annotated[int, Field(description="Participants admitted.")] = 0
+    active_participants: Annotated[int, Field(description="Participants in the last round.")] = 0
+    participants: Annotated[
+        list[str], Field(description="Identities (<namespace>/<name>) of the admitted participants.")
+    ] = Field(default_factory=list)
+    epsilon_spent: Annotated[float | None, Field(description="Differential-privacy budget spent so far.")] = None
+    last_metrics: Annotated[
+        dict[str, float], Field(description="Global evaluation metrics of the last round (accuracy, f1, auc...).")
+    ] = Field(default_factory=dict)
+    accuracy: Annotated[str, Field(description="Last round's accuracy in percent, for kubectl get.")] = ""
+    conditions: Annotated[list[Condition], Field(description="Ready, Enrolled, SpecAccepted.")] = Field(
+        default_factory=list
+    )
+    model_digest: Annotated[str | None, Field(description="sha256 of the final model.")] = None
+    training_spec_digest: Annotated[
+        str | None, Field(description="Digest of the task/model/training/privacy the running training uses.")
+    ] = None
 
 
 class Federation(_Model):
@@ -365,28 +454,94 @@ class Federation(_Model):
 
 
 class FederationRef(_Model):
-    name: str
-    namespace: str = "default"
+    """The Federation this Participant asks to join: the tenant's half of the consent."""
+
+    name: Annotated[str, Field(description="The Federation's name.")]
+    namespace: Annotated[str, Field(description="The coordinator namespace the Federation lives in.")] = "default"
 
 
 class FileSource(_Model):
+    """A CSV or Parquet file on the machine running ``fedcrm run``."""
+
     path: Annotated[
         str, Field(description="CSV or Parquet file; a relative path resolves against the manifest's folder.")
     ]
-    format: Literal["csv", "parquet"] | None = Field(
-        default=None, description="Read as this format; inferred from the extension when unset."
-    )
+    format: Annotated[
+        Literal["csv", "parquet"] | None,
+        Field(description="Read as this format; inferred from the extension when unset."),
+    ] = None
+
+
+_PARENT_STEP = re.compile(r"(^|/)\.\.(/|$)")
+
+
+class PvcSource(_Model):
+    """A CSV or Parquet file on a PersistentVolumeClaim in the Participant's own namespace (cluster only)."""
+
+    claim_name: Annotated[
+        str,
+        Field(
+            pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+            max_length=253,
+            description="A PersistentVolumeClaim in the Participant's own namespace (a plain name, no namespace).",
+        ),
+    ]
+    path: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="The file inside the claim, relative (no leading '/', no '..').",
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "!self.startsWith('/') && !self.matches('" + _PARENT_STEP.pattern + "')",
+                        "message": "must be a path inside the claim: relative, without '..'",
+                    }
+                ]
+            },
+        ),
+    ]
+    format: Annotated[
+        Literal["csv", "parquet"] | None,
+        Field(description="Read as this format; inferred from the extension when unset."),
+    ] = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_claim(cls, v: str) -> str:
+        if v.startswith("/") or _PARENT_STEP.search(v):
+            raise ValueError(f"{v!r} must be a path inside the claim: relative, without '..'")
+        return v
 
 
 class ValueTransform(_Model):
     """Converts a local numeric column to canonical units: ``canonical = local * scale + offset``."""
 
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: Annotated[float, Field(description="Multiplier applied to the local value.")] = 1.0
+    offset: Annotated[float, Field(description="Added after scaling.")] = 0.0
+
+
+#: The fields of ``spec.data`` that name where records come from; exactly one is set.
+DATA_SOURCE_FIELDS = ("file", "pvc")
 
 
 class DataSource(_Model):
-    file: FileSource
+    """Where the tenant's records are and how its columns map to the canonical schema."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[" + ", ".join(f"has(self.{f})" for f in DATA_SOURCE_FIELDS) + "]"
+                    ".filter(x, x).size() == 1",
+                    "message": "needs exactly one source of records: " + ", ".join(DATA_SOURCE_FIELDS),
+                }
+            ]
+        }
+    )
+
+    file: Annotated[FileSource | None, Field(description="A local file (fedcrm run).")] = None
+    pvc: Annotated[PvcSource | None, Field(description="A file on a PersistentVolumeClaim (in a cluster).")] = None
     mapping: Annotated[
         dict[str, str],
         Field(
@@ -405,10 +560,64 @@ class DataSource(_Model):
         Field(description="Per canonical numeric field, the unit conversion from the local column."),
     ] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        given = [name for name in DATA_SOURCE_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            listed = ", ".join(DATA_SOURCE_FIELDS)
+            found = f"found {', '.join(given)}" if given else "found none"
+            raise ValueError(f"spec.data needs exactly one source of records ({listed}); {found}")
+        return self
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration, passed through to the training pod."""
+
+    key: Annotated[str | None, Field(description="Taint key; empty with operator Exists matches every taint.")] = None
+    operator: Annotated[Literal["Exists", "Equal"], Field(description="Exists or Equal.")] = "Equal"
+    value: Annotated[str | None, Field(description="Taint value, with operator Equal.")] = None
+    effect: Annotated[
+        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
+        Field(description="Taint effect to tolerate; unset tolerates all effects."),
+    ] = None
+    toleration_seconds: Annotated[int | None, Field(description="For NoExecute: how long to stay bound.")] = None
+
 
 class ParticipantSpec(_Model):
-    federation_ref: FederationRef
-    data: DataSource
+    """A tenant's consent to join one Federation, and where its data is."""
+
+    federation_ref: Annotated[FederationRef, Field(description="The Federation to join.")]
+    data: Annotated[DataSource, Field(description="The tenant's records and their mapping to the canonical schema.")]
+    resources: Annotated[
+        ResourceOverrides | None,
+        Field(description="This tenant's training-pod requests; unset fields keep the Federation's spec.resources."),
+    ] = None
+    node_selector: Annotated[
+        dict[str, str], Field(description="Node labels the training pod must run on (e.g. a GPU pool).")
+    ] = Field(default_factory=dict)
+    tolerations: Annotated[
+        list[Toleration], Field(description="Taints the training pod tolerates (e.g. a dedicated GPU pool).")
+    ] = Field(default_factory=list)
+
+
+class ParticipantPhase(str, Enum):
+    pending = "Pending"
+    refused = "Refused"
+    admitted = "Admitted"
+    training = "Training"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class ParticipantStatus(_Model):
+    """Written by the operator: whether the Participant was admitted, and why not."""
+
+    phase: Annotated[
+        ParticipantPhase, Field(description="Pending, Refused, Admitted, Training, Succeeded or Failed.")
+    ] = ParticipantPhase.pending
+    observed_generation: Annotated[int, Field(description="The spec generation this status describes.")] = 0
+    identity: Annotated[str, Field(description="The identity in this participant's certificate.")] = ""
+    conditions: Annotated[list[Condition], Field(description="Admitted, Ready.")] = Field(default_factory=list)
 
 
 class Participant(_Model):
@@ -416,6 +625,7 @@ class Participant(_Model):
     kind: Literal["Participant"] = "Participant"
     metadata: ObjectMeta
     spec: ParticipantSpec
+    status: ParticipantStatus | None = None
 
     @property
     def identity(self) -> str:

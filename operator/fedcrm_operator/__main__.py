@@ -1,0 +1,52 @@
+"""``fedcrm-operator``: run the operator against $KUBECONFIG (or in-cluster credentials).
+
+Settings come from FEDCRM_* environment variables (see settings.py and the
+chart's values.yaml). Watches the namespaces in FEDCRM_WATCH_NAMESPACES, or
+the whole cluster when it is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+import kopf
+
+from fedcrm.logs import add_log_level_argument, configure
+from fedcrm_operator.settings import OperatorSettings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedcrm-operator",
+        description="Turn Federation and Participant resources into certificates, aggregators, training pods "
+        "and network policies. Settings: FEDCRM_* environment variables (see the operator chart's values).",
+    )
+    p.add_argument("--liveness", default=os.environ.get("FEDCRM_OPERATOR_LIVENESS", "http://0.0.0.0:8081/healthz"),
+                   help="liveness endpoint URL to serve ('' for none)")
+    add_log_level_argument(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    configure(args.log_level)
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    import fedcrm_operator.handlers  # noqa: F401 - registers the handlers
+
+    settings = OperatorSettings.from_environment()
+    namespaces = list(settings.namespaces)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True,
+            liveness_endpoint=args.liveness or None,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Reconciling one Federation: its coordinator-side children, its admitted participants' children, its phase.
+
+Level-based: every pass computes the whole desired state from the Federation,
+the Participants that name it and what already exists, applies it, and
+removes what is no longer wanted. Passes are idempotent, so a re-delivered
+event, a timer tick or an operator restart in the middle of a pass converge on
+the same objects and never duplicate one.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcrm.errors import ManifestError
+from fedcrm.pki import CertificateAuthority
+from fedcrm.runconfig import AggregatorConfig
+from fedcrm.spec.manifests import Federation, Participant, Phase
+from fedcrm_operator import builders
+from fedcrm_operator.admission import Decision, decide
+from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
+from fedcrm_operator.conditions import condition, find, now, set_condition
+from fedcrm_operator.kube import Kube
+from fedcrm_operator.naming import Names
+from fedcrm_operator.resources import changed_sections, frozen_digest, parse_federation, parse_participant
+from fedcrm_operator.settings import OperatorSettings
+
+__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "cleanup", "reconcile"]
+
+log = logging.getLogger("fedcrm.operator")
+
+#: Kinds of children, for sweeps by label. Pods are listed so deletion waits for a Job's pods too.
+TENANT_KINDS = [
+    ("batch/v1", "Job"),
+    ("v1", "Pod"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("v1", "ConfigMap"),
+    ("v1", "Secret"),
+]
+COORDINATOR_KINDS = [
+    ("apps/v1", "StatefulSet"),
+    ("v1", "Service"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("v1", "PersistentVolumeClaim"),
+    *TENANT_KINDS,
+]
+
+
+@dataclass
+class Outcome:
+    """What a pass found, for the status and the metrics."""
+
+    status: dict[str, Any]
+    decisions: dict[str, Decision] = field(default_factory=dict)
+
+
+def _invalid(status: dict[str, Any], err: ManifestError) -> Outcome:
+    conditions = set_condition(status.get("conditions", []), condition("SpecAccepted", False, "InvalidSpec", str(err)))
+    conditions = set_condition(conditions, condition("Ready", False, "InvalidSpec", "fix the spec: see SpecAccepted"))
+    return Outcome({**status, "phase": status.get("phase") or Phase.pending.value, "conditions": conditions})
+
+
+def _candidates(bodies: list[dict[str, Any]]) -> list[Participant]:
+    """Participants that name this federation and parse; an invalid one is reported by its own handler."""
+    out = []
+    for body in bodies:
+        try:
+            out.append(parse_participant(body))
+        except ManifestError:
+            continue
+    return sorted(out, key=lambda p: p.identity)
+
+
+def _ca(kube: Kube, names: Names) -> CertificateAuthority:
+    """The federation's CA: created once, then always read back, so certificates stay valid across restarts."""
+    def build() -> dict[str, Any]:
+        fresh = CertificateAuthority.create(f"{names.namespace}/{names.federation}")
+        return builders.ca_secret(names, cert_pem=fresh.cert_pem, key_pem=fresh.key_pem)
+
+    held = kube.ensure("v1", "Secret", names.namespace, names.ca_secret, build)
+    data = held.get("data") or {}
+    return CertificateAuthority.load(base64.b64decode(data["ca.crt"]), base64.b64decode(data["ca.key"]))
+
+
+def _server_hosts(names: Names, settings: OperatorSettings) -> list[str]:
+    short = names.aggregator_client_service
+    return [
+        names.aggregator_host(settings.cluster_domain),
+        f"{short}.{names.namespace}.svc",
+        f"{short}.{names.namespace}",
+        short,
+    ]
+
+
+def _owner(participant_body: dict[str, Any]) -> dict[str, Any]:
+    meta = participant_body["metadata"]
+    return {
+        "apiVersion": "fedcrm.io/v1alpha1",
+        "kind": "Participant",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
+def _with_owner(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
+    """Tenant children are owned by their Participant (same namespace), so deleting it removes them."""
+    if owner is not None:
+        obj["metadata"]["ownerReferences"] = [owner]
+    return obj
+
+
+def _tenant_children(
+    kube: Kube, names: Names, federation: Federation, participant: Participant, body: dict[str, Any] | None,
+    ca: CertificateAuthority, settings: OperatorSettings,
+) -> set[tuple[str, str, str]]:
+    ns, name = participant.metadata.namespace, participant.metadata.name
+    owner = _owner(body) if body and body.get("metadata", {}).get("uid") else None
+
+    def certificate() -> dict[str, Any]:
+        issued = ca.issue_client(participant.identity)
+        secret = builders.client_secret(names, participant, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
+        return _with_owner(secret, owner)
+
+    def job() -> dict[str, Any]:
+        connect_timeout = federation.spec.participants.enrollment_timeout_seconds + 600
+        return _with_owner(builders.training_job(names, federation, participant, settings, connect_timeout=connect_timeout), owner)
+
+    kube.ensure("v1", "Secret", ns, names.client_secret(name), certificate)
+    kube.apply(_with_owner(builders.participant_config_map(names, participant), owner))
+    kube.apply(_with_owner(builders.participant_network_policy(names, participant, settings), owner))
+    kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
+    return {
+        ("Secret", ns, names.client_secret(name)),
+        ("ConfigMap", ns, names.participant_config(name)),
+        ("NetworkPolicy", ns, names.participant_policy(name)),
+        ("Job", ns, names.training_job(name)),
+    }
+
+
+def _started_with(kube: Kube, names: Names) -> AggregatorConfig | None:
+    cm = kube.get("v1", "ConfigMap", names.namespace, names.aggregator_config)
+    if not cm:
+        return None
+    try:
+        return AggregatorConfig.model_validate(json.loads(cm["data"][builders.AGGREGATOR_CONFIG_KEY]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _enrollment_closes(federation: Federation, admitted: list[Participant], conditions: list[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]], str]:
+    """Whether training starts now; records when the minimum was first reached."""
+    spec = federation.spec
+    need = spec.training.min_participants
+    namespaces = {p.metadata.namespace for p in admitted}
+    if len(admitted) < need:
+        msg = f"{len(admitted)} of at least {need} participants admitted; waiting for more"
+        return False, set_condition(conditions, condition("Enrolled", False, "WaitingForParticipants", msg)), msg
+    if namespaces >= set(spec.participants.namespaces):
+        msg = f"every allowed namespace joined ({len(admitted)} participants)"
+        return True, set_condition(conditions, condition("Enrolled", True, "AllJoined", msg)), msg
+    reached = find(conditions, "Enrolled")
+    if not reached or reached.get("reason") != "MinimumReached":
+        msg = (f"{len(admitted)} participants admitted; training starts when every allowed namespace joins, "
+               f"or {spec.participants.enrollment_timeout_seconds:.0f}s from now")
+        return False, set_condition(conditions, condition("Enrolled", None, "MinimumReached", msg)), msg
+    since = dt.datetime.strptime(reached["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    waited = (dt.datetime.now(dt.timezone.utc) - since).total_seconds()
+    if waited >= spec.participants.enrollment_timeout_seconds:
+        msg = f"enrollment timeout reached with {len(admitted)} participants"
+        return True, set_condition(conditions, condition("Enrolled", True, "TimeoutReached", msg)), msg
+    return False, conditions, reached.get("message", "")
+
+
+def reconcile(
+    kube: Kube, body: dict[str, Any], participant_bodies: list[dict[str, Any]], settings: OperatorSettings
+) -> Outcome:
+    meta = body["metadata"]
+    names = Names(meta["namespace"], meta["name"])
+    status: dict[str, Any] = dict(body.get("status") or {})
+    try:
+        federation = parse_federation(body)
+    except ManifestError as err:
+        return _invalid(status, err)
+    phase = Phase(status.get("phase") or Phase.pending.value)
+    conditions = set_condition(status.get("conditions", []), condition("SpecAccepted", True, "Valid", "the spec is valid"))
+    training_ids: list[str] = list(status.get("participants") or [])
+    if phase is Phase.pending:
+        phase = Phase.enrolling
+
+    by_identity = {f"{b['metadata']['namespace']}/{b['metadata']['name']}": b for b in participant_bodies}
+    candidates = _candidates(participant_bodies)
+    decisions = {p.identity: decide(p, federation, phase=phase, training=training_ids) for p in candidates}
+    admitted = [p for p in candidates if decisions[p.identity].admitted]
+
+    # Coordinator side.
+    ca = _ca(kube, names)
+
+    def server_certificate() -> dict[str, Any]:
+        issued = ca.issue_server(_server_hosts(names, settings))
+        return builders.server_secret(names, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
+
+    kube.ensure("v1", "Secret", names.namespace, names.server_secret, server_certificate)
+    for service in builders.aggregator_services(names, settings):
+        kube.apply(service)
+    kube.apply(builders.aggregator_network_policy(names, [p.metadata.namespace for p in admitted], settings))
+    if kube.has_kind("monitoring.coreos.com/v1", "ServiceMonitor"):
+        kube.apply(builders.service_monitor(names))
+
+    # Tenant side: children of admitted participants; everything else of ours in tenant namespaces goes.
+    keep: set[tuple[str, str, str]] = set()
+    for p in admitted:
+        keep |= _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings)
+    for item in kube.list("v1", "Pod", selector=names.selector() + ",fedcrm.io/role=training"):
+        keep.add(("Pod", item["metadata"]["namespace"], item["metadata"]["name"]))  # owned by kept Jobs
+    tenant_selector = names.selector() + ",fedcrm.io/role=training"
+    kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], tenant_selector, keep=keep)
+
+    # Enrollment -> training.
+    message = ""
+    if phase is Phase.enrolling:
+        start, conditions, message = _enrollment_closes(federation, admitted, conditions)
+        if start:
+            training_ids = [p.identity for p in admitted]
+            config = builders.aggregator_config_map(names, federation, training_ids, settings)
+            digest = hashlib.sha256(config["data"][builders.AGGREGATOR_CONFIG_KEY].encode()).hexdigest()[:16]
+            kube.ensure("v1", "ConfigMap", names.namespace, names.aggregator_config, lambda: config)
+            kube.ensure("apps/v1", "StatefulSet", names.namespace, names.aggregator,
+                        lambda: builders.aggregator_stateful_set(names, settings, config_digest=digest))
+            phase = Phase.training
+            status["trainingSpecDigest"] = frozen_digest(federation)
+            message = f"training with {len(training_ids)} participants"
+
+    aggregator: AggregatorStatus | None = None
+    if phase is Phase.training:
+        started = _started_with(kube, names)
+        changed = changed_sections(federation, started.federation.spec.model_dump(mode="json", by_alias=True) if started else None)
+        if changed:
+            conditions = set_condition(conditions, condition(
+                "SpecAccepted", False, "ChangeRefused",
+                f"{', '.join(changed)} cannot change while training (the running rounds keep the spec they "
+                "started with); revert the change, or create a new Federation",
+            ))
+        aggregator = fetch_status(settings.aggregator_status_url.format(
+            service=names.aggregator_client_service, namespace=names.namespace, port=settings.metrics_port,
+        ))
+        if aggregator is None:
+            conditions = set_condition(conditions, condition(
+                "AggregatorReachable", None, "NoStatusYet", "waiting for the aggregator's status endpoint"))
+        else:
+            conditions = set_condition(conditions, condition("AggregatorReachable", True, "Reporting", "the aggregator reports progress"))
+            if aggregator.finished:
+                phase = Phase.succeeded if aggregator.succeeded else Phase.failed
+            message = aggregator.message or message
+
+    rounds = federation.spec.training.rounds
+    round_ = aggregator.round if aggregator else int(status.get("round") or 0)
+    ready = phase in (Phase.training, Phase.succeeded)
+    ready_reason = {Phase.enrolling: "Enrolling", Phase.training: "Training", Phase.succeeded: "Succeeded", Phase.failed: "Failed"}[phase]
+    conditions = set_condition(conditions, condition("Ready", ready if phase is not Phase.enrolling else False, ready_reason, message or ready_reason))
+    status.update(
+        phase=phase.value,
+        observedGeneration=meta.get("generation", 0),
+        rounds=rounds,
+        round=round_,
+        progress=f"{round_}/{rounds}",
+        enrolledParticipants=len(admitted) if phase is Phase.enrolling else len(training_ids),
+        participants=training_ids,
+        conditions=conditions,
+    )
+    if aggregator is not None:
+        status["activeParticipants"] = aggregator.active_participants
+        if aggregator.metrics:
+            status["lastMetrics"] = aggregator.metrics
+            if "accuracy" in aggregator.metrics:
+                status["accuracy"] = f"{100 * aggregator.metrics['accuracy']:.2f}%"
+        if aggregator.epsilon_spent is not None:
+            status["epsilonSpent"] = aggregator.epsilon_spent
+        if aggregator.model_digest:
+            status["modelDigest"] = aggregator.model_digest
+    return Outcome(status, decisions)
+
+
+def cleanup(kube: Kube, namespace: str, name: str) -> int:
+    """Delete every child of the federation in every namespace; returns how many were still there."""
+    return kube.delete_labelled(COORDINATOR_KINDS, Names(namespace, name).selector())
+
+
+__all__ += ["Outcome", "now"]

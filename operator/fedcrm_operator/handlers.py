@@ -1,0 +1,129 @@
+"""kopf registrations: which events run which reconciler.
+
+Federations and Participants are reconciled on every change and, as a safety
+net for cross-object dependencies (a Participant that appears before its
+Federation, a Job that finishes), on a short timer. A Federation carries a
+finalizer because its children live in other namespaces, where owner
+references cannot reach; a Participant's children are owned by it (same
+namespace) and go with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from fedcrm.spec.manifests import ParticipantPhase, Phase
+from fedcrm_operator import federations, metrics
+from fedcrm_operator.conditions import strip_times
+from fedcrm_operator.kube import Kube, connect
+from fedcrm_operator.participants import participant_status
+from fedcrm_operator.resources import GROUP, VERSION
+from fedcrm_operator.settings import OperatorSettings
+
+log = logging.getLogger("fedcrm.operator")
+
+FINALIZER = "fedcrm.io/cleanup"
+RECONCILE_SECONDS = 3.0
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    own = OperatorSettings.from_environment()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedcrm.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedcrm.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # refusals and failures become Kubernetes Events too
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8
+    memo.settings = own
+    memo.kube = connect()
+    memo.federation_phases = {}
+    memo.participant_phases = {}
+    port = int(__import__("os").environ.get("FEDCRM_OPERATOR_METRICS_PORT", "8080"))
+    if port:
+        start_http_server(port)
+        log.info("operator metrics on :%d/metrics", port)
+
+
+@kopf.index(GROUP, VERSION, "participants")
+def participants_by_federation(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> dict[str, Any] | None:
+    """Participant bodies keyed by the Federation they name, so a Federation's pass needs no list call."""
+    if meta.get("deletionTimestamp"):
+        return None  # leaving: its children go with it
+    ref = spec.get("federationRef") or {}
+    key = f"{ref.get('namespace', 'default')}/{ref.get('name')}"
+    return {key: copy.deepcopy(dict(body))}
+
+
+def _write_status(patch: kopf.Patch, current: dict[str, Any], new: dict[str, Any]) -> None:
+    if strip_times(current) != strip_times(new):
+        for key, value in new.items():
+            patch.status[key] = value
+
+
+def _federation_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, participants_by_federation: kopf.Index, **_: Any) -> None:
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    with metrics.reconciling("federation"):
+        outcome = federations.reconcile(memo.kube, dict(body), list(participants_by_federation.get(key, [])), memo.settings)
+    _write_status(patch, dict(body.get("status") or {}), outcome.status)
+    memo.federation_phases[key] = outcome.status.get("phase", Phase.pending.value)
+    metrics.count_phases(metrics.FEDERATIONS, memo.federation_phases, [p.value for p in Phase])
+
+
+@kopf.on.create(GROUP, VERSION, "federations")
+@kopf.on.update(GROUP, VERSION, "federations", field="spec")
+@kopf.on.resume(GROUP, VERSION, "federations")
+def federation_changed(**kwargs: Any) -> None:
+    _federation_pass(**kwargs)
+
+
+@kopf.timer(GROUP, VERSION, "federations", interval=RECONCILE_SECONDS, initial_delay=RECONCILE_SECONDS)
+def federation_tick(**kwargs: Any) -> None:
+    _federation_pass(**kwargs)
+
+
+@kopf.on.delete(GROUP, VERSION, "federations")
+def federation_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """Remove every child in every namespace; the finalizer stays until nothing is left."""
+    with metrics.reconciling("federation"):
+        remaining = federations.cleanup(memo.kube, namespace, name)
+        if remaining:
+            raise kopf.TemporaryError(f"waiting for {remaining} children to be deleted", delay=1)
+    memo.federation_phases.pop(f"{namespace}/{name}", None)
+    metrics.count_phases(metrics.FEDERATIONS, memo.federation_phases, [p.value for p in Phase])
+
+
+def _participant_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    with metrics.reconciling("participant"):
+        status = participant_status(memo.kube, dict(body))
+    _write_status(patch, dict(body.get("status") or {}), status)
+    memo.participant_phases[key] = status["phase"]
+    metrics.count_phases(metrics.PARTICIPANTS, memo.participant_phases, [p.value for p in ParticipantPhase])
+
+
+@kopf.on.create(GROUP, VERSION, "participants")
+@kopf.on.update(GROUP, VERSION, "participants", field="spec")
+@kopf.on.resume(GROUP, VERSION, "participants")
+def participant_changed(**kwargs: Any) -> None:
+    _participant_pass(**kwargs)
+
+
+@kopf.timer(GROUP, VERSION, "participants", interval=RECONCILE_SECONDS, initial_delay=1.0)
+def participant_tick(**kwargs: Any) -> None:
+    _participant_pass(**kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "participants")
+def participant_gone(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        memo.participant_phases.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+        metrics.count_phases(metrics.PARTICIPANTS, memo.participant_phases, [p.value for p in ParticipantPhase])
+
+
+__all__ = ["FINALIZER", "Kube"]

@@ -1,0 +1,178 @@
+"""The operator's one Kubernetes client: apply, create-once, list and delete plain dicts.
+
+Server-side apply makes every write idempotent: a re-delivered event or a
+restarted operator applies the same object again and nothing is duplicated.
+Objects that must never be regenerated (a CA key, certificates) are created
+once and read back on a 409. Errors that a retry can fix become
+``kopf.TemporaryError``; the rest propagate to the handler, which reports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+__all__ = ["FIELD_MANAGER", "Kube", "connect"]
+
+FIELD_MANAGER = "fedcrm-operator"
+log = logging.getLogger("fedcrm.operator")
+
+
+def connect() -> Kube:
+    """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return Kube(k8s.ApiClient())
+
+
+def _retryable(err: ApiException) -> bool:
+    return err.status in (0, 409, 429) or err.status >= 500
+
+
+#: How long an applied object is trusted to be unchanged before it is applied again. Re-applying is
+#: idempotent but costs a request; the bound keeps a hand-deleted child from staying gone for long.
+APPLY_CACHE_SECONDS = 30.0
+
+
+class Kube:
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self.api_client = api_client
+        self.dynamic = DynamicClient(api_client)
+        self._applied: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._ensured: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+
+    def has_kind(self, api_version: str, kind: str) -> bool:
+        """Whether the cluster serves this kind (e.g. ServiceMonitor only where its CRD is installed)."""
+        try:
+            self._resource(api_version, kind)
+            return True
+        except ResourceNotFoundError:
+            return False
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        """Server-side apply, skipped when the same object was applied in the last half-minute."""
+        meta = obj["metadata"]
+        key = (obj["kind"], meta.get("namespace") or "", meta["name"])
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            seen = self._applied.get(key)
+        if seen and seen[0] == digest and time.monotonic() - seen[1] < APPLY_CACHE_SECONDS:
+            return
+        try:
+            self.requests += 1
+            self._resource(obj["apiVersion"], obj["kind"]).server_side_apply(
+                body=obj, name=meta["name"], namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER, force_conflicts=True,
+            )
+        except ApiException as err:
+            raise self._translate(err, f"apply {obj['kind']} {meta.get('namespace')}/{meta['name']}") from err
+        with self._lock:
+            self._applied[key] = (digest, time.monotonic())
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._applied.pop((kind, namespace, name), None)
+            self._ensured.pop((kind, namespace, name), None)
+
+    def ensure(self, api_version: str, kind: str, namespace: str, name: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The existing object, or ``build()`` created: for objects whose content must never be regenerated
+        (keys, certificates) or cannot be changed (a Job's pod template)."""
+        key = (kind, namespace, name)
+        with self._lock:
+            seen = self._ensured.get(key)
+        if seen and time.monotonic() - seen[1] < APPLY_CACHE_SECONDS:
+            return seen[0]
+        existing = self.get(api_version, kind, namespace, name)
+        held = existing if existing is not None else self.create_once(build())
+        with self._lock:
+            self._ensured[key] = (held, time.monotonic())
+        return held
+
+    def create_once(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create ``obj`` unless it exists; return what the server holds. Never overwrites."""
+        meta = obj["metadata"]
+        resource = self._resource(obj["apiVersion"], obj["kind"])
+        try:
+            self.requests += 1
+            return resource.create(body=obj, namespace=meta.get("namespace")).to_dict()
+        except ApiException as err:
+            if err.status != 409:
+                raise self._translate(err, f"create {obj['kind']} {meta.get('namespace')}/{meta['name']}") from err
+        existing = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        if existing is None:  # deleted between our create and our read: try again shortly
+            raise kopf.TemporaryError(f"{obj['kind']} {meta['name']} is being replaced", delay=1)
+        return existing
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        self.requests += 1
+        try:
+            return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise self._translate(err, f"read {kind} {namespace}/{name}") from err
+
+    def list(self, api_version: str, kind: str, *, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+        try:
+            found = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector)
+        except ApiException as err:
+            raise self._translate(err, f"list {kind}") from err
+        return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.to_dict()["items"]]
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
+        """Delete, letting the garbage collector remove dependents (a Job's pods) in the background."""
+        try:
+            self._resource(api_version, kind).delete(
+                name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise self._translate(err, f"delete {kind} {namespace}/{name}") from err
+
+    def delete_labelled(self, kinds: Iterable[tuple[str, str]], selector: str, *, keep: set[tuple[str, str, str]] = frozenset()) -> int:
+        """Delete every object of ``kinds`` matching ``selector`` in any namespace, except ``keep``.
+
+        Returns how many objects still existed (0 means the sweep found nothing left).
+        """
+        remaining = 0
+        for api_version, kind in kinds:
+            if not self.has_kind(api_version, kind):
+                continue
+            for item in self.list(api_version, kind, selector=selector):
+                meta = item["metadata"]
+                if (kind, meta["namespace"], meta["name"]) in keep:
+                    continue
+                remaining += 1
+                self.forget(kind, meta["namespace"], meta["name"])
+                if not meta.get("deletionTimestamp"):
+                    self.delete(api_version, kind, meta["namespace"], meta["name"])
+        return remaining
+
+    @staticmethod
+    def _translate(err: ApiException, what: str) -> Exception:
+        if _retryable(err):
+            return kopf.TemporaryError(f"{what}: HTTP {err.status}, retrying", delay=2)
+        try:
+            message = json.loads(err.body or "{}").get("message", err.reason)
+        except ValueError:
+            message = err.reason
+        return kopf.PermanentError(f"{what}: {message}")

@@ -1,0 +1,86 @@
+"""A Participant's status: admitted or refused (and why), and how its training pod is doing.
+
+The tenant reads this with ``kubectl get fedp``; every refusal says who must
+change what. The Federation's reconciler makes the same decision (the same
+pure function) to create or remove the tenant's children.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedcrm.errors import ManifestError
+from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
+from fedcrm_operator.admission import decide
+from fedcrm_operator.conditions import condition, set_condition
+from fedcrm_operator.kube import Kube
+from fedcrm_operator.naming import Names
+from fedcrm_operator.resources import API, parse_federation, parse_participant
+
+__all__ = ["participant_status"]
+
+
+def _job_phase(job: dict[str, Any] | None) -> tuple[ParticipantPhase, str]:
+    if job is None:
+        return ParticipantPhase.admitted, "waiting for the training pod to be created"
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") != "True":
+            continue
+        if c.get("type") == "Complete":
+            return ParticipantPhase.succeeded, "training finished"
+        if c.get("type") == "Failed":
+            return ParticipantPhase.failed, f"training pod failed: {c.get('message') or c.get('reason')}"
+    return ParticipantPhase.training, "training pod scheduled"
+
+
+def _failure_detail(kube: Kube, namespace: str, job_name: str) -> str:
+    """The node's own last words (its error line), from the failed pod's termination message."""
+    for pod in kube.list("v1", "Pod", namespace=namespace, selector=f"job-name={job_name}"):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode"):
+                return (terminated.get("message") or "").strip().splitlines()[-1:][0] if terminated.get("message") else ""
+    return ""
+
+
+def participant_status(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
+    status: dict[str, Any] = dict(body.get("status") or {})
+    meta = body["metadata"]
+    conditions = status.get("conditions", [])
+    try:
+        participant = parse_participant(body)
+    except ManifestError as err:
+        conditions = set_condition(conditions, condition("Admitted", False, "InvalidSpec", str(err)))
+        conditions = set_condition(conditions, condition("Ready", False, "InvalidSpec", "fix the spec: see Admitted"))
+        return {**status, "phase": ParticipantPhase.refused.value, "conditions": conditions,
+                "observedGeneration": meta.get("generation", 0)}
+    ref = participant.spec.federation_ref
+    fed_body = kube.get(API, "Federation", ref.namespace, ref.name)
+    federation: Federation | None = None
+    fed_phase, training = Phase.pending, []
+    if fed_body is not None:
+        fed_status = fed_body.get("status") or {}
+        fed_phase = Phase(fed_status.get("phase") or Phase.pending.value)
+        training = list(fed_status.get("participants") or [])
+        try:
+            federation = parse_federation(fed_body)
+        except ManifestError:
+            federation = None
+    decision = decide(participant, federation, phase=fed_phase, training=training)
+    if fed_body is not None and federation is None:
+        decision = type(decision)(False, "FederationInvalid",
+                                  f"Federation {ref.namespace}/{ref.name} has an invalid spec; its owner must fix it")
+    conditions = set_condition(conditions, condition("Admitted", decision.admitted, decision.reason, decision.message))
+    if not decision.admitted:
+        phase, message = ParticipantPhase.refused, decision.message
+    else:
+        names = Names(ref.namespace, ref.name)
+        job_name = names.training_job(participant.metadata.name)
+        phase, message = _job_phase(kube.get("batch/v1", "Job", participant.metadata.namespace, job_name))
+        if phase is ParticipantPhase.failed:
+            detail = _failure_detail(kube, participant.metadata.namespace, job_name)
+            message = f"{message}: {detail}" if detail else message
+    ready = phase in (ParticipantPhase.training, ParticipantPhase.succeeded)
+    conditions = set_condition(conditions, condition("Ready", ready, phase.value, message))
+    return {**status, "phase": phase.value, "identity": participant.identity, "conditions": conditions,
+            "observedGeneration": meta.get("generation", 0)}

@@ -1,0 +1,264 @@
+"""The operator's pure parts: object builders, admission, conditions, generated CRDs, network isolation."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import yaml
+from fedcrm_operator import builders
+from fedcrm_operator.admission import decide
+from fedcrm_operator.conditions import condition, set_condition
+from fedcrm_operator.naming import Names
+from fedcrm_operator.resources import changed_sections, parse_federation
+from fedcrm_operator.settings import OperatorSettings
+from netpol import Pod, allowed, selects
+
+from fedcrm.spec.crds import crd_manifests
+from fedcrm.spec.loading import parse_manifest
+from fedcrm.spec.manifests import Federation, Participant, Phase
+
+SETTINGS = OperatorSettings()
+TASK = {"target": "converted", "features": [{"name": "revenue", "type": "numeric"}]}
+
+
+def federation(**spec: Any) -> Federation:
+    body = {"task": TASK, "participants": {"namespaces": ["tenant-a", "tenant-b", "tenant-c"]}, **spec}
+    return parse_manifest(
+        {"apiVersion": "fedcrm.io/v1alpha1", "kind": "Federation", "metadata": {"name": "churn", "namespace": "coord"}, "spec": body},
+        Federation, "test",
+    )
+
+
+def participant(ns: str = "tenant-a", name: str = "crm", **spec: Any) -> Participant:
+    body = {
+        "federationRef": {"name": "churn", "namespace": "coord"},
+        "data": {"pvc": {"claimName": "crm-data", "path": "exports/leads.csv"}, "mapping": {"converted": "Converted"}},
+        **spec,
+    }
+    return parse_manifest(
+        {"apiVersion": "fedcrm.io/v1alpha1", "kind": "Participant", "metadata": {"name": name, "namespace": ns}, "spec": body},
+        Participant, "test",
+    )
+
+
+NAMES = Names("coord", "churn")
+
+
+def _job(fed: Federation, p: Participant) -> dict[str, Any]:
+    return builders.training_job(NAMES, fed, p, SETTINGS, connect_timeout=900)
+
+
+def _pod_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["template"]["spec"]
+
+
+# --------------------------------------------------------------------------- training pods
+
+
+def test_gpu_request_goes_into_requests_and_limits_with_a_toleration() -> None:
+    spec = _pod_spec(_job(federation(resources={"cpu": "2", "memory": "4Gi", "gpu": 1}), participant()))
+    resources = spec["containers"][0]["resources"]
+    assert resources["requests"] == resources["limits"] == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_cpu_only_pods_request_no_gpu_and_tolerate_nothing_extra() -> None:
+    spec = _pod_spec(_job(federation(), participant()))
+    assert "nvidia.com/gpu" not in spec["containers"][0]["resources"]["limits"]
+    assert "tolerations" not in spec
+
+
+def test_participant_overrides_resources_field_by_field_and_passes_scheduling_through() -> None:
+    p = participant(
+        resources={"gpu": 2}, nodeSelector={"pool": "a100"},
+        tolerations=[{"key": "dedicated", "operator": "Equal", "value": "tenant-a", "effect": "NoSchedule"}],
+    )
+    spec = _pod_spec(_job(federation(resources={"cpu": "4", "memory": "8Gi"}), p))
+    assert spec["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "2"}
+    assert spec["nodeSelector"] == {"pool": "a100"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "tenant-a", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["containers"][0]["env"] == [{"name": "FEDCRM_TORCH_THREADS", "value": "4"}]
+
+
+def test_training_pod_is_hardened_and_mounts_only_its_own_namespace_objects() -> None:
+    job = _job(federation(), participant())
+    spec = _pod_spec(job)
+    assert job["metadata"]["namespace"] == "tenant-a"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    container = spec["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "crm-data", "readOnly": True}
+    assert volumes["tls"]["secret"]["secretName"] == NAMES.client_secret("crm")
+    assert "--data-root" in container["args"]
+    assert container["args"][container["args"].index("--aggregator") + 1] == "churn-aggregator-grpc.coord.svc.cluster.local:8443"
+    # A wrong manifest (exit code 2) fails the Job at once instead of crash-looping.
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    assert spec["restartPolicy"] == "Never"
+
+
+def test_aggregator_is_one_hardened_replica_with_a_checkpoint_volume() -> None:
+    sts = builders.aggregator_stateful_set(NAMES, SETTINGS, config_digest="abc")
+    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "checkpoints"
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] and c["securityContext"]["runAsNonRoot"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["livenessProbe"]
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    assert "--serve-after-finish" in c["args"]
+
+
+def test_aggregator_config_is_the_runtime_config_with_in_pod_paths() -> None:
+    cm = builders.aggregator_config_map(NAMES, federation(), ["tenant-b/crm", "tenant-a/crm"], SETTINGS)
+    from fedcrm.runconfig import AggregatorConfig
+
+    config = AggregatorConfig.model_validate_json(cm["data"][builders.AGGREGATOR_CONFIG_KEY])
+    assert config.participants == ["tenant-a/crm", "tenant-b/crm"]
+    assert str(config.tls.key).startswith("/etc/fedcrm/tls")
+    assert config.status_listen == "0.0.0.0:9090"
+
+
+def test_long_names_stay_within_kubernetes_limits_and_unique() -> None:
+    names = Names("coord", "x" * 60)
+    a, b = names.training_job("p" * 60), names.training_job("p" * 59 + "q")
+    assert len(a) <= 63 and len(b) <= 63 and a != b
+    assert len(names.aggregator) <= 52
+    assert all(len(v) <= 63 for v in names.labels("training", "p" * 60).values())
+
+
+# --------------------------------------------------------------------------- admission
+
+
+@pytest.mark.parametrize(
+    ("namespace", "fed_exists", "phase", "training", "reason"),
+    [
+        ("tenant-a", True, Phase.enrolling, [], "Admitted"),
+        ("tenant-z", True, Phase.enrolling, [], "NamespaceNotAllowed"),
+        ("tenant-a", False, Phase.enrolling, [], "FederationNotFound"),
+        ("tenant-a", True, Phase.training, ["tenant-b/crm"], "EnrollmentClosed"),
+        ("tenant-a", True, Phase.training, ["tenant-a/crm"], "Admitted"),
+    ],
+)
+def test_admission_needs_consent_on_both_sides(namespace: str, fed_exists: bool, phase: Phase, training: list[str], reason: str) -> None:
+    d = decide(participant(namespace), federation() if fed_exists else None, phase=phase, training=training)
+    assert d.reason == reason
+    assert d.admitted == (reason == "Admitted")
+    if not d.admitted:
+        assert "coord/churn" in d.message
+
+
+def test_refusal_message_says_who_must_do_what() -> None:
+    d = decide(participant("tenant-z"), federation(), phase=Phase.enrolling, training=[])
+    assert "spec.participants.namespaces" in d.message and "'tenant-z'" in d.message
+
+
+def test_frozen_sections_changed_mid_training_are_named() -> None:
+    before = federation().spec.model_dump(mode="json", by_alias=True)
+    after = federation(training={"rounds": 99}, resources={"cpu": "3"})
+    assert changed_sections(after, before) == ["spec.training"]
+
+
+def test_cluster_objects_parse_with_server_fields() -> None:
+    body = {
+        "apiVersion": "fedcrm.io/v1alpha1", "kind": "Federation",
+        "metadata": {"name": "churn", "namespace": "coord", "uid": "1", "resourceVersion": "7", "generation": 2,
+                     "managedFields": [], "finalizers": ["fedcrm.io/cleanup"]},
+        "spec": {"task": TASK}, "status": {"phase": "Training"},
+    }
+    assert parse_federation(body).key == "coord/churn"
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def test_condition_transition_time_moves_only_when_status_changes() -> None:
+    first = set_condition([], condition("Ready", False, "Enrolling", "waiting"))
+    stamp = first[0]["lastTransitionTime"]
+    same = set_condition([{**first[0], "lastTransitionTime": "2020-01-01T00:00:00Z"}], condition("Ready", False, "Enrolling", "still"))
+    assert same[0]["lastTransitionTime"] == "2020-01-01T00:00:00Z" and same[0]["message"] == "still"
+    flipped = set_condition(same, condition("Ready", True, "Training", "go"))
+    assert flipped[0]["lastTransitionTime"] >= stamp and flipped[0]["status"] == "True"
+
+
+# --------------------------------------------------------------------------- CRDs
+
+
+def test_committed_crds_match_the_models() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "crds"
+    for name, crd in crd_manifests().items():
+        assert yaml.safe_load((root / name).read_text()) == crd, f"crds/{name} is stale: run `make crds`"
+
+
+def test_crds_document_every_field_and_enforce_enums_and_ranges() -> None:
+    fed = crd_manifests()["fedcrm.io_federations.yaml"]
+    version = fed["spec"]["versions"][0]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    training = spec["properties"]["training"]["properties"]
+    assert training["rounds"]["minimum"] == 0 and training["rounds"]["exclusiveMinimum"] is True
+    assert training["algorithm"]["enum"] == ["fedavg", "fedprox"]
+    assert training["rounds"]["default"] == 20
+    assert version["subresources"] == {"status": {}}
+    assert fed["spec"]["names"]["shortNames"] == ["fed"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Round"] == ".status.progress" and "Epsilon" in columns and "Accuracy" in columns
+    part = crd_manifests()["fedcrm.io_participants.yaml"]
+    data = part["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["data"]
+    assert "exactly one source" in data["x-kubernetes-validations"][0]["message"]
+
+
+# --------------------------------------------------------------------------- network isolation
+
+
+def test_network_policies_allow_exactly_the_federation_paths() -> None:
+    """Every (source, destination, port) among fedcrm pods and their neighbours, against the intended set."""
+    fed = federation()
+    admitted = [participant("tenant-a"), participant("tenant-b")]
+    policies = [builders.aggregator_network_policy(NAMES, ["tenant-a", "tenant-b"], SETTINGS)]
+    policies += [builders.participant_network_policy(NAMES, p, SETTINGS) for p in admitted]
+    aggregator_sts = builders.aggregator_stateful_set(NAMES, SETTINGS, config_digest="abc")
+    aggregator = Pod("churn-aggregator-0", "coord", aggregator_sts["spec"]["template"]["metadata"]["labels"])
+    trainers = [
+        Pod(f"{p.metadata.name}-job", p.metadata.namespace, _job(fed, p)["spec"]["template"]["metadata"]["labels"])
+        for p in admitted
+    ]
+    dns = Pod("coredns", "kube-system", {"k8s-app": "kube-dns"})
+    prometheus = Pod("prometheus", "monitoring", {"app": "prometheus"})
+    operator = Pod("operator", "fedcrm-system", {"app.kubernetes.io/name": "fedcrm-operator"})
+    stranger = Pod("web", "tenant-a", {"app": "web"})
+    other_tenant = Pod("spy", "tenant-z", NAMES.labels("training", "crm"))  # same labels, namespace not admitted
+    pods = [aggregator, *trainers, dns, prometheus, operator, stranger, other_tenant]
+    ports = [(8443, "TCP"), (9090, "TCP"), (53, "UDP"), (53, "TCP"), (22, "TCP")]
+    expected = {(t, aggregator, 8443, "TCP") for t in trainers}
+    expected |= {(t, dns, 53, proto) for t in trainers for proto in ("UDP", "TCP")}
+    expected |= {(prometheus, aggregator, 9090, "TCP"), (operator, aggregator, 9090, "TCP")}
+    ours = {aggregator, *trainers}
+    for src, dst in itertools.permutations(pods, 2):
+        if src not in ours and dst not in ours:
+            continue  # paths between pods the operator does not manage are not its policies' business
+        for port, proto in ports:
+            assert allowed(policies, src, dst, port, proto) == ((src, dst, port, proto) in expected), (
+                f"{src.namespace}/{src.name} -> {dst.namespace}/{dst.name}:{port}/{proto}"
+            )
+
+
+def test_policy_evaluator_semantics() -> None:
+    a, b = Pod("a", "ns1", {"app": "a"}), Pod("b", "ns2", {"app": "b"})
+    deny_in = {"metadata": {"namespace": "ns2"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}}
+    assert allowed([], a, b, 80)
+    assert not allowed([deny_in], a, b, 80)
+    open_from_ns1 = {"metadata": {"namespace": "ns2"}, "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [
+        {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns1"}}, "podSelector": {"matchLabels": {"app": "zzz"}}}]}]}}
+    assert not allowed([deny_in, open_from_ns1], a, b, 80)  # namespace AND pod selector
+    open_from_ns1["spec"]["ingress"][0]["from"][0]["podSelector"] = {"matchLabels": {"app": "a"}}
+    assert allowed([deny_in, open_from_ns1], a, b, 80)  # policies union
+    assert selects({"matchExpressions": [{"key": "app", "operator": "In", "values": ["a", "c"]}]}, {"app": "a"})
+    assert not selects({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}, {"app": "a"})
