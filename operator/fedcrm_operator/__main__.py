@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     configure(args.log_level)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    if args.log_level != "DEBUG":
+        # kopf logs every handler and timer run at INFO ("Timer ... succeeded" every few seconds per object);
+        # refusals, retries and failures are warnings and errors, and stay visible.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     import fedcrm_operator.handlers  # noqa: F401 - registers the handlers
 
     settings = OperatorSettings.from_environment()

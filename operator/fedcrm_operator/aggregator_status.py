@@ -50,10 +50,19 @@ class AggregatorStatus:
         )
 
 
-def fetch_status(url: str, *, timeout: float = 1.0) -> AggregatorStatus | None:
-    """The aggregator's progress, or None while it cannot be reached (starting, restarting)."""
+def fetch_status(url: str, federation: str, *, timeout: float = 1.0) -> AggregatorStatus | None:
+    """The progress of ``federation``'s aggregator, or None while it cannot be reached (starting, restarting).
+
+    An answer about another federation (a misrouted Service, a stale endpoint) is ignored.
+    """
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - in-cluster http URL from settings
-            return AggregatorStatus.from_json(json.loads(response.read()))
+            data = json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("federation") != federation:
+        return None
+    try:
+        return AggregatorStatus.from_json(data)
+    except (TypeError, ValueError):
         return None

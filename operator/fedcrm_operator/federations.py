@@ -30,7 +30,7 @@ from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import changed_sections, frozen_digest, parse_federation, parse_participant
 from fedcrm_operator.settings import OperatorSettings
 
-__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "cleanup", "reconcile"]
+__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "cleanup", "fetch_aggregator", "progress_fields", "reconcile"]
 
 log = logging.getLogger("fedcrm.operator")
 
@@ -247,9 +247,7 @@ def reconcile(
                 f"{', '.join(changed)} cannot change while training (the running rounds keep the spec they "
                 "started with); revert the change, or create a new Federation",
             ))
-        aggregator = fetch_status(settings.aggregator_status_url.format(
-            service=names.aggregator_client_service, namespace=names.namespace, port=settings.metrics_port,
-        ))
+        aggregator = fetch_aggregator(names, settings)
         if aggregator is None:
             conditions = set_condition(conditions, condition(
                 "AggregatorReachable", None, "NoStatusYet", "waiting for the aggregator's status endpoint"))
@@ -275,16 +273,36 @@ def reconcile(
         conditions=conditions,
     )
     if aggregator is not None:
-        status["activeParticipants"] = aggregator.active_participants
-        if aggregator.metrics:
-            status["lastMetrics"] = aggregator.metrics
-            if "accuracy" in aggregator.metrics:
-                status["accuracy"] = f"{100 * aggregator.metrics['accuracy']:.2f}%"
-        if aggregator.epsilon_spent is not None:
-            status["epsilonSpent"] = aggregator.epsilon_spent
-        if aggregator.model_digest:
-            status["modelDigest"] = aggregator.model_digest
+        status.update(progress_fields(aggregator))
     return Outcome(status, decisions)
+
+
+def fetch_aggregator(names: Names, settings: OperatorSettings) -> AggregatorStatus | None:
+    url = settings.aggregator_status_url.format(
+        service=names.aggregator_client_service, namespace=names.namespace, port=settings.metrics_port
+    )
+    return fetch_status(url, f"{names.namespace}/{names.federation}")
+
+
+def progress_fields(aggregator: AggregatorStatus) -> dict[str, Any]:
+    """The Federation status fields the aggregator's report fills (phase aside)."""
+    fields: dict[str, Any] = {
+        "round": aggregator.round,
+        "activeParticipants": aggregator.active_participants,
+    }
+    if aggregator.rounds:
+        fields["progress"] = f"{aggregator.round}/{aggregator.rounds}"
+    if aggregator.metrics:
+        fields["lastMetrics"] = aggregator.metrics
+        if "accuracy" in aggregator.metrics:
+            fields["accuracy"] = f"{100 * aggregator.metrics['accuracy']:.2f}%"
+    if aggregator.epsilon_spent is not None:
+        fields["epsilonSpent"] = aggregator.epsilon_spent
+    if aggregator.model_digest:
+        fields["modelDigest"] = aggregator.model_digest
+    if aggregator.finished:
+        fields["phase"] = Phase.succeeded.value if aggregator.succeeded else Phase.failed.value
+    return fields
 
 
 def cleanup(kube: Kube, namespace: str, name: str) -> int:

@@ -21,6 +21,7 @@ from fedcrm.spec.manifests import ParticipantPhase, Phase
 from fedcrm_operator import federations, metrics
 from fedcrm_operator.conditions import strip_times
 from fedcrm_operator.kube import Kube, connect
+from fedcrm_operator.naming import Names
 from fedcrm_operator.participants import participant_status
 from fedcrm_operator.resources import GROUP, VERSION
 from fedcrm_operator.settings import OperatorSettings
@@ -87,6 +88,28 @@ def federation_tick(**kwargs: Any) -> None:
     _federation_pass(**kwargs)
 
 
+@kopf.daemon(GROUP, VERSION, "federations", cancellation_timeout=5)
+def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """While a Federation trains, copy each finished round into its status within a poll interval.
+
+    The full reconcile runs every few seconds; rounds can be faster, so this light loop reads only the
+    aggregator's /status and writes only when the round or the outcome changed. ``body`` is kopf's
+    live view of the object.
+    """
+    meta = body["metadata"]
+    names = Names(meta["namespace"], meta["name"])
+    settings: OperatorSettings = memo.settings
+    while not stopped:
+        status = body.get("status") or {}
+        if status.get("phase") == Phase.training.value:
+            aggregator = federations.fetch_aggregator(names, settings)
+            if aggregator is not None:
+                fields = federations.progress_fields(aggregator)
+                if any(status.get(k) != v for k, v in fields.items()):
+                    memo.kube.patch_status(f"{GROUP}/{VERSION}", "Federation", names.namespace, names.federation, fields)
+        stopped.wait(settings.status_poll_seconds)
+
+
 @kopf.on.delete(GROUP, VERSION, "federations")
 def federation_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """Remove every child in every namespace; the finalizer stays until nothing is left."""
@@ -119,11 +142,10 @@ def participant_tick(**kwargs: Any) -> None:
     _participant_pass(**kwargs)
 
 
-@kopf.on.event(GROUP, VERSION, "participants")
-def participant_gone(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED":
-        memo.participant_phases.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
-        metrics.count_phases(metrics.PARTICIPANTS, memo.participant_phases, [p.value for p in ParticipantPhase])
+@kopf.on.delete(GROUP, VERSION, "participants", optional=True)  # optional: no finalizer on the tenant's object
+def participant_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.participant_phases.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
+    metrics.count_phases(metrics.PARTICIPANTS, memo.participant_phases, [p.value for p in ParticipantPhase])
 
 
 __all__ = ["FINALIZER", "Kube"]

@@ -88,6 +88,16 @@ class Kube:
         with self._lock:
             self._applied[key] = (digest, time.monotonic())
 
+    def patch_status(self, api_version: str, kind: str, namespace: str, name: str, fields: dict[str, Any]) -> None:
+        """A JSON merge patch of ``status`` (the status subresource), for the round follower."""
+        try:
+            self.requests += 1
+            self._resource(api_version, kind).status.patch(
+                body={"status": fields}, name=name, namespace=namespace, content_type="application/merge-patch+json"
+            )
+        except ApiException as err:
+            raise self._translate(err, f"patch status of {kind} {namespace}/{name}") from err
+
     def forget(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
             self._applied.pop((kind, namespace, name), None)

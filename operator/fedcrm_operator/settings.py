@@ -48,7 +48,7 @@ class OperatorSettings:
     dns_pod_label: str = "k8s-app=kube-dns"
     #: How the operator reaches an aggregator's status endpoint; {service}, {namespace}, {port} are filled in.
     aggregator_status_url: str = "http://{service}.{namespace}.svc:{port}/status"
-    status_poll_seconds: float = 2.0
+    status_poll_seconds: float = 1.0
     #: Attempts at a training pod before the participant counts as failed (a crash must not lose the federation).
     training_backoff_limit: int = 4
     cluster_domain: str = "cluster.local"

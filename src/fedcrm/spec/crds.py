@@ -125,7 +125,8 @@ def _is_int_or_string(options: list[dict[str, Any]]) -> bool:
 
 
 def _scalar_for_int_or_string(option: dict[str, Any]) -> dict[str, Any]:
-    kept = {k: v for k, v in option.items() if k in _KEPT - {"default", "description"}}
+    # Structural schemas forbid `type` under anyOf: x-kubernetes-int-or-string already says it.
+    kept = {k: v for k, v in option.items() if k in _KEPT - {"default", "description", "type"}}
     if "const" in option:
         kept["enum"] = [option["const"]]
     return kept

@@ -472,7 +472,7 @@ class FileSource(_Model):
     ] = None
 
 
-_PARENT_STEP = re.compile(r"(^|/)\.\.(/|$)")
+_PARENT_STEP = re.compile(r"(^|/)[.][.](/|$)")
 
 
 class PvcSource(_Model):

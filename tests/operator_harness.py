@@ -1,0 +1,167 @@
+"""Running the operator as the chart installs it, against the test control plane.
+
+``helm install`` puts the CRDs, the operator's ServiceAccount and its
+least-privilege RBAC into the cluster; the operator process then runs here,
+authenticated with a token of that ServiceAccount, so every API call it makes
+is checked against the chart's ClusterRole exactly as in a real cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OPERATOR_NAMESPACE = "fedcrm-system"
+RELEASE = "fedcrm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` and the last value."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except subprocess.CalledProcessError as err:
+            last = err.stderr
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+class Kubectl:
+    def __init__(self, binary: Path, kubeconfig: Path) -> None:
+        self.binary, self.kubeconfig = binary, kubeconfig
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binary), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input, capture_output=True, text=True, check=check, timeout=60,
+        )
+
+    def apply(self, *docs: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self("apply", "-f", "-", input=yaml.safe_dump_all(docs), check=check)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json").stdout)
+
+    def items(self, kind: str, *, selector: str = "", namespace: str | None = None) -> list[dict[str, Any]]:
+        where = ["-n", namespace] if namespace else ["-A"]
+        args = ["get", kind, *where] + (["-l", selector] if selector else [])
+        return self.json(*args)["items"]
+
+    def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        proc = self("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def install_chart(helm: Path, kubeconfig: Path) -> None:
+    subprocess.run(
+        [str(helm), "upgrade", "--install", RELEASE, str(ROOT / "charts" / "fedcrm-operator"),
+         "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--kubeconfig", str(kubeconfig), "--wait=false"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )
+
+
+def service_account_kubeconfig(kubectl: Kubectl, admin_kubeconfig: Path, out: Path) -> Path:
+    """A kubeconfig that acts as the chart's ServiceAccount (a bound token from the TokenRequest API)."""
+    token = kubectl("create", "token", RELEASE, "-n", OPERATOR_NAMESPACE, "--duration", "3h").stdout.strip()
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    ca = cluster.get("certificate-authority-data") or base64.b64encode(Path(cluster["certificate-authority"]).read_bytes()).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": cluster["server"], "certificate-authority-data": ca}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "test", "user": "operator"}}],
+        "current-context": "operator",
+    }
+    out.write_text(yaml.safe_dump(config))
+    out.chmod(0o600)
+    return out
+
+
+class OperatorProcess:
+    """``fedcrm-operator`` as a child process with its own log file; restartable, killable."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.kubeconfig, self.log_dir = kubeconfig, log_dir
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def start(self) -> OperatorProcess:
+        self.starts += 1
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "FEDCRM_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "FEDCRM_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,
+            **self.extra_env,
+        }
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedcrm_operator", "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_for("the operator's liveness endpoint", self._alive, timeout=60)
+        return self
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no finalizer work, as when a node dies under the operator."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,446 @@
+"""The operator against a real control plane: kube-apiserver, controller-manager, scheduler, etcd, KWOK nodes.
+
+Everything here is asserted on the API objects the operator writes, as the
+chart's ServiceAccount (least-privilege RBAC). KWOK plays the kubelets: pods
+are scheduled by the real scheduler and reported Running, but no container
+runs, so training itself is covered by the local-federation tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from netpol import Pod, allowed
+from operator_harness import (
+    OPERATOR_NAMESPACE,
+    Kubectl,
+    OperatorProcess,
+    free_port,
+    install_chart,
+    service_account_kubeconfig,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+COORD = "fedcrm-coord"
+TENANTS = ["tenant-a", "tenant-b", "tenant-c"]
+OUTSIDER = "tenant-z"
+STATUS_PORT = free_port()
+TASK = {
+    "target": "converted",
+    "features": [
+        {"name": "revenue", "type": "numeric", "transform": "log1p", "description": "annual revenue"},
+        {"name": "industry", "type": "categorical", "categories": ["tech", "retail", "finance"]},
+    ],
+}
+
+
+def federation(name: str, *, namespaces: list[str] = TENANTS, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "fedcrm.io/v1alpha1",
+        "kind": "Federation",
+        "metadata": {"name": name, "namespace": COORD},
+        "spec": {
+            "task": TASK,
+            "training": {"rounds": 5, "minParticipants": 2},
+            "participants": {"namespaces": namespaces},
+            **spec,
+        },
+    }
+
+
+def participant(namespace: str, fed: str, *, name: str = "crm", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "fedcrm.io/v1alpha1",
+        "kind": "Participant",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "federationRef": {"name": fed, "namespace": COORD},
+            "data": {"pvc": {"claimName": "crm-data", "path": "leads.csv"}, "mapping": {"converted": "Converted"}},
+            **spec,
+        },
+    }
+
+
+def provide_claim(kubectl: Kubectl, namespace: str, name: str = "crm-data") -> None:
+    """A tenant's data volume: a PersistentVolume bound to its claim (no provisioner runs here)."""
+    kubectl.apply(
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-{name}"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany", "ReadWriteOnce"],
+                  "storageClassName": "tenant-data", "hostPath": {"path": f"/srv/{namespace}"},
+                  "claimRef": {"namespace": namespace, "name": name}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": namespace},
+         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-data", "resources": {"requests": {"storage": "1Gi"}}}},
+    )
+
+
+@pytest.fixture(scope="module")
+def kubectl(control_plane: Any) -> Kubectl:
+    return Kubectl(control_plane.bin_dir / "kubectl", control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    work = tmp_path_factory.mktemp("operator")
+    install_chart(control_plane.bin_dir / "helm", control_plane.kubeconfig)
+    for ns in [COORD, *TENANTS, OUTSIDER, "monitoring"]:
+        kubectl("create", "namespace", ns, check=False)
+    for ns in TENANTS:
+        provide_claim(kubectl, ns)
+    sa_config = service_account_kubeconfig(kubectl, control_plane.kubeconfig, work / "operator.kubeconfig")
+    # No pod really runs under KWOK, so the end-to-end test runs the aggregator's own command here; the
+    # operator polls it on loopback instead of through the (unreachable) Service name.
+    status_url = f"http://127.0.0.1:{STATUS_PORT}/status"
+    proc = OperatorProcess(sa_config, work, env={"FEDCRM_AGGREGATOR_STATUS_URL": status_url}).start()
+    yield proc
+    proc.stop()
+
+
+def phase_of(kubectl: Kubectl, kind: str, name: str, namespace: str) -> str | None:
+    obj = kubectl.get(kind, name, namespace)
+    return ((obj or {}).get("status") or {}).get("phase")
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
+
+
+def children(kubectl: Kubectl, fed: str) -> dict[str, list[tuple[str, str]]]:
+    selector = f"fedcrm.io/federation={fed},fedcrm.io/federation-namespace={COORD}"
+    kinds = ["secrets", "configmaps", "services", "statefulsets", "jobs", "pods", "networkpolicies", "persistentvolumeclaims"]
+    return {
+        kind: sorted((i["metadata"]["namespace"], i["metadata"]["name"]) for i in kubectl.items(kind, selector=selector))
+        for kind in kinds
+    }
+
+
+def test_api_server_rejects_invalid_federations_with_a_readable_message(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    bad = federation("bad-rounds", training={"rounds": 0})
+    proc = kubectl.apply(bad, check=False)
+    assert proc.returncode != 0
+    assert "spec.training.rounds" in proc.stderr and "greater than 0" in proc.stderr
+    typo = federation("bad-typo")
+    typo["spec"]["trainig"] = typo["spec"].pop("training")
+    proc = kubectl.apply(typo, check=False)
+    assert proc.returncode != 0 and 'unknown field "spec.trainig"' in proc.stderr
+    enum = federation("bad-enum", training={"algorithm": "fedsgd"})
+    proc = kubectl.apply(enum, check=False)
+    assert proc.returncode != 0 and "fedavg" in proc.stderr and "fedprox" in proc.stderr
+    assert kubectl.get("federation", "bad-rounds", COORD) is None
+
+
+def test_participant_referencing_another_namespace_is_refused_at_apply(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    sneaky = participant("tenant-a", "f1", name="sneaky")
+    sneaky["spec"]["data"]["pvc"]["claimName"] = "tenant-b/crm-data"
+    proc = kubectl.apply(sneaky, check=False)
+    assert proc.returncode != 0 and "spec.data.pvc.claimName" in proc.stderr
+    two_sources = participant("tenant-a", "f1", name="two")
+    two_sources["spec"]["data"]["file"] = {"path": "/etc/passwd"}
+    proc = kubectl.apply(two_sources, check=False)
+    assert proc.returncode != 0 and "exactly one source" in proc.stderr
+    escape = participant("tenant-a", "f1", name="escape")
+    escape["spec"]["data"]["pvc"]["path"] = "../../etc/shadow"
+    proc = kubectl.apply(escape, check=False)
+    assert proc.returncode != 0 and "inside the claim" in proc.stderr
+
+
+def test_federation_and_three_participants_get_every_child_with_the_right_spec(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    kubectl.apply(
+        federation("f1", resources={"cpu": "500m", "memory": "1Gi"}),
+        participant("tenant-a", "f1", resources={"gpu": 1}),
+        participant("tenant-b", "f1"),
+        participant("tenant-c", "f1", resources={"gpu": 2, "memory": "4Gi"}),
+    )
+    wait_for("f1 to start training", lambda: phase_of(kubectl, "federation", "f1", COORD) == "Training", timeout=90)
+    for ns in TENANTS:
+        wait_for(f"{ns}/crm admitted", lambda ns=ns: phase_of(kubectl, "participant", "crm", ns) in ("Training", "Succeeded"))
+
+    found = children(kubectl, "f1")
+    assert found["statefulsets"] == [(COORD, "f1-aggregator")]
+    assert found["services"] == [(COORD, "f1-aggregator"), (COORD, "f1-aggregator-grpc")]
+    assert [j for j in found["jobs"]] == [(ns, "f1-crm") for ns in TENANTS]
+    assert sorted(found["networkpolicies"]) == sorted([(COORD, "f1-aggregator")] + [(ns, "f1-crm-training") for ns in TENANTS])
+    assert set(found["secrets"]) == {(COORD, "f1-ca"), (COORD, "f1-aggregator-tls")} | {(ns, "f1-crm-tls") for ns in TENANTS}
+
+    # Each tenant's certificate carries its identity and is signed by the federation's CA.
+    ca = x509.load_pem_x509_certificate(base64.b64decode(kubectl.get("secret", "f1-ca", COORD)["data"]["ca.crt"]))
+    for ns in TENANTS:
+        data = kubectl.get("secret", "f1-crm-tls", ns)["data"]
+        cert = x509.load_pem_x509_certificate(base64.b64decode(data["tls.crt"]))
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"{ns}/crm"
+        assert cert.issuer == ca.subject
+        assert "ca.key" not in data
+
+    # The aggregator's config lists exactly the admitted identities.
+    config = kubectl.get("configmap", "f1-aggregator-config", COORD)["data"]["aggregator.json"]
+    assert all(f'"{ns}/crm"' in config for ns in TENANTS)
+
+    # Scheduling: GPU pods only on GPU nodes, CPU pods anywhere; every pod Running under KWOK.
+    nodes = {n["metadata"]["name"]: n for n in kubectl.items("nodes")}
+    def gpus(node: str) -> int:
+        return int(nodes[node]["status"]["allocatable"].get("nvidia.com/gpu", "0"))
+
+    pods = wait_for("training pods bound", lambda: [
+        p for p in kubectl.items("pods", selector="fedcrm.io/role=training,fedcrm.io/federation=f1")
+        if p["spec"].get("nodeName")
+    ] if len(kubectl.items("pods", selector="fedcrm.io/role=training,fedcrm.io/federation=f1")) == 3 else None, timeout=60)
+    by_ns = {p["metadata"]["namespace"]: p for p in pods}
+    assert set(by_ns) == set(TENANTS)
+    assert gpus(by_ns["tenant-a"]["spec"]["nodeName"]) >= 1
+    assert gpus(by_ns["tenant-c"]["spec"]["nodeName"]) >= 2
+    limits_c = by_ns["tenant-c"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits_c == {"cpu": "500m", "memory": "4Gi", "nvidia.com/gpu": "2"}
+    assert "nvidia.com/gpu" not in by_ns["tenant-b"]["spec"]["containers"][0]["resources"]["limits"]
+    assert by_ns["tenant-b"]["spec"]["automountServiceAccountToken"] is False
+
+    # Printer columns.
+    table = kubectl("get", "federation", "f1", "-n", COORD).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "PHASE", "ROUND", "PARTICIPANTS"]
+    assert row.split()[:4] == ["f1", "Training", "0/5", "3"]
+    table = kubectl("get", "fedp", "-n", "tenant-a").stdout
+    assert "Admitted" in table and "f1" in table
+
+
+def test_participant_of_a_namespace_not_allowed_gets_a_condition_and_nothing_else(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    kubectl.apply(participant(OUTSIDER, "f1"))
+    wait_for("the outsider refused", lambda: phase_of(kubectl, "participant", "crm", OUTSIDER) == "Refused")
+    obj = kubectl.get("participant", "crm", OUTSIDER)
+    admitted = condition(obj, "Admitted")
+    assert admitted["status"] == "False" and admitted["reason"] == "NamespaceNotAllowed"
+    assert "spec.participants.namespaces" in admitted["message"]
+    for kind in ["secrets", "configmaps", "jobs", "pods", "networkpolicies"]:
+        assert kubectl.items(kind, namespace=OUTSIDER, selector="fedcrm.io/federation") == [], kind
+    kubectl("delete", "participant", "crm", "-n", OUTSIDER)
+
+
+def test_participant_of_a_missing_federation_says_so(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    kubectl.apply(participant("tenant-a", "nope", name="lost"))
+    wait_for("refusal", lambda: phase_of(kubectl, "participant", "lost", "tenant-a") == "Refused")
+    cond = condition(kubectl.get("participant", "lost", "tenant-a"), "Admitted")
+    assert cond["reason"] == "FederationNotFound" and f"{COORD}/nope" in cond["message"]
+    kubectl("delete", "participant", "lost", "-n", "tenant-a")
+
+
+def test_network_policies_as_stored_allow_exactly_the_federation_paths(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    wait_for("f1 training", lambda: phase_of(kubectl, "federation", "f1", COORD) == "Training", timeout=90)
+    policies = kubectl.items("networkpolicies")
+    aggregator_pods = wait_for("the aggregator pod", lambda: kubectl.items("pods", namespace=COORD, selector="fedcrm.io/role=aggregator"))
+    trainers = kubectl.items("pods", selector="fedcrm.io/role=training,fedcrm.io/federation=f1")
+
+    def pod(obj: dict[str, Any]) -> Pod:
+        return Pod(obj["metadata"]["name"], obj["metadata"]["namespace"], obj["metadata"].get("labels") or {})
+
+    agg = pod(aggregator_pods[0])
+    tenants = [pod(p) for p in trainers]
+    assert len(tenants) == 3
+    dns = Pod("coredns", "kube-system", {"k8s-app": "kube-dns"})
+    prometheus = Pod("prometheus", "monitoring", {"app": "prometheus"})
+    operator_pod = Pod("operator", OPERATOR_NAMESPACE, {"app.kubernetes.io/name": "fedcrm-operator"})
+    neighbour = Pod("web", "tenant-a", {"app": "web"})
+    outsider = Pod("spy", OUTSIDER, dict(tenants[0].labels))
+    everyone = [agg, *tenants, dns, prometheus, operator_pod, neighbour, outsider]
+    expected = {(t, agg, 8443, "TCP") for t in tenants}
+    expected |= {(t, dns, 53, proto) for t in tenants for proto in ("UDP", "TCP")}
+    expected |= {(prometheus, agg, 9090, "TCP"), (operator_pod, agg, 9090, "TCP")}
+    ours = {agg, *tenants}
+    for src in everyone:
+        for dst in everyone:
+            if src == dst or (src not in ours and dst not in ours):
+                continue
+            for port, proto in [(8443, "TCP"), (9090, "TCP"), (53, "UDP"), (53, "TCP"), (443, "TCP")]:
+                assert allowed(policies, src, dst, port, proto) == ((src, dst, port, proto) in expected), (
+                    f"{src.namespace}/{src.name} -> {dst.namespace}/{dst.name}:{port}/{proto}"
+                )
+
+
+def test_unsafe_spec_change_mid_training_is_refused_and_safe_one_applied(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    wait_for("f1 training", lambda: phase_of(kubectl, "federation", "f1", COORD) == "Training", timeout=90)
+    kubectl("patch", "federation", "f1", "-n", COORD, "--type=merge", "-p", '{"spec":{"training":{"rounds":50}}}')
+    refused = wait_for("the refusal condition", lambda: (
+        c if (c := condition(kubectl.get("federation", "f1", COORD), "SpecAccepted"))["status"] == "False" else None
+    ))
+    assert refused["reason"] == "ChangeRefused" and "spec.training" in refused["message"]
+    config = kubectl.get("configmap", "f1-aggregator-config", COORD)["data"]["aggregator.json"]
+    assert '"rounds": 5' in config  # the running training keeps its spec
+    kubectl("patch", "federation", "f1", "-n", COORD, "--type=merge", "-p", '{"spec":{"training":{"rounds":5}}}')
+    wait_for("acceptance again", lambda: condition(kubectl.get("federation", "f1", COORD), "SpecAccepted")["status"] == "True")
+
+
+def test_operator_killed_mid_reconcile_and_restarted_creates_nothing_twice(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    kubectl.apply(federation("f2"), *(participant(ns, "f2", name="crm2") for ns in TENANTS))
+    wait_for("f2's first children", lambda: kubectl.items("secrets", namespace=COORD, selector="fedcrm.io/federation=f2"), timeout=30, interval=0.05)
+    operator.kill()
+    half_done = children(kubectl, "f2")
+    operator.start()
+    wait_for("f2 training", lambda: phase_of(kubectl, "federation", "f2", COORD) == "Training", timeout=90)
+    ca_before = kubectl.get("secret", "f2-ca", COORD)
+    operator.kill()
+    operator.start()
+    wait_for("a pass after the restart", lambda: "fedcrm_operator_reconciles_total" in operator.metrics()
+             and 'resource="federation"' in operator.metrics(), timeout=30)
+    found = children(kubectl, "f2")
+    assert len(found["jobs"]) == 3 and len(found["statefulsets"]) == 1 and len(found["secrets"]) == 5
+    assert all(len(v) == len(set(v)) for v in found.values())
+    assert kubectl.get("secret", "f2-ca", COORD)["data"] == ca_before["data"]  # the CA was never regenerated
+    assert set(half_done["secrets"]) <= set(found["secrets"])
+
+
+def test_deleting_a_participant_mid_training_is_a_dropout(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    wait_for("f2 training", lambda: phase_of(kubectl, "federation", "f2", COORD) == "Training", timeout=90)
+    kubectl("delete", "participant", "crm2", "-n", "tenant-c", "--wait=true")
+    wait_for("tenant-c's children gone", lambda: not any(
+        kubectl.items(kind, namespace="tenant-c", selector="fedcrm.io/federation=f2") for kind in ["jobs", "secrets", "networkpolicies", "configmaps"]
+    ), timeout=60)
+    assert phase_of(kubectl, "federation", "f2", COORD) == "Training"
+    assert len(kubectl.items("jobs", selector="fedcrm.io/federation=f2")) == 2
+
+
+def test_deleting_a_federation_leaves_no_child_in_any_namespace(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    for fed in ["f1", "f2"]:
+        kubectl("delete", "federation", fed, "-n", COORD, "--wait=true", "--timeout=90s")
+        left = children(kubectl, fed)
+        assert all(not v for v in left.values()), left
+    # Participants stay (they are the tenants'), and now say why they are idle.
+    wait_for("participants notice", lambda: phase_of(kubectl, "participant", "crm", "tenant-a") == "Refused")
+    assert condition(kubectl.get("participant", "crm", "tenant-a"), "Admitted")["reason"] == "FederationNotFound"
+
+
+def test_operator_exports_reconcile_and_phase_metrics(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    text = operator.metrics()
+    assert 'fedcrm_operator_reconciles_total{outcome="ok",resource="federation"}' in text
+    assert 'fedcrm_operator_reconcile_seconds_bucket{le="0.5",resource="participant"}' in text
+    assert 'fedcrm_operator_participants{phase="Refused"}' in text
+    assert 'fedcrm_operator_federations{phase="Training"}' in text
+
+
+def test_tenant_chart_installs_a_participant_the_operator_understands(control_plane: Any, operator: OperatorProcess, kubectl: Kubectl) -> None:
+    kubectl.apply(federation("f3", namespaces=["tenant-b"], training={"minParticipants": 1}))
+    helm = control_plane.bin_dir / "helm"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [str(helm), "upgrade", "--install", "crm-f3", str(root / "charts" / "fedcrm-tenant"), "-n", "tenant-b",
+         "--kubeconfig", str(control_plane.kubeconfig), "--set", "participant.name=helm-crm",
+         "--set", "participant.federation.name=f3", "--set", f"participant.federation.namespace={COORD}",
+         "--set", "access.groups[0]=tenant-b-analysts"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )
+    wait_for("the chart's participant admitted", lambda: phase_of(kubectl, "participant", "helm-crm", "tenant-b") in ("Training", "Succeeded"), timeout=60)
+    # The tenant's analysts may manage Participants in their namespace, and nothing else of fedcrm.
+    can = kubectl("auth", "can-i", "create", "participants.fedcrm.io", "-n", "tenant-b", "--as", "alice", "--as-group", "tenant-b-analysts", check=False)
+    assert can.stdout.strip() == "yes"
+    cannot = kubectl("auth", "can-i", "create", "federations.fedcrm.io", "-n", "tenant-b", "--as", "alice", "--as-group", "tenant-b-analysts", check=False)
+    assert cannot.stdout.strip() == "no"
+    elsewhere = kubectl("auth", "can-i", "create", "participants.fedcrm.io", "-n", "tenant-a", "--as", "alice", "--as-group", "tenant-b-analysts", check=False)
+    assert elsewhere.stdout.strip() == "no"
+    kubectl("delete", "federation", "f3", "-n", COORD, "--wait=true", "--timeout=90s")
+    subprocess.run([str(helm), "uninstall", "crm-f3", "-n", "tenant-b", "--kubeconfig", str(control_plane.kubeconfig)],
+                   check=True, capture_output=True, timeout=60)
+
+
+def _secret_files(kubectl: Kubectl, name: str, namespace: str, folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, value in kubectl.get("secret", name, namespace)["data"].items():
+        path = folder / key
+        path.write_bytes(base64.b64decode(value))
+        path.chmod(0o600)
+        out[key] = path
+    return out
+
+
+def test_training_runs_end_to_end_and_rounds_reach_the_federation_status(
+    operator: OperatorProcess, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """The operator's objects are enough to train: its config, certificates and manifests, run as the pods would."""
+    import json
+    import shutil
+    import sys
+    import time
+
+    import yaml
+
+    from fedcrm.data.synthetic import generate_federation
+    from fedcrm.runconfig import AggregatorConfig
+
+    synth = generate_federation(tmp_path / "synth", clients=3, rows=300, seed=5, rounds=8)
+    fed_doc = yaml.safe_load(synth.federation_path.read_text())
+    namespaces = fed_doc["spec"]["participants"]["namespaces"]
+    fed_doc["metadata"] = {"name": "f4", "namespace": COORD}
+    fed_doc["spec"]["training"]["roundTimeoutSeconds"] = 60
+    docs = [fed_doc]
+    for path in synth.participant_paths:
+        doc = yaml.safe_load(path.read_text())
+        ns = doc["metadata"]["namespace"]
+        kubectl("create", "namespace", ns, check=False)
+        provide_claim(kubectl, ns)
+        data_dir = tmp_path / "claims" / ns
+        data_dir.mkdir(parents=True)
+        shutil.copy(synth.out_dir / "data" / ns / "leads.csv", data_dir / "leads.csv")
+        doc["spec"]["federationRef"] = {"name": "f4", "namespace": COORD}
+        doc["spec"]["data"].pop("file")
+        doc["spec"]["data"]["pvc"] = {"claimName": "crm-data", "path": "leads.csv"}
+        docs.append(doc)
+    kubectl.apply(*docs)
+    wait_for("f4 training", lambda: phase_of(kubectl, "federation", "f4", COORD) == "Training", timeout=90)
+
+    # The aggregator, as its StatefulSet would run it: the operator's ConfigMap and server certificate.
+    stored = AggregatorConfig.model_validate_json(kubectl.get("configmap", "f4-aggregator-config", COORD)["data"]["aggregator.json"])
+    tls = _secret_files(kubectl, "f4-aggregator-tls", COORD, tmp_path / "aggregator-tls")
+    port_file = tmp_path / "aggregator.port"
+    config = stored.model_copy(update={
+        "listen": "127.0.0.1:0", "port_file": port_file, "out_dir": tmp_path / "aggregator",
+        "status_listen": f"127.0.0.1:{STATUS_PORT}",
+        "tls": stored.tls.model_copy(update={"ca": tls["ca.crt"], "cert": tls["tls.crt"], "key": tls["tls.key"]}),
+    })
+    assert sorted(config.participants) == sorted(f"{ns}/{yaml.safe_load(p.read_text())['metadata']['name']}"
+                                                 for ns, p in zip(namespaces, synth.participant_paths))
+    config.write(tmp_path / "aggregator.json")
+    procs = [subprocess.Popen([sys.executable, "-m", "fedcrm_aggregator", "--config", str(tmp_path / "aggregator.json"),
+                               "--serve-after-finish"], stdout=open(tmp_path / "aggregator.log", "wb"), stderr=subprocess.STDOUT)]
+    try:
+        port = wait_for("the aggregator's port", lambda: port_file.exists() and port_file.read_text().strip(), timeout=60)
+        host = "f4-aggregator-grpc.fedcrm-coord.svc.cluster.local"
+        for doc in docs[1:]:
+            ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
+            prefix = f"f4-{name}"
+            cm = kubectl.get("configmap", f"{prefix}-config", ns)["data"]["participant.yaml"]
+            manifest = tmp_path / "nodes" / ns / "participant.yaml"
+            manifest.parent.mkdir(parents=True)
+            manifest.write_text(cm)
+            certs = _secret_files(kubectl, f"{prefix}-tls", ns, tmp_path / "nodes" / ns / "tls")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fedcrm_node", "--participant", str(manifest), "--aggregator", f"127.0.0.1:{port}",
+                 "--server-name", host, "--ca", str(certs["ca.crt"]), "--cert", str(certs["tls.crt"]),
+                 "--key", str(certs["tls.key"]), "--data-root", str(tmp_path / "claims" / ns)],
+                stdout=open(tmp_path / f"node-{ns}.log", "wb"), stderr=subprocess.STDOUT,
+            ))
+        def finished() -> dict[str, Any] | None:
+            status = (kubectl.get("federation", "f4", COORD) or {}).get("status") or {}
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+        status = wait_for("f4 to finish", finished, timeout=240, interval=0.2)
+        seen_at = time.time()
+        log = (tmp_path / "aggregator.log").read_text(errors="replace")[-3000:]
+        assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n{log}"
+        assert status["progress"] == "8/8" and status["round"] == 8
+        assert status["accuracy"].endswith("%") and 0.5 < status["lastMetrics"]["accuracy"] <= 1.0
+        assert status["modelDigest"] and status["activeParticipants"] == 3
+        events = [json.loads(line) for line in (tmp_path / "aggregator" / "events.jsonl").read_text().splitlines()]
+        ended = next(e["time"] for e in events if e["event"] == "finished")
+        assert seen_at - ended < 5.0, f"the Federation status showed the outcome {seen_at - ended:.1f}s after the aggregator"
+        table = kubectl("get", "federation", "f4", "-n", COORD).stdout.splitlines()[1].split()
+        assert table[1:4] == ["Succeeded", "8/8", "3"] and table[-1] != "" and any(c.endswith("%") for c in table)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+        kubectl("delete", "federation", "f4", "-n", COORD, "--wait=true", "--timeout=90s", check=False)
