@@ -125,6 +125,7 @@ class FieldStats:
     name: str
     type: str
     local: str | None
+    local_type: str | None = None  # what the source delivered: "string", "integer", "boolean", "date" ...
     rows: int = 0
     present: int = 0
     positives: int = 0
@@ -195,6 +196,8 @@ class CanonicalMapper:
                 stats.rows += len(table)
                 continue
             col = table[table.columns[columns.index(local)]]
+            if stats.local_type is None and col.notna().any():
+                stats.local_type = pd.api.types.infer_dtype(col, skipna=True)
             values = self.source.values.get(name, {})
             if kind is FeatureType.numeric:
                 t = self.source.transforms.get(name)
