@@ -33,8 +33,17 @@ class Backoff:
         return min(self.cap, self.first * self.factor ** (attempt - 1))
 
 
-def with_backoff(call: Callable[[], T], *, retryable: Callable[[BaseException], bool], backoff: Backoff, what: str) -> T:
-    """``call()``, retried while it raises a ``retryable`` error; the last error propagates."""
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def with_backoff(call: Callable[[], T], *, retryable: Callable[[BaseException], bool], backoff: Backoff, what: str,
+                 describe: Callable[[BaseException], str] = _first_line) -> T:
+    """``call()``, retried while it raises a ``retryable`` error; the last error propagates.
+
+    ``describe`` words an error for the warning logged before each retry; it
+    must not include secrets.
+    """
     attempt = 1
     while True:
         try:
@@ -44,6 +53,6 @@ def with_backoff(call: Callable[[], T], *, retryable: Callable[[BaseException], 
                 raise
             delay = backoff.delay(attempt)
             log.warning("%s failed (attempt %d of %d): %s; retrying in %.1fs", what, attempt, backoff.attempts,
-                        str(err).splitlines()[0][:200] if str(err) else type(err).__name__, delay)
+                        describe(err), delay)
             time.sleep(delay)
             attempt += 1

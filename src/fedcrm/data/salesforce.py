@@ -77,14 +77,33 @@ def login(source: SalesforceSource, creds: Credentials) -> tuple[simple_salesfor
     return client, kind
 
 
+def _one_line(message: str) -> str:
+    """Salesforce's SOQL errors echo the query and a caret over several lines; keep the reason and its position."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("ERROR at Row:"):
+            reason = " ".join(lines[i + 1:])
+            position = line.removeprefix("ERROR at ").replace(":", " ", 1).lower()
+            return f"{reason} ({position})" if reason else line
+    return " ".join(lines)
+
+
 def _error_body(err: sf_errors.SalesforceError) -> tuple[str, str]:
     """(errorCode, message) from Salesforce's ``[{"errorCode": ..., "message": ...}]`` body."""
     content = err.content
     if isinstance(content, list) and content and isinstance(content[0], dict):
-        return str(content[0].get("errorCode", "")), str(content[0].get("message", ""))
+        return str(content[0].get("errorCode", "")), _one_line(str(content[0].get("message", "")))
     if isinstance(content, dict):
-        return str(content.get("errorCode", content.get("error", ""))), str(content.get("message", content.get("error_description", "")))
-    return "", str(content)[:300]
+        code = content.get("errorCode", content.get("error", ""))
+        return str(code), _one_line(str(content.get("message", content.get("error_description", ""))))
+    return "", _one_line(str(content)[:300])
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, sf_errors.SalesforceError):
+        code, message = _error_body(err)
+        return f"HTTP {err.status} {code}: {message}"
+    return f"{type(err).__name__}: {err}"
 
 
 def _is_rate_limited(err: BaseException) -> bool:
@@ -151,7 +170,8 @@ def read_pages(source: SalesforceSource, creds: Credentials, *, backoff: Backoff
     page_number = 1
     while True:
         try:
-            page = with_backoff(fetch, retryable=_is_rate_limited, backoff=backoff, what=f"Salesforce query page {page_number}")
+            page = with_backoff(fetch, retryable=_is_rate_limited, backoff=backoff, what=f"Salesforce query page {page_number}",
+                                describe=_describe)
         except sf_errors.SalesforceError as err:
             raise _query_error(err, source, kind, creds) from None
         except requests.RequestException as err:

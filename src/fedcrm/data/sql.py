@@ -70,7 +70,7 @@ def read_chunks(source: SqlSource, creds: Credentials, *, backoff: Backoff) -> I
     try:
         try:
             connection = with_backoff(engine.connect, retryable=lambda e: isinstance(e, sa_errors.OperationalError),
-                                      backoff=backoff, what=f"connecting to {where}")
+                                      backoff=backoff, what=f"connecting to {where}", describe=lambda e: _first_line(e, url))
         except sa_errors.DBAPIError as err:
             raise DataError(
                 f"cannot connect to the SQL database at {where} after {backoff.attempts} attempts: {_first_line(err, url)}"
