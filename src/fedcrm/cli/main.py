@@ -8,6 +8,7 @@ succeed exits 1 with its partial report written.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -281,29 +282,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_check(console: Any, report: Any) -> None:
-    from rich.table import Table
-
+    """The report as aligned plain columns (long unmapped-value lists last), readable in a terminal or a CI log."""
     state = "[green]ok[/]" if report.ok else "[red]problems[/]"
-    console.print(f"participant [bold]{report.participant}[/] ({report.source}: {report.origin}): {state}, "
+    console.print(f"participant [bold]{report.participant}[/] ({report.origin}): {state}, "
                   f"{report.rows_sampled:,} rows sampled")
     if report.fields:
-        table = Table(show_edge=False, pad_edge=False)
-        for column in ("field", "type", "column", "present", "source type", "missing %", "unmapped values"):
-            table.add_column(column)
-        for row in report.fields:
-            table.add_row(
-                row.field, row.type, row.column or "(not mapped)",
-                "yes" if row.present else ("-" if row.column is None else "[red]no[/]"),
-                row.local_type or "-", "-" if row.missing_pct is None else f"{row.missing_pct:g}",
-                ", ".join(row.unmapped) or "-",
-            )
-        console.print(table)
+        header = ("field", "type", "column", "present", "source type", "missing %", "unmapped values")
+        rows = [header] + [
+            (r.field, r.type, r.column or "(not mapped)", "yes" if r.present else ("-" if r.column is None else "NO"),
+             r.local_type or "-", "-" if r.missing_pct is None else f"{r.missing_pct:g}", ", ".join(r.unmapped) or "-")
+            for r in report.fields
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        for row in rows:
+            console.print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1], markup=False)
     if report.positive_pct is not None:
         console.print(f"label balance: {report.positive_pct:g}% positive")
     for w in report.warnings:
         console.print(f"[yellow]warning[/]: {w}")
     for p in report.problems:
-        console.print(f"[red]problem[/]: {p}")
+        console.print("[red]problem[/]: ", end="")
+        console.print(p, markup=False)
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
@@ -314,6 +313,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     if args.rows < 1:
         raise FedcrmError("--rows must be at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     federation, participants = load_check_inputs(args.federation, args.participant)
     reports = [
         check_participant(participant, federation.spec.task, base_dir=path.resolve().parent, credentials=creds,

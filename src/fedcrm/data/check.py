@@ -94,7 +94,8 @@ def check_participant(participant: Participant, task: Task, *, base_dir: Path | 
     except DataError as err:
         problems.append(str(err))
     rows = mapper.rows if mapper else 0
-    fields = [_row(s, mapper.columns) for s in mapper.stats.values()] if mapper else []
+    # Nothing read (no connection, no file): a table of absent columns would only mislead.
+    fields = [_row(s, mapper.columns) for s in mapper.stats.values()] if mapper and mapper.columns else []
     positive_pct = None
     if mapper:
         target = mapper.stats[task.target]

@@ -79,8 +79,10 @@ def read_chunks(source: SqlSource, creds: Credentials, *, backoff: Backoff) -> I
             streaming = connection.execution_options(stream_results=True, yield_per=source.chunk_rows)
             try:
                 yield from pd.read_sql_query(sqlalchemy.text(source.query), streaming, chunksize=source.chunk_rows)
-            except sa_errors.DBAPIError as err:
-                kind = "lost the connection to" if isinstance(err, sa_errors.OperationalError) else "the query failed on"
-                raise DataError(f"{kind} {where}: {_first_line(err, url)}; check spec.data.sql.query") from None
+            except (sa_errors.DBAPIError, pd.errors.DatabaseError) as err:
+                # pandas wraps the driver's error in its own DatabaseError; the cause says what happened.
+                cause = err.__cause__ if isinstance(err, pd.errors.DatabaseError) and err.__cause__ else err
+                kind = "lost the connection to" if isinstance(cause, sa_errors.OperationalError) else "the query failed on"
+                raise DataError(f"{kind} {where}: {_first_line(cause, url)}; check spec.data.sql.query") from None
     finally:
         engine.dispose()
