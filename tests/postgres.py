@@ -59,10 +59,15 @@ class PostgresServer:
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-o", options, "-w", "-t", "60", "start")
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        self.create_database(DATABASE)
+
+    def create_database(self, name: str) -> str:
+        """A fresh database on this server; returns its SQLAlchemy URL."""
         import psycopg
 
         with psycopg.connect(self.url_for("postgres", driver=False), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DATABASE}")
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url_for(name)
 
     def _run(self, tool: str, *args: str) -> None:
         proc = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True,
