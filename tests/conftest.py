@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedcrm.data.synthetic import SynthResult, generate_federation
-from tests.postgres import PostgresServer
+from postgres_server import PostgresServer
 
 
 @pytest.fixture(scope="session")

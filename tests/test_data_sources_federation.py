@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from fedcrm.data.synthetic import SynthResult
-from tests.postgres import PASSWORD, PostgresServer
-from tests.salesforce_server import FakeSalesforce
+from postgres_server import PASSWORD, PostgresServer
+from salesforce_server import FakeSalesforce
 
 pytestmark = pytest.mark.slow
 

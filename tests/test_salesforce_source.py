@@ -18,7 +18,7 @@ from fedcrm.data.retries import Backoff
 from fedcrm.data.salesforce import flatten_record
 from fedcrm.errors import DataError
 from fedcrm.spec.manifests import Feature, Participant, Task
-from tests.salesforce_server import INSTANCE_HOST, FakeSalesforce
+from salesforce_server import INSTANCE_HOST, FakeSalesforce
 
 TASK = Task(
     target="converted",

@@ -19,7 +19,7 @@ from fedcrm.data.loaders import load_participant_data
 from fedcrm.data.retries import Backoff
 from fedcrm.errors import DataError
 from fedcrm.spec.manifests import Feature, Participant, Task
-from tests.postgres import PASSWORD, PostgresServer, free_port
+from postgres_server import PASSWORD, PostgresServer, free_port
 
 TASK = Task(
     target="converted",
