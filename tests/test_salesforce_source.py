@@ -131,8 +131,11 @@ def test_jwt_bearer_login(org: FakeSalesforce) -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption()).decode()
-    data = load(participant(), {"username": PASSWORD_LOGIN["username"], "consumerKey": "3MVG9-consumer", "privateKey": pem})
+    creds = {"username": PASSWORD_LOGIN["username"], "consumerKey": "3MVG9-consumer", "privateKey": pem}
+    data = load(participant(), creds)
     assert len(data) == 450 and org.org.logins == 1
+    with pytest.raises(DataError, match="privateKey is not a usable RSA private key in PEM form"):
+        load(participant(), {**creds, "privateKey": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----"})
 
 
 def test_an_expired_session_logs_in_again_when_the_secret_allows(org: FakeSalesforce) -> None:

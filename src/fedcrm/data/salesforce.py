@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jwt
 import pandas as pd
 import requests
 import simple_salesforce
@@ -74,6 +75,13 @@ def login(source: SalesforceSource, creds: Credentials) -> tuple[simple_salesfor
         ) from None
     except requests.RequestException as err:
         raise DataError(f"cannot reach Salesforce to log in ({type(err).__name__}: {err})") from None
+    except (ValueError, TypeError, jwt.PyJWTError) as err:  # an unreadable private key, before any request
+        if kind != "JWT bearer":
+            raise
+        raise DataError(
+            f"{creds.origin}: privateKey is not a usable RSA private key in PEM form ({type(err).__name__}); "
+            "put the connected app's private key there"
+        ) from None
     return client, kind
 
 
@@ -165,8 +173,13 @@ def read_pages(source: SalesforceSource, creds: Credentials, *, backoff: Backoff
     """Yield one DataFrame per page of the SOQL result; login happens on first iteration."""
     client, kind = login(source, creds)
     headers = {"Sforce-Query-Options": f"batchSize={source.batch_size}"} if source.batch_size else {}
-    soql = source.soql()
-    fetch = lambda: client.query(soql, headers=headers)  # noqa: E731
+    next_url: str | None = None  # None: the first page, from the query itself
+
+    def fetch() -> Any:
+        if next_url is None:
+            return client.query(source.soql(), headers=headers)
+        return client.query_more(next_url, identifier_is_url=True, headers=headers)
+
     page_number = 1
     while True:
         try:
@@ -181,6 +194,5 @@ def read_pages(source: SalesforceSource, creds: Credentials, *, backoff: Backoff
             yield _page_frame(records)
         if page.get("done", True) or not page.get("nextRecordsUrl"):
             return
-        url = page["nextRecordsUrl"]
-        fetch = lambda url=url: client.query_more(url, identifier_is_url=True, headers=headers)  # noqa: E731
+        next_url = page["nextRecordsUrl"]
         page_number += 1

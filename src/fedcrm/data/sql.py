@@ -41,8 +41,10 @@ def _url(creds: Credentials) -> sqlalchemy.URL:
 
 def describe_url(url: sqlalchemy.URL) -> str:
     """``driver://host:port/database``: enough to find the database, nothing secret."""
+    if url.host is None:  # a file database (sqlite) or a local socket
+        return f"{url.drivername}:///{url.database or ''}"
     port = f":{url.port}" if url.port else ""
-    return f"{url.drivername}://{url.host or 'localhost'}{port}/{url.database or ''}"
+    return f"{url.drivername}://{url.host}{port}/{url.database or ''}"
 
 
 def database_label(creds: Credentials) -> str:
