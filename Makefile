@@ -11,18 +11,18 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos crds venv bench-secagg clean
+.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
 
-test: $(STAMP)  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
+test: $(STAMP) system-packages  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
 	$(BIN)/lint-imports
 	$(BIN)/python tools/protos.py --check
 	$(BIN)/python tools/crds.py --check
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)  ## the inner-loop subset (no whole federations), well under 2 minutes
+test-fast: $(STAMP) system-packages  ## the inner-loop subset (no whole federations), well under 2 minutes
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
@@ -35,6 +35,9 @@ crds: $(STAMP)  ## regenerate crds/ from the spec models
 	$(BIN)/python tools/crds.py
 
 venv: $(STAMP)
+
+system-packages:  ## Debian packages the tests need (PostgreSQL for the SQL connector); skipped when present
+	tools/install-postgres
 
 # Flower lives in its own environment: it needs protobuf < 7 and cryptography >= 50,
 # which our pinned gRPC stubs cannot share a process with.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedcrm.data.synthetic import SynthResult, generate_federation
+from postgres_server import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +21,11 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (Debian's package, see tools/install-postgres)."""
+    server = PostgresServer()
+    yield server
+    server.stop()

@@ -212,7 +212,7 @@ def test_crds_document_every_field_and_enforce_enums_and_ranges() -> None:
     assert columns["Round"] == ".status.progress" and "Epsilon" in columns and "Accuracy" in columns
     part = crd_manifests()["fedcrm.io_participants.yaml"]
     data = part["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["data"]
-    assert "exactly one source" in data["x-kubernetes-validations"][0]["message"]
+    assert "exactly one data source" in data["x-kubernetes-validations"][0]["message"]
 
 
 # --------------------------------------------------------------------------- network isolation
@@ -262,3 +262,24 @@ def test_policy_evaluator_semantics() -> None:
     assert allowed([deny_in, open_from_ns1], a, b, 80)  # policies union
     assert selects({"matchExpressions": [{"key": "app", "operator": "In", "values": ["a", "c"]}]}, {"app": "a"})
     assert not selects({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}, {"app": "a"})
+
+
+def test_connector_credentials_are_the_tenants_own_secret_mounted_read_only_for_the_node() -> None:
+    p = participant(data={"sql": {"query": "SELECT * FROM leads", "secretRef": {"name": "crm-db"}},
+                          "mapping": {"converted": "converted"}})
+    spec = _pod_spec(_job(federation(), p))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["credentials"]["secret"] == {"secretName": "crm-db", "defaultMode": 0o400}
+    assert "data" not in volumes  # no claim for a SQL source
+    container = spec["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "credentials")
+    assert mount["readOnly"] and container["args"][container["args"].index("--credentials") + 1] == mount["mountPath"]
+    assert spec["securityContext"]["runAsUser"] == container["securityContext"]["runAsUser"]  # 0400 is readable by it
+
+
+def test_a_secret_in_another_namespace_cannot_even_be_named() -> None:
+    from fedcrm.errors import ManifestError
+
+    with pytest.raises(ManifestError, match="own namespace"):
+        participant(data={"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db", "namespace": "tenant-b"}},
+                          "mapping": {}})

@@ -142,10 +142,15 @@ def test_participant_referencing_another_namespace_is_refused_at_apply(operator:
     sneaky["spec"]["data"]["pvc"]["claimName"] = "tenant-b/crm-data"
     proc = kubectl.apply(sneaky, check=False)
     assert proc.returncode != 0 and "spec.data.pvc.claimName" in proc.stderr
+    other_secret = participant("tenant-a", "f1", name="borrower")
+    other_secret["spec"]["data"] = {"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db", "namespace": "tenant-b"}},
+                                    "mapping": {}}
+    proc = kubectl.apply(other_secret, check=False)
+    assert proc.returncode != 0 and 'unknown field "spec.data.sql.secretRef.namespace"' in proc.stderr
     two_sources = participant("tenant-a", "f1", name="two")
     two_sources["spec"]["data"]["file"] = {"path": "/etc/passwd"}
     proc = kubectl.apply(two_sources, check=False)
-    assert proc.returncode != 0 and "exactly one source" in proc.stderr
+    assert proc.returncode != 0 and "exactly one data source" in proc.stderr
     escape = participant("tenant-a", "f1", name="escape")
     escape["spec"]["data"]["pvc"]["path"] = "../../etc/shadow"
     proc = kubectl.apply(escape, check=False)

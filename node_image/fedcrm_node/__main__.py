@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedcrm.data.credentials import MOUNT_PATH
 from fedcrm.errors import FedcrmError
 from fedcrm.logs import add_log_level_argument, configure
 from fedcrm.protocol import TlsFiles
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, type=Path, help="this participant's private key (PEM)")
     p.add_argument("--data-root", type=Path,
                    help="where the spec.data.pvc claim is mounted (set by the operator in a training pod)")
+    p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
+                   help="directory with one file per key of the Secret the data source references "
+                   f"(default {MOUNT_PATH}, where the operator mounts it)")
     p.add_argument("--server-name", help="name to verify in the aggregator's certificate, if not the host in --aggregator")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the aggregator (default 60)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("FEDCRM_TORCH_THREADS", "1")),
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             tls=TlsFiles(args.ca, args.cert, args.key),
             server_name=args.server_name,
             connect_timeout=args.connect_timeout,
+            credentials_dir=args.credentials or Path(MOUNT_PATH),
         )
         node.run()
     except NodeExit as err:

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from fedcrm.data.canonical import CanonicalData
+from fedcrm.data.credentials import Credentials, read_credentials_dir
 from fedcrm.data.loaders import load_participant_data
 from fedcrm.data.splits import train_validation_split
 from fedcrm.errors import DataError, FedcrmError, ManifestError
@@ -62,6 +63,7 @@ class ParticipantNode:
         tls: TlsFiles,
         server_name: str | None = None,
         connect_timeout: float = 60.0,
+        credentials_dir: Path | None = None,
     ) -> None:
         self.participant = participant
         self.manifest_dir = manifest_dir
@@ -70,6 +72,7 @@ class ParticipantNode:
         self.tls = tls
         self.server_name = server_name
         self.connect_timeout = connect_timeout
+        self.credentials_dir = credentials_dir
         self.identity = participant.identity
         self.federation: Federation | None = None
         self.data: CanonicalData | None = None
@@ -188,7 +191,8 @@ class ParticipantNode:
             federation = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
             check_membership(federation, self.participant)
             self.data = load_participant_data(
-                self.participant, federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root
+                self.participant, federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root,
+                credentials=self._credentials(),
             )
         except (ManifestError, DataError) as err:
             stub.ReportFailure(pb.FailureReport(message=str(err)))
@@ -203,6 +207,13 @@ class ParticipantNode:
         )
         log.info("joined %s with %d training and %d validation rows",
                  federation.key, len(self.frames[0]), len(self.frames[1]))  # type: ignore[arg-type]
+
+    def _credentials(self) -> Credentials | None:
+        """The mounted Secret's keys, read only when the data source references a Secret."""
+        name = self.participant.spec.credentials_secret_name()
+        if name is None or self.credentials_dir is None:
+            return None
+        return read_credentials_dir(self.credentials_dir, origin=f"Secret {self.participant.metadata.namespace}/{name}")
 
     def _receive_model(self, task: pb.Task) -> None:
         from fedcrm.models.layout import ModelLayout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from fedcrm.data.credentials import MOUNT_PATH as CREDENTIALS_DIR
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import dump_manifest
 from fedcrm.spec.manifests import Federation, Participant, Resources
@@ -350,6 +351,12 @@ def training_job(
         "--key", f"{TLS_DIR}/tls.key",
         "--connect-timeout", f"{connect_timeout:.0f}",
     ]
+    secret = participant.spec.credentials_secret_name()
+    if secret is not None:
+        # The tenant's own Secret (the name cannot point elsewhere), owner-read-only, in this container only.
+        volumes.append({"name": "credentials", "secret": {"secretName": secret, "defaultMode": 0o400}})
+        mounts.append({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+        args += ["--credentials", CREDENTIALS_DIR]
     pvc = participant.spec.data.pvc
     if pvc is not None:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}})

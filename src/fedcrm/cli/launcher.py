@@ -21,16 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcrm.data.credentials import Credentials
 from fedcrm.errors import DataError, FedcrmError, ManifestError
 from fedcrm.pki import CertificateAuthority, write_pem_files
 from fedcrm.reporting import read_report, write_report
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
-from fedcrm.spec.loading import check_membership, load_federation, load_participant
+from fedcrm.spec.loading import ParticipantManifests, check_membership, load_federation, load_participant_manifests, secret_values
 from fedcrm.spec.manifests import Federation, Participant
 
-__all__ = ["LoadedFederation", "RunResult", "load_federation_inputs", "run_federation"]
+__all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "load_inputs_data", "run_federation"]
 
-_OUTPUTS = ("pki", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port")
+_OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port")
 
 
 # How often `fedcrm run` restarts a crashed aggregator before giving up.
@@ -41,6 +42,8 @@ _MAX_AGGREGATOR_RESTARTS = 3
 class LoadedFederation:
     federation: Federation
     participants: list[tuple[Participant, Path]]  # manifest and its path
+    # Per identity, the keys of the Secret its data source references (absent when it needs none).
+    credentials: dict[str, Credentials] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -50,18 +53,28 @@ class RunResult:
     crashed: dict[str, str] = field(default_factory=dict)
 
 
+def _credentials(participant: Participant, manifests: ParticipantManifests) -> Credentials | None:
+    """The keys of the Secret ``participant`` references, from the manifests given beside it."""
+    values = secret_values(participant, manifests.secrets)
+    if values is None:
+        return None
+    return Credentials(values, origin=f"Secret {participant.metadata.namespace}/{participant.spec.credentials_secret_name()}")
+
+
 def load_federation_inputs(federation_path: Path, participant_paths: list[Path]) -> LoadedFederation:
-    """Parse every manifest and check consent and data, reporting all problems at once."""
+    """Parse every manifest (Participants and the Secrets they reference) and check consent, reporting all problems at once."""
     federation = load_federation(federation_path)
     if not participant_paths:
         raise ManifestError("no --participant given; a federation needs at least one Participant manifest")
+    manifests = load_participant_manifests(participant_paths)
     problems: list[str] = []
     loaded: list[tuple[Participant, Path]] = []
+    credentials: dict[str, Credentials] = {}
     seen: dict[str, Path] = {}
-    for path in participant_paths:
+    for participant, path in manifests.participants:
         try:
-            participant = load_participant(path)
             check_membership(federation, participant)
+            creds = _credentials(participant, manifests)
         except ManifestError as err:
             problems.append(str(err))
             continue
@@ -70,6 +83,8 @@ def load_federation_inputs(federation_path: Path, participant_paths: list[Path])
             continue
         seen[participant.identity] = path
         loaded.append((participant, path))
+        if creds is not None:
+            credentials[participant.identity] = creds
     if not problems and len(loaded) < federation.spec.training.min_participants:
         problems.append(
             f"{len(loaded)} participant(s) given but spec.training.minParticipants is "
@@ -77,23 +92,63 @@ def load_federation_inputs(federation_path: Path, participant_paths: list[Path])
         )
     if problems:
         raise ManifestError("\n".join(problems))
-    return LoadedFederation(federation, loaded)
+    return LoadedFederation(federation, loaded, credentials)
 
 
-def check_participant_data(inputs: LoadedFederation) -> dict[str, int]:
-    """Load and map every participant's data (as each node will); returns rows per identity."""
+def load_check_inputs(
+    federation_path: Path, participant_paths: list[Path]
+) -> tuple[Federation, list[tuple[Participant, Path, Credentials | None]]]:
+    """For ``fedcrm data check``: the Federation and each Participant with its file and credentials (or None).
+
+    Unlike a run, no minimum number of participants applies: a tenant checks its own.
+    """
+    federation = load_federation(federation_path)
+    manifests = load_participant_manifests(participant_paths)
+    if not manifests.participants:
+        raise ManifestError("the files given with --participant hold no Participant manifest")
+    out, problems = [], []
+    for participant, path in manifests.participants:
+        try:
+            check_membership(federation, participant)
+            out.append((participant, path, _credentials(participant, manifests)))
+        except ManifestError as err:
+            problems.append(str(err))
+    if problems:
+        raise ManifestError("\n".join(problems))
+    return federation, out
+
+
+def load_inputs_data(inputs: LoadedFederation) -> dict[str, Any]:
+    """Load and map every participant's data in this process; returns CanonicalData per identity."""
     from fedcrm.data.loaders import load_participant_data
 
-    problems, rows = [], {}
+    problems, datasets = [], {}
     for participant, path in inputs.participants:
         try:
-            data = load_participant_data(participant, inputs.federation.spec.task, base_dir=path.resolve().parent)
-            rows[participant.identity] = len(data)
+            datasets[participant.identity] = load_participant_data(
+                participant, inputs.federation.spec.task, base_dir=path.resolve().parent,
+                credentials=inputs.credentials.get(participant.identity))
         except DataError as err:
             problems.append(str(err))
     if problems:
         raise DataError("\n".join(problems))
-    return rows
+    return datasets
+
+
+def check_participant_data(inputs: LoadedFederation) -> dict[str, int]:
+    """Load and map every participant's data (as each node will); returns rows per identity."""
+    return {identity: len(data) for identity, data in load_inputs_data(inputs).items()}
+
+
+def _write_credentials(out: Path, inputs: LoadedFederation) -> dict[str, Path]:
+    """Each participant's Secret as the directory of 0600 key files a cluster would mount; removed after the run."""
+    from fedcrm.data.credentials import write_credentials_dir
+
+    base = out / "credentials"
+    if inputs.credentials:
+        base.mkdir(mode=0o700, exist_ok=True)
+    return {identity: write_credentials_dir(base / identity.replace("/", "_"), values)
+            for identity, values in inputs.credentials.items()}
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -217,6 +272,7 @@ def run_federation(
     out = out.resolve()
     _prepare_out_dir(out)
     server_tls, client_tls = _issue_certificates(out, inputs)
+    credential_dirs = _write_credentials(out, inputs)
     port_file = out / "aggregator.port"
     config = AggregatorConfig(
         federation=inputs.federation,
@@ -244,7 +300,9 @@ def run_federation(
                 participant.identity.replace("/", "_"),
                 [sys.executable, "-m", "fedcrm_node", "--participant", str(path.resolve()),
                  "--aggregator", f"127.0.0.1:{port}", "--server-name", "localhost",
-                 "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)],
+                 "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)]
+                + (["--credentials", str(credential_dirs[participant.identity])]
+                   if participant.identity in credential_dirs else []),
             )
         procs.record()
         events = out / "events.jsonl"
@@ -281,6 +339,7 @@ def run_federation(
         interrupted = True
     finally:
         procs.stop_all()
+        shutil.rmtree(out / "credentials", ignore_errors=True)
 
     if not (out / "report.json").exists():
         reason = "interrupted" if interrupted else _last_error_line(procs.logs / "aggregator.log", or_last_line=True)

@@ -8,6 +8,7 @@ succeed exits 1 with its partial report written.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,15 @@ exit codes: 0 succeeded; 1 the federation failed (report marked partial); 2 bad 
 """
 
 
+_EPILOG_CHECK = """\
+credentials (keys of the Secret named in spec.data.<source>.secretRef, same namespace as the Participant):
+  salesforce   instanceUrl + accessToken | username + password + securityToken | username + consumerKey + privateKey
+  sql          url (a SQLAlchemy URL, e.g. postgresql+psycopg://user:password@host:5432/crm)
+
+exit codes: 0 every participant's data fits; 1 problems found (each says what to change); 2 bad input
+"""
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -39,7 +49,8 @@ def _console() -> Any:
 def _add_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--federation", required=True, type=Path, metavar="FED.yaml", help="the Federation manifest")
     p.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
-                   help="Participant manifest(s): repeat the flag or list several (shell globs work: participants/*.yaml)")
+                   help="Participant manifest(s) and the v1 Secret manifests they reference: repeat the flag or list "
+                   "several (shell globs work: participants/*.yaml)")
     p.add_argument("--test-data", type=Path, metavar="TEST.csv",
                    help="held-out rows in the canonical schema; final metrics are computed on them")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created; earlier outputs are replaced)")
@@ -105,6 +116,31 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(handler=_cmd_demo)
+
+    data = sub.add_parser(
+        "data",
+        help="check a participant's data source before joining a federation",
+        description="Work with a participant's data where it lives (a file, a Salesforce org, a SQL database).",
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = data_sub.add_parser(
+        "check",
+        help="connect, read a sample, apply the mapping and report per canonical field",
+        description="Connect to each Participant's data source with the credentials of the Secret it references, "
+        "read a sample, apply spec.data.mapping/values/transforms, and report per canonical field: the local column, "
+        "whether it is present, its type, the share of missing values, values with no mapping, and the label balance. "
+        "The operator runs the same check when a Participant enrols.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG_CHECK,
+    )
+    check.add_argument("--federation", required=True, type=Path, metavar="FED.yaml",
+                       help="the Federation manifest (its task defines the canonical fields)")
+    check.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
+                       help="Participant manifest(s) and the v1 Secret manifests they reference "
+                       "(a file may hold a Participant and its Secret as separate YAML documents)")
+    check.add_argument("--rows", type=int, default=1000, help="rows to sample per participant (default 1000)")
+    check.add_argument("--json", action="store_true", help="print the reports as JSON instead of tables")
+    check.set_defaults(handler=_cmd_data_check)
     return parser
 
 
@@ -149,9 +185,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace, console: Any) -> dict[str, Any]:
-    from fedcrm.cli.launcher import load_federation_inputs
-    from fedcrm.data.loaders import load_canonical_file, load_participant_data
-    from fedcrm.errors import DataError
+    from fedcrm.cli.launcher import load_federation_inputs, load_inputs_data
+    from fedcrm.data.loaders import load_canonical_file
     from fedcrm.models.artifacts import load_model
     from fedcrm.models.scoring import score_frame
     from fedcrm.reporting import write_report
@@ -159,14 +194,7 @@ def _baseline(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
     inputs = load_federation_inputs(args.federation, args.participant)
     task = inputs.federation.spec.task
-    datasets, problems = {}, []
-    for participant, path in inputs.participants:
-        try:
-            datasets[participant.identity] = load_participant_data(participant, task, base_dir=path.resolve().parent)
-        except DataError as err:
-            problems.append(str(err))
-    if problems:
-        raise DataError("\n".join(problems))
+    datasets = load_inputs_data(inputs)
     test = load_canonical_file(args.test_data, task) if args.test_data else None
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sum(len(d) for d in datasets.values())
@@ -251,6 +279,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"  Reports: {ns.out / 'report.md'} and {out / 'baseline' / 'report.md'} "
                   f"(finished in {time.monotonic() - started:.0f}s)")
     return 0
+
+
+def _print_check(console: Any, report: Any) -> None:
+    """The report as aligned plain columns (long unmapped-value lists last), readable in a terminal or a CI log."""
+    state = "[green]ok[/]" if report.ok else "[red]problems[/]"
+    console.print(f"participant [bold]{report.participant}[/] ({report.origin}): {state}, "
+                  f"{report.rows_sampled:,} rows sampled")
+    if report.fields:
+        header = ("field", "type", "column", "present", "source type", "missing %", "unmapped values")
+        rows = [header] + [
+            (r.field, r.type, r.column or "(not mapped)", "yes" if r.present else ("-" if r.column is None else "NO"),
+             r.local_type or "-", "-" if r.missing_pct is None else f"{r.missing_pct:g}", ", ".join(r.unmapped) or "-")
+            for r in report.fields
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        for row in rows:
+            console.print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1], markup=False)
+    if report.positive_pct is not None:
+        console.print(f"label balance: {report.positive_pct:g}% positive")
+    for w in report.warnings:
+        console.print(f"[yellow]warning[/]: {w}")
+    for p in report.problems:
+        console.print("[red]problem[/]: ", end="")
+        console.print(p, markup=False)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from fedcrm.cli.launcher import load_check_inputs
+    from fedcrm.data.check import check_participant
+
+    if args.rows < 1:
+        raise FedcrmError("--rows must be at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    federation, participants = load_check_inputs(args.federation, args.participant)
+    reports = [
+        check_participant(participant, federation.spec.task, base_dir=path.resolve().parent, credentials=creds,
+                          sample_rows=args.rows)
+        for participant, path, creds in participants
+    ]
+    if args.json:
+        print(json.dumps({"ok": all(r.ok for r in reports), "participants": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        console = _console()
+        for report in reports:
+            _print_check(console, report)
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def main(argv: list[str] | None = None) -> None:

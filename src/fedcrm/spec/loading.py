@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -11,14 +12,18 @@ from pydantic import BaseModel, ValidationError
 
 from fedcrm.errors import ManifestError
 from fedcrm.spec.manifests import Federation, Participant
+from fedcrm.spec.secrets import Secret
 
 __all__ = [
+    "ParticipantManifests",
     "check_membership",
     "describe_validation_error",
     "dump_manifest",
     "load_federation",
     "load_participant",
+    "load_participant_manifests",
     "parse_manifest",
+    "secret_values",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -110,7 +115,7 @@ def parse_manifest(data: Any, model: type[M], source: str) -> M:
         ) from None
 
 
-def _load(path: Path, model: type[M]) -> M:
+def _documents(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -118,9 +123,20 @@ def _load(path: Path, model: type[M]) -> M:
     except OSError as err:
         raise ManifestError(f"{path}: cannot read it ({err.strerror})") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: not valid YAML: {err}") from None
+
+
+def _is_secret(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("kind") == "Secret" and doc.get("apiVersion", "v1") == "v1"
+
+
+def _load(path: Path, model: type[M]) -> M:
+    """The one ``model`` document of a file; Secrets beside a Participant are allowed and skipped here."""
+    docs = _documents(path)
+    if model is Participant:
+        docs = [d for d in docs if not _is_secret(d)]
     if len(docs) != 1:
         raise ManifestError(f"{path}: expected exactly one {model.__name__} document, found {len(docs)}")
     return parse_manifest(docs[0], model, str(path))
@@ -131,7 +147,65 @@ def load_federation(path: str | Path) -> Federation:
 
 
 def load_participant(path: str | Path) -> Participant:
+    """The Participant of a file that may also carry the Secret it references."""
     return _load(Path(path), Participant)
+
+
+@dataclass(frozen=True)
+class ParticipantManifests:
+    """What the files given with ``--participant`` hold: Participants (with their file) and Secrets."""
+
+    participants: list[tuple[Participant, Path]] = field(default_factory=list)
+    secrets: dict[tuple[str, str], Secret] = field(default_factory=dict)
+
+
+def load_participant_manifests(paths: list[Path]) -> ParticipantManifests:
+    """Read every document of every file: Participants, and the ``v1 Secret`` manifests they reference.
+
+    All problems are reported together. A file may hold one Participant, its
+    Secret(s), or both, as ``kubectl apply -f`` would take them.
+    """
+    out = ParticipantManifests()
+    problems: list[str] = []
+    for path in paths:
+        try:
+            docs = _documents(path)
+        except ManifestError as err:
+            problems.append(str(err))
+            continue
+        others = [d for d in docs if not _is_secret(d)]
+        for i, doc in enumerate(docs):
+            source = f"{path} (document {i + 1})" if len(docs) > 1 else str(path)
+            try:
+                if _is_secret(doc):
+                    secret = parse_manifest(doc, Secret, source)
+                    out.secrets[secret.key] = secret
+                else:
+                    out.participants.append((parse_manifest(doc, Participant, source), path))
+            except ManifestError as err:
+                problems.append(str(err))
+        if len(others) > 1:
+            problems.append(f"{path}: holds {len(others)} Participant documents; give each Participant its own file")
+    if problems:
+        raise ManifestError("\n".join(problems))
+    return out
+
+
+def secret_values(participant: Participant, secrets: dict[tuple[str, str], Secret]) -> dict[str, str] | None:
+    """The keys of the Secret ``participant`` references, looked up in its own namespace only; None if it needs none."""
+    name = participant.spec.credentials_secret_name()
+    if name is None:
+        return None
+    secret = secrets.get((participant.metadata.namespace, name))
+    if secret is None:
+        elsewhere = sorted(f"{ns}/{n}" for ns, n in secrets if n == name)
+        raise ManifestError(
+            f"participant {participant.identity}: spec.data.{participant.spec.data.kind}.secretRef names Secret "
+            f"{name!r}, but no Secret of that name in namespace {participant.metadata.namespace!r} was given; "
+            "pass its manifest (kind: Secret) with the Participant's files"
+            + (f" (found {', '.join(elsewhere)}: a Participant only sees Secrets of its own namespace)" if elsewhere else "")
+        )
+    return secret.values()
 
 
 def dump_manifest(obj: BaseModel) -> str:

@@ -18,7 +18,6 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "API_VERSION",
     "Condition",
-    "DATA_SOURCE_FIELDS",
     "DataSource",
     "DifferentialPrivacy",
     "Feature",
@@ -36,6 +35,9 @@ __all__ = [
     "ParticipantPhase",
     "ParticipantStatus",
     "Phase",
+    "SalesforceSource",
+    "SecretRef",
+    "SqlSource",
     "Privacy",
     "PvcSource",
     "ResourceOverrides",
@@ -460,7 +462,43 @@ class FederationRef(_Model):
     namespace: Annotated[str, Field(description="The coordinator namespace the Federation lives in.")] = "default"
 
 
-class FileSource(_Model):
+# A Secret name is a DNS-1123 subdomain: DNS labels joined by dots, at most 253 characters.
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class SecretRef(_Model):
+    """A Secret in the Participant's own namespace, holding a data source's credentials.
+
+    There is deliberately no ``namespace`` field: a Participant can only ever
+    reach Secrets its own tenant created, so another tenant's credentials
+    cannot even be named.
+    """
+
+    name: Annotated[str, Field(description="Name of a Secret in the Participant's namespace.")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_namespace(cls, data: object) -> object:
+        if isinstance(data, dict) and "namespace" in data:
+            raise ValueError(
+                "a Participant can only reference a Secret in its own namespace; remove 'namespace' "
+                "and create the Secret next to the Participant"
+            )
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > 253 or not _DNS_SUBDOMAIN.match(v):
+            raise ValueError(f"Secret name {v!r} must be a DNS subdomain: lowercase letters, digits, '-' and '.'")
+        return v
+
+
+class _Source(_Model):
+    """Base of every kind of ``spec.data`` source; DataSource finds its source fields by this type."""
+
+
+class FileSource(_Source):
     """A CSV or Parquet file on the machine running ``fedcrm run``."""
 
     path: Annotated[
@@ -475,7 +513,7 @@ class FileSource(_Model):
 _PARENT_STEP = re.compile(r"(^|/)[.][.](/|$)")
 
 
-class PvcSource(_Model):
+class PvcSource(_Source):
     """A CSV or Parquet file on a PersistentVolumeClaim in the Participant's own namespace (cluster only)."""
 
     claim_name: Annotated[
@@ -514,6 +552,83 @@ class PvcSource(_Model):
         return v
 
 
+_SOQL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*$")
+
+
+class SalesforceSource(_Source):
+    """Records from a Salesforce org through the REST query API (SOQL, paged with queryMore)."""
+
+    query: Annotated[
+        str | None, Field(description="A SOQL query, e.g. SELECT Id, LeadSource, Owner.Name, IsConverted FROM Lead.")
+    ] = None
+    sobject: Annotated[
+        str | None,
+        Field(alias="object", description="Instead of query: the object to read (Lead, Opportunity, Case ...)."),
+    ] = None
+    fields: Annotated[
+        list[str] | None, Field(description="With object: the fields to select; relationship fields as Owner.Name.")
+    ] = None
+    where: Annotated[str | None, Field(description="With object: an optional SOQL WHERE condition.")] = None
+    secret_ref: Annotated[
+        SecretRef, Field(description="The Secret with the login: instanceUrl+accessToken, username+password+"
+                         "securityToken, or username+consumerKey+privateKey (JWT bearer).")
+    ]
+    api_version: Annotated[str, Field(description="REST API version, e.g. '62.0'.")] = "62.0"
+    domain: Annotated[
+        str,
+        Field(description="Login host prefix: 'login' (production), 'test' (sandbox) or a My Domain such as 'acme.my'."),
+    ] = "login"
+    batch_size: Annotated[
+        int | None,
+        Field(ge=200, le=2000, description="Records per page (Sforce-Query-Options batchSize); Salesforce's default when unset."),
+    ] = None
+
+    @field_validator("api_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{2}\.0", v):
+            raise ValueError(f"apiVersion {v!r} must look like '62.0'")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not _SOQL_NAME.match(name):
+                raise ValueError(f"field {name!r} is not a Salesforce field name (letters, digits, '_', dots for relationships)")
+        return v
+
+    @model_validator(mode="after")
+    def _query_or_object(self) -> SalesforceSource:
+        if (self.query is None) == (self.sobject is None):
+            raise ValueError("give either 'query' (SOQL) or 'object' with 'fields', not both and not neither")
+        if self.sobject is not None:
+            if not _SOQL_NAME.match(self.sobject) or "." in self.sobject:
+                raise ValueError(f"object {self.sobject!r} is not a Salesforce object name")
+            if not self.fields:
+                raise ValueError(f"object {self.sobject!r} needs 'fields', the fields to read")
+        elif self.fields is not None or self.where is not None:
+            raise ValueError("'fields' and 'where' go with 'object'; with 'query', write them into the SOQL")
+        return self
+
+    def soql(self) -> str:
+        """The SOQL this source runs."""
+        if self.query is not None:
+            return self.query
+        text = f"SELECT {', '.join(self.fields or [])} FROM {self.sobject}"
+        return text + (f" WHERE {self.where}" if self.where else "")
+
+
+class SqlSource(_Source):
+    """Rows of a SQL query against any database SQLAlchemy reaches (PostgreSQL, MySQL, warehouses)."""
+
+    query: Annotated[str, Field(description="The SELECT to run; join leads, opportunities and cases here.")]
+    secret_ref: Annotated[SecretRef, Field(description="The Secret whose key 'url' is the SQLAlchemy database URL.")]
+    chunk_rows: Annotated[
+        int, Field(ge=1, le=1_000_000, description="Rows fetched per round trip (a server-side cursor streams the rest).")
+    ] = 10_000
+
+
 class ValueTransform(_Model):
     """Converts a local numeric column to canonical units: ``canonical = local * scale + offset``."""
 
@@ -521,27 +636,19 @@ class ValueTransform(_Model):
     offset: Annotated[float, Field(description="Added after scaling.")] = 0.0
 
 
-#: The fields of ``spec.data`` that name where records come from; exactly one is set.
-DATA_SOURCE_FIELDS = ("file", "pvc")
 
 
 class DataSource(_Model):
-    """Where the tenant's records are and how its columns map to the canonical schema."""
+    """Where the tenant's records are (exactly one source) and how its columns map to the canonical schema."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "[" + ", ".join(f"has(self.{f})" for f in DATA_SOURCE_FIELDS) + "]"
-                    ".filter(x, x).size() == 1",
-                    "message": "needs exactly one source of records: " + ", ".join(DATA_SOURCE_FIELDS),
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=lambda schema: DataSource._cel_one_source(schema))
 
-    file: Annotated[FileSource | None, Field(description="A local file (fedcrm run).")] = None
+    file: Annotated[FileSource | None, Field(description="A local CSV or Parquet file (fedcrm run).")] = None
     pvc: Annotated[PvcSource | None, Field(description="A file on a PersistentVolumeClaim (in a cluster).")] = None
+    salesforce: Annotated[
+        SalesforceSource | None, Field(description="A Salesforce org, read with SOQL through the REST API.")
+    ] = None
+    sql: Annotated[SqlSource | None, Field(description="A SQL database reached through SQLAlchemy.")] = None
     mapping: Annotated[
         dict[str, str],
         Field(
@@ -560,14 +667,54 @@ class DataSource(_Model):
         Field(description="Per canonical numeric field, the unit conversion from the local column."),
     ] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSource:
-        given = [name for name in DATA_SOURCE_FIELDS if getattr(self, name) is not None]
-        if len(given) != 1:
-            listed = ", ".join(DATA_SOURCE_FIELDS)
-            found = f"found {', '.join(given)}" if given else "found none"
-            raise ValueError(f"spec.data needs exactly one source of records ({listed}); {found}")
-        return self
+    @staticmethod
+    def _cel_one_source(schema: dict) -> None:
+        """The same one-source rule for the API server, so `kubectl apply` rejects what the models reject."""
+        kinds = DataSource.source_kinds()
+        schema["x-kubernetes-validations"] = [{
+            "rule": "[" + ", ".join(f"has(self.{k})" for k in kinds) + "].filter(x, x).size() == 1",
+            "message": f"exactly one data source is needed, one of {', '.join(kinds)}",
+        }]
+
+    @classmethod
+    def source_kinds(cls) -> list[str]:
+        """The manifest names of every kind of source, e.g. ['file', 'salesforce', 'sql'].
+
+        Found from the field types, so a new kind is one more ``_Source`` field.
+        """
+        return [
+            f.alias or n
+            for n, f in cls.model_fields.items()
+            if any(isinstance(a, type) and issubclass(a, _Source) for a in getattr(f.annotation, "__args__", ()))
+        ]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one_source(cls, data: object) -> object:
+        if isinstance(data, dict):
+            kinds = cls.source_kinds()
+            given = [k for k in kinds if data.get(k) is not None]
+            if len(given) != 1:
+                what = "none is given" if not given else f"got {' and '.join(given)}"
+                raise ValueError(f"exactly one data source is needed, one of {', '.join(kinds)}; {what}")
+        return data
+
+    @property
+    def kind(self) -> str:
+        """Which source is set: 'file', 'salesforce', 'sql', ..."""
+        return next(k for k in self.source_kinds() if getattr(self, _attribute(type(self), k)) is not None)
+
+    @property
+    def source(self) -> _Source:
+        return getattr(self, _attribute(type(self), self.kind))
+
+    def secret_ref(self) -> SecretRef | None:
+        """The Secret holding this source's credentials, if the source needs one."""
+        return getattr(self.source, "secret_ref", None)
+
+
+def _attribute(model: type[BaseModel], alias: str) -> str:
+    return next(n for n, f in model.model_fields.items() if (f.alias or n) == alias)
 
 
 class Toleration(_Model):
@@ -598,6 +745,11 @@ class ParticipantSpec(_Model):
     tolerations: Annotated[
         list[Toleration], Field(description="Taints the training pod tolerates (e.g. a dedicated GPU pool).")
     ] = Field(default_factory=list)
+
+    def credentials_secret_name(self) -> str | None:
+        """Name of the Secret (in the Participant's namespace) whose keys the training container gets as files."""
+        ref = self.data.secret_ref()
+        return ref.name if ref else None
 
 
 class ParticipantPhase(str, Enum):
