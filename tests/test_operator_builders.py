@@ -283,3 +283,27 @@ def test_a_secret_in_another_namespace_cannot_even_be_named() -> None:
     with pytest.raises(ManifestError, match="own namespace"):
         participant(data={"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db", "namespace": "tenant-b"}},
                           "mapping": {}})
+
+
+def test_the_enrolment_check_runs_before_training_with_the_same_data_mounts() -> None:
+    job = _job(federation(), participant())
+    spec = _pod_spec(job)
+    check, node = spec["initContainers"][0], spec["containers"][0]
+    assert check["name"] == "data-check" and "--check-only" in check["args"]
+    assert check["volumeMounts"] == node["volumeMounts"] and "--aggregator" not in check["args"]
+    assert check["args"][check["args"].index("--data-root") + 1] == node["args"][node["args"].index("--data-root") + 1]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {r["onExitCodes"]["containerName"] for r in rules if r["action"] == "FailJob"} == {"data-check", "node"}
+    config = builders.participant_config_map(NAMES, federation(), participant())
+    assert set(config["data"]) == {"participant.yaml", "federation.yaml"}
+
+
+def test_a_failed_check_reaches_the_participant_as_its_own_words() -> None:
+    from fedcrm_operator.participants import termination_message
+
+    pod = {"status": {"initContainerStatuses": [{"name": "data-check", "state": {"terminated": {
+        "exitCode": 2, "message": "participant tenant-a/crm: column 'Converted' not found in leads.csv; "
+        "add it or fix spec.data.mapping.converted\n"}}}]}}
+    assert termination_message(pod) == ("data-check: participant tenant-a/crm: column 'Converted' not found in leads.csv; "
+                                        "add it or fix spec.data.mapping.converted")
+    assert termination_message({"status": {"containerStatuses": [{"name": "node", "state": {"terminated": {"exitCode": 0}}}]}}) == ""

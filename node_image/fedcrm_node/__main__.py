@@ -28,10 +28,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Run one participant: read its own data, train locally, send only updates and counts.",
     )
     p.add_argument("--participant", required=True, type=Path, help="the Participant manifest (YAML)")
-    p.add_argument("--aggregator", required=True, help="host:port of the aggregator's gRPC endpoint")
-    p.add_argument("--ca", required=True, type=Path, help="the federation CA certificate (PEM)")
-    p.add_argument("--cert", required=True, type=Path, help="this participant's certificate (PEM)")
-    p.add_argument("--key", required=True, type=Path, help="this participant's private key (PEM)")
+    p.add_argument("--aggregator", help="host:port of the aggregator's gRPC endpoint (required unless --check-only)")
+    p.add_argument("--ca", type=Path, help="the federation CA certificate (PEM)")
+    p.add_argument("--cert", type=Path, help="this participant's certificate (PEM)")
+    p.add_argument("--key", type=Path, help="this participant's private key (PEM)")
+    p.add_argument("--check-only", type=Path, metavar="FEDERATION",
+                   help="only check this participant's data against the Federation manifest's task (the enrolment "
+                   "check the operator runs before training) and exit: 0 it fits, 2 it does not (problems printed)")
     p.add_argument("--data-root", type=Path,
                    help="where the spec.data.pvc claim is mounted (set by the operator in a training pod)")
     p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
@@ -45,9 +48,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_only(args: argparse.Namespace) -> None:
+    """Print the data check's problems one per line (the pod's termination message shows the last ones)."""
+    from fedcrm.data.check import check_participant
+    from fedcrm.data.credentials import read_credentials_dir
+    from fedcrm.spec.loading import load_federation
+
+    try:
+        participant = load_participant(args.participant)
+        federation = load_federation(args.check_only)
+        directory = args.credentials or Path(MOUNT_PATH)
+        credentials = read_credentials_dir(directory) if participant.spec.credentials_secret_name() else None
+        report = check_participant(participant, federation.spec.task, base_dir=args.participant.resolve().parent,
+                                   credentials=credentials, pvc_root=args.data_root)
+    except FedcrmError as err:
+        print(err, flush=True)
+        sys.exit(2)
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    if not report.ok:
+        for problem in report.problems:
+            print(problem, flush=True)
+        sys.exit(2)
+    log.info("data check passed: %d rows sampled from %s", report.rows_sampled, report.origin)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     configure(args.log_level)
+    if args.check_only:
+        _check_only(args)
+        return
+    missing = [f"--{n}" for n in ("aggregator", "ca", "cert", "key") if getattr(args, n) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required to train (or use --check-only FEDERATION)")
     import torch
 
     torch.set_num_threads(max(1, args.threads))

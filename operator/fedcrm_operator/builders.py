@@ -38,6 +38,7 @@ __all__ = [
 CONTAINER_UID = 65532  # "nonroot" in distroless images
 AGGREGATOR_CONFIG_KEY = "aggregator.json"
 PARTICIPANT_MANIFEST_KEY = "participant.yaml"
+FEDERATION_MANIFEST_KEY = "federation.yaml"
 TLS_DIR = "/etc/fedcrm/tls"
 CONFIG_DIR = "/etc/fedcrm/config"
 CHECKPOINT_DIR = "/var/lib/fedcrm"
@@ -291,15 +292,20 @@ def client_secret(names: Names, participant: Participant, *, ca_pem: bytes, cert
     )
 
 
-def participant_config_map(names: Names, participant: Participant) -> dict[str, Any]:
-    """The Participant as the node reads it (status stripped), so the pod needs no API access."""
+def participant_config_map(names: Names, federation: Federation, participant: Participant) -> dict[str, Any]:
+    """The Participant as the node reads it, and the Federation whose task the enrolment check maps to.
+
+    Statuses are stripped; the pod needs no API access.
+    """
     p = participant.metadata
-    manifest = participant.model_copy(update={"status": None})
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(names.participant_config(p.name), p.namespace, names.labels("training", p.name)),
-        "data": {PARTICIPANT_MANIFEST_KEY: dump_manifest(manifest)},
+        "data": {
+            PARTICIPANT_MANIFEST_KEY: dump_manifest(participant.model_copy(update={"status": None})),
+            FEDERATION_MANIFEST_KEY: dump_manifest(federation.model_copy(update={"status": None})),
+        },
     }
 
 
@@ -343,41 +349,49 @@ def training_job(
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    args = [
-        "--participant", f"{CONFIG_DIR}/{PARTICIPANT_MANIFEST_KEY}",
+    manifest = ["--participant", f"{CONFIG_DIR}/{PARTICIPANT_MANIFEST_KEY}"]
+    source: list[str] = []  # where the tenant's records are: the same for the check and for training
+    secret = participant.spec.credentials_secret_name()
+    if secret is not None:
+        # The tenant's own Secret (the name cannot point elsewhere), owner-read-only, in this pod only.
+        volumes.append({"name": "credentials", "secret": {"secretName": secret, "defaultMode": 0o400}})
+        mounts.append({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+        source += ["--credentials", CREDENTIALS_DIR]
+    pvc = participant.spec.data.pvc
+    if pvc is not None:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}})
+        mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
+        source += ["--data-root", DATA_DIR]
+    train_args = manifest + source + [
         "--aggregator", f"{names.aggregator_host(settings.cluster_domain)}:{settings.grpc_port}",
         "--ca", f"{TLS_DIR}/ca.crt",
         "--cert", f"{TLS_DIR}/tls.crt",
         "--key", f"{TLS_DIR}/tls.key",
         "--connect-timeout", f"{connect_timeout:.0f}",
     ]
-    secret = participant.spec.credentials_secret_name()
-    if secret is not None:
-        # The tenant's own Secret (the name cannot point elsewhere), owner-read-only, in this container only.
-        volumes.append({"name": "credentials", "secret": {"secretName": secret, "defaultMode": 0o400}})
-        mounts.append({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
-        args += ["--credentials", CREDENTIALS_DIR]
-    pvc = participant.spec.data.pvc
-    if pvc is not None:
-        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}})
-        mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
-        args += ["--data-root", DATA_DIR]
+    check_args = manifest + source + ["--check-only", f"{CONFIG_DIR}/{FEDERATION_MANIFEST_KEY}"]
+    node = {
+        "image": settings.node_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "resources": {"requests": resources, "limits": resources},
+        "securityContext": _hardened_container_security(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security(),
+        # The enrolment check: the tenant's data is read and mapped before the pod ever dials the aggregator;
+        # its problems (exit code 2) fail the Job and reach the Participant's status as the pod's message.
+        "initContainers": [{"name": "data-check", "args": check_args, **node}],
         "containers": [
             {
                 "name": "node",
-                "image": settings.node_image,
-                "imagePullPolicy": settings.image_pull_policy,
-                "args": args,
-                "resources": {"requests": resources, "limits": resources},
-                "securityContext": _hardened_container_security(),
-                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "args": train_args,
                 "env": [{"name": "FEDCRM_TORCH_THREADS", "value": _threads(training_resources(federation, participant).cpu)}],
-                "volumeMounts": mounts,
+                **node,
             }
         ],
         "volumes": volumes,
@@ -394,9 +408,11 @@ def training_job(
             "backoffLimit": settings.training_backoff_limit,
             "podFailurePolicy": {
                 "rules": [
-                    {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In", "values": [NODE_CONFIG_ERROR_EXIT]}},
+                    {"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": [NODE_CONFIG_ERROR_EXIT]}}
+                    for c in ("data-check", "node")
+                ] + [
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
+                ],
             },
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },

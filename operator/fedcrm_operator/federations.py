@@ -133,7 +133,7 @@ def _tenant_children(
         return _with_owner(builders.training_job(names, federation, participant, settings, connect_timeout=connect_timeout), owner)
 
     kube.ensure("v1", "Secret", ns, names.client_secret(name), certificate)
-    kube.apply(_with_owner(builders.participant_config_map(names, participant), owner))
+    kube.apply(_with_owner(builders.participant_config_map(names, federation, participant), owner))
     kube.apply(_with_owner(builders.participant_network_policy(names, participant, settings), owner))
     kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
     return {

@@ -17,7 +17,7 @@ from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, parse_federation, parse_participant
 
-__all__ = ["participant_status"]
+__all__ = ["participant_status", "termination_message"]
 
 
 def _job_phase(job: dict[str, Any] | None) -> tuple[ParticipantPhase, str]:
@@ -33,13 +33,23 @@ def _job_phase(job: dict[str, Any] | None) -> tuple[ParticipantPhase, str]:
     return ParticipantPhase.training, "training pod scheduled"
 
 
+def termination_message(pod: dict[str, Any], *, lines: int = 5) -> str:
+    """What a failed container said last (its termination message: the enrolment check's problems, or the
+    node's error line), joined on one line for a condition."""
+    status = pod.get("status") or {}
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        if terminated.get("exitCode"):
+            said = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
+            return f"{cs.get('name')}: " + "; ".join(said[-lines:]) if said else f"{cs.get('name')} exited {terminated['exitCode']}"
+    return ""
+
+
 def _failure_detail(kube: Kube, namespace: str, job_name: str) -> str:
-    """The node's own last words (its error line), from the failed pod's termination message."""
     for pod in kube.list("v1", "Pod", namespace=namespace, selector=f"job-name={job_name}"):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (cs.get("state") or {}).get("terminated") or {}
-            if terminated.get("exitCode"):
-                return (terminated.get("message") or "").strip().splitlines()[-1:][0] if terminated.get("message") else ""
+        message = termination_message(pod)
+        if message:
+            return message
     return ""
 
 

@@ -69,7 +69,7 @@ def _row(stats: FieldStats, columns: dict[str, None]) -> FieldRow:
 
 def check_participant(participant: Participant, task: Task, *, base_dir: Path | None,
                       credentials: Mapping[str, str] | None, sample_rows: int = SAMPLE_ROWS,
-                      backoff: Backoff | None = None) -> CheckReport:
+                      backoff: Backoff | None = None, pvc_root: Path | None = None) -> CheckReport:
     """Read at most ``sample_rows`` rows of the participant's source and map them; never raises DataError."""
     data = participant.spec.data
     origin = data.kind
@@ -77,7 +77,7 @@ def check_participant(participant: Participant, task: Task, *, base_dir: Path | 
     warnings: list[str] = []
     mapper: CanonicalMapper | None = None
     try:
-        stream = open_source(data, base_dir=base_dir, credentials=credentials, backoff=backoff)
+        stream = open_source(data, base_dir=base_dir, credentials=credentials, backoff=backoff, pvc_root=pvc_root)
         origin = stream.origin
         mapper = CanonicalMapper(data, task, who=f"participant {participant.identity}", origin=origin,
                                  container=stream.container, empty=stream.empty)

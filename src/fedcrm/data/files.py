@@ -50,13 +50,14 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         yield table.schema_arrow.empty_table().to_pandas()
 
 
-def read_file_chunks(path: Path, fmt: str | None, *, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+def read_file_chunks(path: Path, fmt: str | None, *, chunk_rows: int = CHUNK_ROWS,
+                     field: str = "spec.data.file.path") -> Iterator[pd.DataFrame]:
     """Yield the file's rows ``chunk_rows`` at a time; :class:`DataError` says what is wrong with the file."""
     fmt = file_format(path, fmt)
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; check spec.data.file.path")
+        raise DataError(f"data file {path} does not exist; check {field}")
     if path.is_dir():
-        raise DataError(f"{path} is a folder; spec.data.file.path must name a CSV or Parquet file")
+        raise DataError(f"{path} is a folder; {field} must name a CSV or Parquet file")
     chunks = _parquet_chunks(path, chunk_rows) if fmt == "parquet" else _csv_chunks(path, chunk_rows)
     try:
         yield from chunks

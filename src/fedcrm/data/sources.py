@@ -70,7 +70,7 @@ def open_source(data: DataSource, *, base_dir: Path | None, credentials: Mapping
             )
         path = pvc_root / source.path
         return SourceStream(f"{source.claim_name}:{source.path}", "the file", "the file has no rows",
-                            read_file_chunks(path, source.format))
+                            read_file_chunks(path, source.format, field="spec.data.pvc.path (and the claim's contents)"))
     if isinstance(source, FileSource):
         from fedcrm.data.files import read_file_chunks
 
