@@ -20,9 +20,10 @@ test: $(STAMP) system-packages  ## the whole suite: layering contracts, stub fre
 	$(BIN)/lint-imports
 	$(BIN)/python tools/protos.py --check
 	$(BIN)/python tools/crds.py --check
+	e2e/build-control-plane >/dev/null  # Go-built kube-apiserver & co, cached under ~/.cache/fedcrm/k8s
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) system-packages  ## the inner-loop subset (no whole federations), well under 2 minutes
+test-fast: $(STAMP) system-packages  ## the inner-loop subset (no whole federations, no control plane), under 2 minutes
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)

@@ -1,11 +1,15 @@
-"""Shared fixtures: a small synthetic federation written once per session."""
+"""Shared fixtures: a small synthetic federation, a PostgreSQL server and a Kubernetes control plane per session."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from controlplane import ControlPlane  # noqa: E402
 
 from fedcrm.data.synthetic import SynthResult, generate_federation
 from postgres_server import PostgresServer
@@ -29,3 +33,16 @@ def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver, controller-manager, scheduler and KWOK (2 GPU nodes with 8 GPUs each, 2 CPU nodes),
+    shared by the session's cluster tests and stopped at the end. FEDCRM_KEEP_CLUSTER=1 keeps its folder (logs)."""
+    import os
+
+    cp = ControlPlane(gpu_nodes=2, cpu_nodes=2, keep=os.environ.get("FEDCRM_KEEP_CLUSTER") == "1").start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
