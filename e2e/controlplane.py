@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["ControlPlane", "ControlPlaneError", "build_binaries"]
+__all__ = ["ControlPlane", "ControlPlaneError", "build_binaries", "die_with_parent"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_LABEL = "fedcrm.io/test-gpu"
@@ -88,8 +88,12 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 class ControlPlane:
     """Start with :meth:`start` (or ``with ControlPlane() as cp:``); :attr:`kubeconfig` is an admin kubeconfig."""
 
-    def __init__(self, *, gpu_nodes: int = 2, cpu_nodes: int = 2, workdir: Path | None = None, keep: bool = False) -> None:
+    def __init__(self, *, gpu_nodes: int = 2, cpu_nodes: int = 2, workdir: Path | None = None, keep: bool = False,
+                 detached: bool = False) -> None:
+        """``detached``: the components outlive this process (``e2e/cluster up``); otherwise they are killed
+        with it even when it dies without cleaning up (a killed test run leaves no orphans)."""
         self.gpu_nodes, self.cpu_nodes = gpu_nodes, cpu_nodes
+        self.detached = detached
         self.keep = keep or workdir is not None
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedcrm-k8s-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +199,8 @@ class ControlPlane:
         self.log_dir.mkdir(exist_ok=True)
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen([str(self.bin_dir / name.split(":")[0]), *args], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=None if self.detached else die_with_parent)
         self.pids[name] = proc.pid
 
     def _wait(self, name: str, check: Callable[[], bool], timeout: float = 90.0) -> None:
@@ -300,9 +305,16 @@ class ControlPlane:
     def attach(cls, workdir: Path) -> ControlPlane:
         """The control plane a previous ``start`` left running in ``workdir`` (for ``e2e/cluster down``)."""
         state: dict[str, Any] = json.loads((Path(workdir) / "state.json").read_text())
-        cp = cls(workdir=workdir)
+        cp = cls(workdir=workdir, detached=True)
         cp.pids, cp.ports, cp.bin_dir = dict(state["pids"]), dict(state["ports"]), Path(state["bin_dir"])
         return cp
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the parent goes (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

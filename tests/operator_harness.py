@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from controlplane import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_NAMESPACE = "fedcrm-system"
@@ -71,6 +72,18 @@ class Kubectl:
     def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         proc = self("get", kind, name, "-n", namespace, "-o", "json", check=False)
         return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def provide_claim(kubectl: Kubectl, namespace: str, name: str = "crm-data") -> None:
+    """A tenant's data volume: a PersistentVolume bound to its claim (no provisioner runs here)."""
+    kubectl.apply(
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-{name}"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany", "ReadWriteOnce"],
+                  "storageClassName": "tenant-data", "hostPath": {"path": f"/srv/{namespace}"},
+                  "claimRef": {"namespace": namespace, "name": name}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": namespace},
+         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-data", "resources": {"requests": {"storage": "1Gi"}}}},
+    )
 
 
 def install_chart(helm: Path, kubeconfig: Path) -> None:
@@ -126,7 +139,7 @@ class OperatorProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fedcrm_operator", "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
+                env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         wait_for("the operator's liveness endpoint", self._alive, timeout=60)
         return self

@@ -307,3 +307,13 @@ def test_a_failed_check_reaches_the_participant_as_its_own_words() -> None:
     assert termination_message(pod) == ("data-check: participant tenant-a/crm: column 'Converted' not found in leads.csv; "
                                         "add it or fix spec.data.mapping.converted")
     assert termination_message({"status": {"containerStatuses": [{"name": "node", "state": {"terminated": {"exitCode": 0}}}]}}) == ""
+
+
+def test_operator_default_resources_apply_when_the_federation_keeps_the_built_in_ones() -> None:
+    from fedcrm.spec.manifests import Resources
+
+    settings = OperatorSettings(default_resources=Resources(cpu="3", memory="6Gi", gpu=1))
+    sized = builders.training_resources(federation(), participant(), settings)
+    assert (sized.cpu, sized.memory, sized.gpu) == ("3", "6Gi", 1)
+    own = builders.training_resources(federation(resources={"cpu": "2"}), participant(resources={"memory": "1Gi"}), settings)
+    assert (own.cpu, own.memory, own.gpu) == ("2", "1Gi", 0)

@@ -24,6 +24,7 @@ from operator_harness import (
     OperatorProcess,
     free_port,
     install_chart,
+    provide_claim,
     service_account_kubeconfig,
     wait_for,
 )
@@ -34,6 +35,14 @@ COORD = "fedcrm-coord"
 TENANTS = ["tenant-a", "tenant-b", "tenant-c"]
 OUTSIDER = "tenant-z"
 STATUS_PORT = free_port()
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor", "listKind": "ServiceMonitorList"},
+             "versions": [{"name": "v1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
 TASK = {
     "target": "converted",
     "features": [
@@ -70,18 +79,6 @@ def participant(namespace: str, fed: str, *, name: str = "crm", **spec: Any) -> 
     }
 
 
-def provide_claim(kubectl: Kubectl, namespace: str, name: str = "crm-data") -> None:
-    """A tenant's data volume: a PersistentVolume bound to its claim (no provisioner runs here)."""
-    kubectl.apply(
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-{name}"},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany", "ReadWriteOnce"],
-                  "storageClassName": "tenant-data", "hostPath": {"path": f"/srv/{namespace}"},
-                  "claimRef": {"namespace": namespace, "name": name}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": namespace},
-         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-data", "resources": {"requests": {"storage": "1Gi"}}}},
-    )
-
-
 @pytest.fixture(scope="module")
 def kubectl(control_plane: Any) -> Kubectl:
     return Kubectl(control_plane.bin_dir / "kubectl", control_plane.kubeconfig)
@@ -91,6 +88,8 @@ def kubectl(control_plane: Any) -> Kubectl:
 def operator(control_plane: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     work = tmp_path_factory.mktemp("operator")
     install_chart(control_plane.bin_dir / "helm", control_plane.kubeconfig)
+    kubectl.apply(SERVICE_MONITOR_CRD)  # as where the Prometheus operator runs: the operator then adds ServiceMonitors
+    wait_for("the ServiceMonitor kind", lambda: kubectl("get", "servicemonitors", "-A", check=False).returncode == 0)
     for ns in [COORD, *TENANTS, OUTSIDER, "monitoring"]:
         kubectl("create", "namespace", ns, check=False)
     for ns in TENANTS:
@@ -115,7 +114,8 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
 
 def children(kubectl: Kubectl, fed: str) -> dict[str, list[tuple[str, str]]]:
     selector = f"fedcrm.io/federation={fed},fedcrm.io/federation-namespace={COORD}"
-    kinds = ["secrets", "configmaps", "services", "statefulsets", "jobs", "pods", "networkpolicies", "persistentvolumeclaims"]
+    kinds = ["secrets", "configmaps", "services", "statefulsets", "jobs", "pods", "networkpolicies", "persistentvolumeclaims",
+             "servicemonitors"]
     return {
         kind: sorted((i["metadata"]["namespace"], i["metadata"]["name"]) for i in kubectl.items(kind, selector=selector))
         for kind in kinds
@@ -171,6 +171,8 @@ def test_federation_and_three_participants_get_every_child_with_the_right_spec(o
     found = children(kubectl, "f1")
     assert found["statefulsets"] == [(COORD, "f1-aggregator")]
     assert found["services"] == [(COORD, "f1-aggregator"), (COORD, "f1-aggregator-grpc")]
+    monitors = kubectl.items("servicemonitors", namespace=COORD, selector="fedcrm.io/federation=f1")
+    assert [m["spec"]["endpoints"][0]["port"] for m in monitors] == ["metrics"]
     assert [j for j in found["jobs"]] == [(ns, "f1-crm") for ns in TENANTS]
     assert sorted(found["networkpolicies"]) == sorted([(COORD, "f1-aggregator")] + [(ns, "f1-crm-training") for ns in TENANTS])
     assert set(found["secrets"]) == {(COORD, "f1-ca"), (COORD, "f1-aggregator-tls")} | {(ns, "f1-crm-tls") for ns in TENANTS}

@@ -309,10 +309,17 @@ def participant_config_map(names: Names, federation: Federation, participant: Pa
     }
 
 
-def training_resources(federation: Federation, participant: Participant) -> Resources:
-    """The Federation's pod size with the tenant's overrides applied."""
+def training_resources(federation: Federation, participant: Participant, settings: OperatorSettings) -> Resources:
+    """The Federation's pod size with the tenant's overrides applied.
+
+    A Federation whose ``spec.resources`` equals the built-in defaults gets the operator's configured
+    defaults instead (the API server fills defaults in, so "left unset" and "set to the defaults" look alike).
+    """
+    base = federation.spec.resources
+    if base == Resources():
+        base = settings.default_resources
     overrides = participant.spec.resources
-    return overrides.applied_to(federation.spec.resources) if overrides else federation.spec.resources
+    return overrides.applied_to(base) if overrides else base
 
 
 def _resource_list(resources: Resources) -> dict[str, Any]:
@@ -335,9 +342,10 @@ def training_job(
     """
     p = participant.metadata
     labels = names.labels("training", p.name)
-    resources = _resource_list(training_resources(federation, participant))
+    sized = training_resources(federation, participant, settings)
+    resources = _resource_list(sized)
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in participant.spec.tolerations]
-    if training_resources(federation, participant).gpu and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
+    if sized.gpu and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
     volumes: list[dict[str, Any]] = [
         {"name": "tls", "secret": {"secretName": names.client_secret(p.name), "defaultMode": 0o400}},
@@ -390,7 +398,7 @@ def training_job(
             {
                 "name": "node",
                 "args": train_args,
-                "env": [{"name": "FEDCRM_TORCH_THREADS", "value": _threads(training_resources(federation, participant).cpu)}],
+                "env": [{"name": "FEDCRM_TORCH_THREADS", "value": _threads(sized.cpu)}],
                 **node,
             }
         ],

@@ -61,19 +61,20 @@ def participants_by_federation(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec
     return {key: copy.deepcopy(dict(body))}
 
 
-def _write_status(patch: kopf.Patch, current: dict[str, Any], new: dict[str, Any]) -> None:
-    if strip_times(current) != strip_times(new):
+def _record(patch: kopf.Patch, body: kopf.Body, new: dict[str, Any], phases: dict[str, str], gauge: Any, known: type) -> None:
+    """Write the status if it changed, and count the object's phase for the metrics."""
+    if strip_times(dict(body.get("status") or {})) != strip_times(new):
         for key, value in new.items():
             patch.status[key] = value
+    phases[f"{body['metadata']['namespace']}/{body['metadata']['name']}"] = new.get("phase", "Pending")
+    metrics.count_phases(gauge, phases, [p.value for p in known])
 
 
 def _federation_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, participants_by_federation: kopf.Index, **_: Any) -> None:
     key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     with metrics.reconciling("federation"):
         outcome = federations.reconcile(memo.kube, dict(body), list(participants_by_federation.get(key, [])), memo.settings)
-    _write_status(patch, dict(body.get("status") or {}), outcome.status)
-    memo.federation_phases[key] = outcome.status.get("phase", Phase.pending.value)
-    metrics.count_phases(metrics.FEDERATIONS, memo.federation_phases, [p.value for p in Phase])
+    _record(patch, body, outcome.status, memo.federation_phases, metrics.FEDERATIONS, Phase)
 
 
 @kopf.on.create(GROUP, VERSION, "federations")
@@ -122,12 +123,9 @@ def federation_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> 
 
 
 def _participant_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     with metrics.reconciling("participant"):
         status = participant_status(memo.kube, dict(body))
-    _write_status(patch, dict(body.get("status") or {}), status)
-    memo.participant_phases[key] = status["phase"]
-    metrics.count_phases(metrics.PARTICIPANTS, memo.participant_phases, [p.value for p in ParticipantPhase])
+    _record(patch, body, status, memo.participant_phases, metrics.PARTICIPANTS, ParticipantPhase)
 
 
 @kopf.on.create(GROUP, VERSION, "participants")
