@@ -10,6 +10,7 @@ namespace) and go with it.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from typing import Any
@@ -30,6 +31,8 @@ log = logging.getLogger("fedcrm.operator")
 
 FINALIZER = "fedcrm.io/cleanup"
 RECONCILE_SECONDS = 3.0
+#: Participants change less often than their Federation's pass; their status is refreshed on every change too.
+PARTICIPANT_SECONDS = 5.0
 
 
 @kopf.on.startup()
@@ -40,7 +43,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedcrm.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # refusals and failures become Kubernetes Events too
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 16
     memo.settings = own
     memo.kube = connect()
     memo.federation_phases = {}
@@ -89,26 +92,31 @@ def federation_tick(**kwargs: Any) -> None:
     _federation_pass(**kwargs)
 
 
-@kopf.daemon(GROUP, VERSION, "federations", cancellation_timeout=5)
-def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def _training(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == Phase.training.value
+
+
+@kopf.daemon(GROUP, VERSION, "federations", when=_training, cancellation_timeout=5)
+async def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """While a Federation trains, copy each finished round into its status within a poll interval.
 
     The full reconcile runs every few seconds; rounds can be faster, so this light loop reads only the
-    aggregator's /status and writes only when the round or the outcome changed. ``body`` is kopf's
-    live view of the object.
+    aggregator's /status and writes only when the round or the outcome changed. It is async on purpose:
+    a sync daemon would hold one of kopf's worker threads for the whole training, and a few dozen
+    training federations would starve every other handler. ``body`` is kopf's live view of the object.
     """
     meta = body["metadata"]
     names = Names(meta["namespace"], meta["name"])
     settings: OperatorSettings = memo.settings
     while not stopped:
         status = body.get("status") or {}
-        if status.get("phase") == Phase.training.value:
-            aggregator = federations.fetch_aggregator(names, settings)
-            if aggregator is not None:
-                fields = federations.progress_fields(aggregator)
-                if any(status.get(k) != v for k, v in fields.items()):
-                    memo.kube.patch_status(f"{GROUP}/{VERSION}", "Federation", names.namespace, names.federation, fields)
-        stopped.wait(settings.status_poll_seconds)
+        aggregator = await asyncio.to_thread(federations.fetch_aggregator, names, settings)
+        if aggregator is not None:
+            fields = federations.progress_fields(aggregator)
+            if any(status.get(k) != v for k, v in fields.items()):
+                await asyncio.to_thread(memo.kube.patch_status, f"{GROUP}/{VERSION}", "Federation",
+                                        names.namespace, names.federation, fields)
+        await asyncio.sleep(settings.status_poll_seconds)
 
 
 @kopf.on.delete(GROUP, VERSION, "federations")
@@ -135,7 +143,7 @@ def participant_changed(**kwargs: Any) -> None:
     _participant_pass(**kwargs)
 
 
-@kopf.timer(GROUP, VERSION, "participants", interval=RECONCILE_SECONDS, initial_delay=1.0)
+@kopf.timer(GROUP, VERSION, "participants", interval=PARTICIPANT_SECONDS, initial_delay=1.0)
 def participant_tick(**kwargs: Any) -> None:
     _participant_pass(**kwargs)
 

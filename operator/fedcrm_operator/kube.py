@@ -46,6 +46,7 @@ def _retryable(err: ApiException) -> bool:
 #: How long an applied object is trusted to be unchanged before it is applied again. Re-applying is
 #: idempotent but costs a request; the bound keeps a hand-deleted child from staying gone for long.
 APPLY_CACHE_SECONDS = 30.0
+KIND_CACHE_SECONDS = 60.0
 
 
 class Kube:
@@ -54,6 +55,7 @@ class Kube:
         self.dynamic = DynamicClient(api_client)
         self._applied: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._ensured: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
+        self._kinds: dict[tuple[str, str], tuple[bool, float]] = {}
         self._lock = threading.Lock()
         self.requests = 0
 
@@ -61,12 +63,24 @@ class Kube:
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
     def has_kind(self, api_version: str, kind: str) -> bool:
-        """Whether the cluster serves this kind (e.g. ServiceMonitor only where its CRD is installed)."""
+        """Whether the cluster serves this kind (e.g. ServiceMonitor only where its CRD is installed).
+
+        Cached for a minute: a miss makes the discovery client re-read every API group, which would
+        otherwise happen on every pass of every Federation.
+        """
+        key = (api_version, kind)
+        with self._lock:
+            seen = self._kinds.get(key)
+        if seen and time.monotonic() - seen[1] < KIND_CACHE_SECONDS:
+            return seen[0]
         try:
             self._resource(api_version, kind)
-            return True
+            served = True
         except ResourceNotFoundError:
-            return False
+            served = False
+        with self._lock:
+            self._kinds[key] = (served, time.monotonic())
+        return served
 
     def apply(self, obj: dict[str, Any]) -> None:
         """Server-side apply, skipped when the same object was applied in the last half-minute."""
