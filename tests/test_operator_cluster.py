@@ -137,6 +137,13 @@ def test_api_server_rejects_invalid_federations_with_a_readable_message(operator
     assert kubectl.get("federation", "bad-rounds", COORD) is None
 
 
+def test_kubectl_explain_documents_the_fields(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    explained = kubectl("explain", "federation.spec.privacy.secureAggregation").stdout
+    assert "Fraction of each neighbourhood" in explained and "threshold" in explained
+    explained = kubectl("explain", "participant.spec.data.pvc").stdout
+    assert "claimName" in explained and "no namespace" in explained
+
+
 def test_participant_referencing_another_namespace_is_refused_at_apply(operator: OperatorProcess, kubectl: Kubectl) -> None:
     sneaky = participant("tenant-a", "f1", name="sneaky")
     sneaky["spec"]["data"]["pvc"]["claimName"] = "tenant-b/crm-data"
