@@ -121,7 +121,11 @@ def _run(args: argparse.Namespace, console: Any) -> tuple[int, dict[str, Any]]:
         f"federation [bold]{fed.key}[/]: {len(inputs.participants)} participants, {fed.spec.training.rounds} rounds, "
         f"mutual TLS, outputs in {args.out}"
     )
-    with RunProgress(console, fed.spec.training.rounds, len(inputs.participants)) as progress:
+    dp = fed.spec.privacy.differential_privacy
+    if dp.enabled:
+        console.print(f"differential privacy [bold]{dp.mode}[/]: budget epsilon {dp.epsilon:g}, delta {dp.delta:g}; "
+                      "training stops before a round that would exceed it")
+    with RunProgress(console, fed.spec.training.rounds, len(inputs.participants), private=dp.enabled) as progress:
         result = run_federation(inputs, args.out, test_data=args.test_data, progress=progress)
     return result.exit_code, result.report
 
