@@ -8,6 +8,7 @@ succeed exits 1 with its partial report written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,29 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     synth.set_defaults(handler=_cmd_synth)
 
+    audit = sub.add_parser(
+        "audit",
+        help="membership-inference audit of a run's final model: measured leakage (attack AUC, TPR at 1% FPR)",
+        description="Attack the final global model of RUN_DIR with (a) a loss-threshold attack and (b) a shadow-model "
+        "likelihood-ratio attack (shadow models trained on --test-data, data the auditor controls). Members are "
+        "records participants trained on, non-members their held-out validation records. Needs the participants' "
+        "data, so it runs where the data may be read (e.g. synthetic data, or inside one enterprise).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="writes RUN_DIR/audit.json ({loss_threshold, shadow}: {auc, advantage, tpr_at_1pct_fpr}), "
+        "RUN_DIR/audit_roc.png,\nand adds the same object as privacy_audit to RUN_DIR/report.json",
+    )
+    audit.add_argument("--federation", required=True, type=Path, metavar="FED.yaml", help="the Federation manifest")
+    audit.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
+                       help="Participant manifest(s) whose records the model was trained on")
+    audit.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="output folder of `fedcrm run`")
+    audit.add_argument("--test-data", type=Path, metavar="TEST.csv",
+                       help="the auditor's own canonical rows for shadow models (default: half the held-out records)")
+    audit.add_argument("--shadows", type=int, default=4, help="shadow models to train (default 4)")
+    audit.add_argument("--max-records", type=int, default=5000,
+                       help="members and non-members attacked, each (default 5000)")
+    audit.add_argument("--seed", type=int, default=0, help="seeds target sampling and shadow training (default 0)")
+    audit.set_defaults(handler=_cmd_audit)
+
     demo = sub.add_parser(
         "demo",
         help="synthesise 10 enterprises' CRM data and train a federated model on it, end to end",
@@ -154,8 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _baseline(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     from fedcrm.cli.launcher import load_federation_inputs
-    from fedcrm.data.loaders import load_canonical_file, load_participant_data
-    from fedcrm.errors import DataError
+    from fedcrm.data.loaders import load_canonical_file
     from fedcrm.models.artifacts import load_model
     from fedcrm.models.scoring import score_frame
     from fedcrm.reporting import write_report
@@ -163,14 +186,7 @@ def _baseline(args: argparse.Namespace, console: Any) -> dict[str, Any]:
 
     inputs = load_federation_inputs(args.federation, args.participant)
     task = inputs.federation.spec.task
-    datasets, problems = {}, []
-    for participant, path in inputs.participants:
-        try:
-            datasets[participant.identity] = load_participant_data(participant, task, base_dir=path.resolve().parent)
-        except DataError as err:
-            problems.append(str(err))
-    if problems:
-        raise DataError("\n".join(problems))
+    datasets = _load_all_data(inputs)
     test = load_canonical_file(args.test_data, task) if args.test_data else None
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sum(len(d) for d in datasets.values())
@@ -189,6 +205,55 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     console = _console()
     report = _baseline(args, console)
     _print_outcome(console, report, args.out)
+    return 0
+
+
+def _load_all_data(inputs: Any) -> dict[str, Any]:
+    """Every participant's mapped rows, all problems reported at once."""
+    from fedcrm.data.loaders import load_participant_data
+    from fedcrm.errors import DataError
+
+    task = inputs.federation.spec.task
+    datasets, problems = {}, []
+    for participant, path in inputs.participants:
+        try:
+            datasets[participant.identity] = load_participant_data(participant, task, base_dir=path.resolve().parent)
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        raise DataError("\n".join(problems))
+    return datasets
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedcrm.cli.launcher import load_federation_inputs
+    from fedcrm.data.loaders import load_canonical_file
+    from fedcrm.privacy.audit import run_audit
+    from fedcrm.privacy.plots import plot_roc
+    from fedcrm.reporting import read_report, write_report
+
+    console = _console()
+    if not (args.run / "report.json").exists() or not (args.run / "model").is_dir():
+        raise FedcrmError(f"{args.run}: not the output folder of a finished `fedcrm run` (report.json or model/ is missing)")
+    if args.shadows < 1 or args.max_records < 10:
+        raise FedcrmError("--shadows must be at least 1 and --max-records at least 10")
+    inputs = load_federation_inputs(args.federation, args.participant)
+    datasets = _load_all_data(inputs)
+    test = load_canonical_file(args.test_data, inputs.federation.spec.task).frame if args.test_data else None
+    console.print(f"auditing {args.run / 'model'}: loss-threshold attack and {args.shadows} shadow models")
+    audit, curves = run_audit(inputs.federation, datasets, args.run, auditor_data=test, shadows=args.shadows,
+                              max_records=args.max_records, seed=args.seed)
+    (args.run / "audit.json").write_text(json.dumps(audit, indent=2) + "\n")
+    plot_roc({"loss threshold": curves["loss_threshold"], "shadow (offline LiRA)": curves["shadow"]},
+             args.run / "audit_roc.png", title=f"Membership inference on {args.run.name}")
+    report = read_report(args.run)
+    report["privacy_audit"] = audit
+    write_report(args.run, report)
+    for name in ("loss_threshold", "shadow"):
+        a = audit[name]
+        console.print(f"  {name:>14}: AUC {a['auc']:.4f}, advantage {a['advantage']:.4f}, "
+                      f"TPR at 1% FPR {a['tpr_at_1pct_fpr']:.4f}")
+    console.print(f"wrote {args.run / 'audit.json'} and {args.run / 'audit_roc.png'}")
     return 0
 
 
