@@ -21,7 +21,8 @@ def _fedcrm(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("command", "words"),
     [
-        ([], ["run", "baseline", "synth", "demo"]),
+        ([], ["run", "baseline", "synth", "demo", "audit"]),
+        (["audit"], ["--run", "--test-data", "shadow", "audit.json", "privacy_audit"]),
         (["run"], ["--federation", "--participant", "--test-data", "mutual TLS", "exit codes"]),
         (["baseline"], ["Pool every participant", "--participant"]),
         (["synth"], ["--clients", "--alpha", "Dirichlet"]),

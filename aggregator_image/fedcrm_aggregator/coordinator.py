@@ -34,8 +34,8 @@ from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
 from fedcrm.training.secure_vectors import fit_vector
-from fedcrm_aggregator.privacy import BudgetExhausted, PrivacyLedger
 from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
+from fedcrm_aggregator.privacy import BudgetExhausted, PrivacyLedger
 from fedcrm_aggregator.secure_sums import SecureSums
 from fedcrm_aggregator.sessions import Session
 
@@ -496,7 +496,7 @@ class Coordinator:
         return out
 
     def _write_outputs(self, status: str, message: str) -> dict[str, Any]:
-        digest = self._save_model(partial=status != "succeeded")
+        digest = self._save_model(partial=status != "succeeded" or self._stopped_early)
         with self._cond:
             per_pr = [
                 float(s.bytes_up.get(r.round, 0) + s.bytes_down.get(r.round, 0))

@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser(
         "audit",
-        help="membership-inference audit of a run's final model: measured leakage (attack AUC, TPR at 1% FPR)",
+        help="membership-inference audit of a run's final model: measured leakage (attack AUC, TPR at 1%% FPR)",
         description="Attack the final global model of RUN_DIR with (a) a loss-threshold attack and (b) a shadow-model "
         "likelihood-ratio attack (shadow models trained on --test-data, data the auditor controls). Members are "
         "records participants trained on, non-members their held-out validation records. Needs the participants' "
