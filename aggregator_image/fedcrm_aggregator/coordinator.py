@@ -33,7 +33,7 @@ from fedcrm.spec.manifests import Federation
 from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
-from fedcrm.training.secure_vectors import fit_vector
+from fedcrm.training.secure_vectors import client_dp_fit_vector, fit_vector
 from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
 from fedcrm_aggregator.privacy import BudgetExhausted, PrivacyLedger
 from fedcrm_aggregator.secure_sums import SecureSums
@@ -186,8 +186,7 @@ class Coordinator:
         ints = from_vector(message.delta, expected_length=noise.dimension)
         if not np.all(np.isfinite(ints)) or np.any(np.abs(ints) > noise.element_bound) or np.any(ints != np.rint(ints)):
             raise ValueError("a client-level DP update must be integers within the mechanism's element bound")
-        loss = float(message.loss_sum) if np.isfinite(message.loss_sum) else 0.0
-        return np.concatenate([ints, [1.0, min(max(loss, 0.0), 120.0)]])
+        return client_dp_fit_vector(ints, loss_mean=float(message.loss_sum) if np.isfinite(message.loss_sum) else 0.0)
 
     def _receive_plain_evaluation(self, identity: str, message: pb.EvaluationResult) -> np.ndarray:
         return from_vector(message.counts, expected_length=EVAL_SIZE)

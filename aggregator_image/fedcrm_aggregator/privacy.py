@@ -19,7 +19,6 @@ a second look at the same data.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,6 @@ from fedcrm.privacy.plans import client_accountant, client_noise, sample_account
 from fedcrm.spec.manifests import Federation
 
 __all__ = ["BudgetExhausted", "PrivacyLedger"]
-
-log = logging.getLogger("fedcrm.aggregator")
 
 _FORMAT = "fedcrm.privacy-ledger/v1"
 _FEDERATION = "*"

@@ -121,11 +121,10 @@ def _bytes(v: float | None) -> str:
 def _privacy_line(p: dict[str, Any]) -> str:
     if p.get("mode", "none") == "none":
         return "differential privacy none"
-    eps = p.get("epsilon_spent")
-    spent = "–" if eps is None else f"{eps:.3f}"
-    return (f"differential privacy {p['mode']}, epsilon spent {spent} of {p.get('epsilon_budget')} "
-            f"(delta {p.get('delta')}, noise multiplier {p.get('noise_multiplier'):.3g}, clipping norm "
-            f"{p.get('clipping_norm')})")
+    eps, sigma = p.get("epsilon_spent"), p.get("noise_multiplier")
+    return (f"differential privacy {p['mode']}, epsilon spent {_fmt(eps)} of {p.get('epsilon_budget', '–')} "
+            f"(delta {p.get('delta')}, noise multiplier {'–' if sigma is None else f'{sigma:.3g}'}, "
+            f"clipping norm {p.get('clipping_norm')})")
 
 
 def render_markdown(report: dict[str, Any]) -> str:

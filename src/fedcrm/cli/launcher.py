@@ -30,7 +30,8 @@ from fedcrm.spec.manifests import Federation, Participant
 
 __all__ = ["LoadedFederation", "RunResult", "load_federation_inputs", "run_federation"]
 
-_OUTPUTS = ("pki", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port")
+_OUTPUTS = ("pki", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port",
+            "audit.json", "audit_roc.png")
 
 
 # How often `fedcrm run` restarts a crashed aggregator before giving up.

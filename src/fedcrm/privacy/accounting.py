@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcrm.privacy.rdp import DEFAULT_ORDERS, compute_rdp, epsilon_from_rdp
+from fedcrm.privacy.rdp import compute_rdp, epsilon_from_rdp
 
 __all__ = [
     "BudgetExhausted",
@@ -143,6 +143,3 @@ class RdpAccountant:
                                      "a changed privacy setting needs a fresh output folder")
         return acc
 
-
-# Re-exported for callers that only need the default orders' length (e.g. tests).
-ORDERS = DEFAULT_ORDERS
