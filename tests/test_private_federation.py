@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import pytest
 import yaml
 
 from fedcrm.data.synthetic import SynthResult
-from fedcrm.privacy.accounting import calibrate_noise_multiplier
+from fedcrm.privacy.accounting import calibrate_noise_multiplier, epsilon_for
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +93,44 @@ def test_training_stops_before_the_round_that_would_overspend(small_federation: 
     assert "stopped before round 3 to stay within the privacy budget" in report["message"]
     assert report["privacy"]["epsilon_spent"] <= 1.0
     assert "stopped before round 3" in proc.stdout
+
+
+def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResult, tmp_path: Path) -> None:
+    doc = yaml.safe_load(small_federation.federation_path.read_text())
+    doc["spec"]["training"].update(rounds=12, localEpochs=4, minParticipants=3, roundTimeoutSeconds=60)
+    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 1.0, "delta": 1e-5},
+                              "secureAggregation": {"enabled": False}}
+    fed = tmp_path / "federation.yaml"
+    fed.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small_federation.participant_paths),
+            "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + 300, False
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.05)
+        events = out / "events.jsonl"
+        if events.exists() and events.read_text().count('"event": "round"') >= 3:
+            os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
+            killed = True
+        assert proc.poll() is None, "the run ended before the aggregator could be killed"
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr + stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["aggregator_restarts"] == 1
+    releases = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]["*"]["releases"]
+    assert len(set(releases)) == len(releases)
+    assert any(r.endswith("@1") for r in releases) and any(r.endswith("@2") for r in releases)
+    done = report["rounds_completed"]
+    assert [h["round"] for h in report["history"]] == list(range(1, done + 1))
+    spent = [h["epsilon_spent"] for h in report["history"]]
+    assert spent == sorted(spent)
+    # The budget funds exactly 12 releases. A round whose noised sum was released just before the crash is
+    # re-run and counted again, so the run then stops before its last round instead of overspending.
+    if len(releases) == done:
+        assert done == 12
+    else:
+        assert (len(releases), done) == (12, 11) and "stopped before round 12" in report["message"]
+    sigma = report["privacy"]["noise_multiplier"]
+    assert report["privacy"]["epsilon_spent"] == pytest.approx(
+        epsilon_for(q=1.0, noise_multiplier=sigma, steps=len(releases), delta=1e-5)) and spent[-1] <= 1.0
