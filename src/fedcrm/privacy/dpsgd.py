@@ -40,7 +40,7 @@ def _secure_generator() -> torch.Generator:
 
 class PrivateTrainer:
     def __init__(self, model: TabularMLP, data: EncodedData, plan: SamplePlan, *, batch_size: int,
-                 learning_rate: float, clipping_norm: float) -> None:
+                 learning_rate: float, clipping_norm: float, grad_sample_mode: str = "hooks") -> None:
         self.plan = plan
         self.examples = len(data)
         dataset = TensorDataset(torch.from_numpy(data.dense), torch.from_numpy(data.categorical),
@@ -53,7 +53,7 @@ class PrivateTrainer:
             self.module, self.optimizer, self.loader = self.engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=clipping_norm, poisson_sampling=True, noise_generator=_secure_generator(),
-                grad_sample_mode="hooks",
+                grad_sample_mode=grad_sample_mode,
             )
         self.loss_fn = nn.BCEWithLogitsLoss(reduction="mean")
 
