@@ -48,7 +48,7 @@ def _participants(data: Path) -> list[str]:
     return [str(p) for p in sorted((data / "participants").glob("*.yaml"))]
 
 
-def _run_one(name: str, fed: Path, data: Path, work: Path, *, baseline: bool = False) -> dict[str, Any]:
+def _run_one(name: str, fed: Path, data: Path, work: Path, *, audit: list[str], baseline: bool = False) -> dict[str, Any]:
     out = work / name
     common = ["--federation", str(fed), "--participant", *_participants(data), "--test-data", str(data / "test.csv")]
     started = time.monotonic()
@@ -56,7 +56,7 @@ def _run_one(name: str, fed: Path, data: Path, work: Path, *, baseline: bool = F
     took = time.monotonic() - started
     row: dict[str, Any] = {"seconds": round(took, 1)}
     if not baseline:
-        _sh([*FEDCRM, "audit", *common[:-2], "--run", str(out), "--test-data", str(data / "test.csv")])
+        _sh([*FEDCRM, "audit", *common[:-2], "--run", str(out), "--test-data", str(data / "test.csv"), *audit])
     report = json.loads((out / "report.json").read_text())
     row.update(accuracy=report["metrics"]["accuracy"], f1=report["metrics"]["f1"], auc=report["metrics"]["auc"],
                rounds=report["rounds_completed"], privacy=report["privacy"], audit=report.get("privacy_audit"))
@@ -72,8 +72,8 @@ def _markdown(results: dict[str, Any], settings: dict[str, Any]) -> str:
         "records of the same participants).",
         "",
         "| mode | epsilon | epsilon spent | noise multiplier | accuracy | vs baseline | F1 | loss-threshold AUC "
-        "| shadow AUC | shadow TPR @1% FPR | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shadow AUC | shadow TPR @1% FPR | shadows x epochs | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in sorted(results.items(), key=lambda kv: _order(kv[0])):
         a = r.get("audit") or {}
@@ -81,12 +81,13 @@ def _markdown(results: dict[str, Any], settings: dict[str, Any]) -> str:
         mode, eps = key.split("@") if "@" in key else (key, "–")
         gap = "–" if base is None or key == "baseline" else f"{100 * (r['accuracy'] - base):+.2f}"
         spent = p.get("epsilon_spent")
+        shadows = f"{a['shadow_models']} x {a['shadow_epochs']}" if a else "–"
         sigma = p.get("noise_multiplier")
         lines.append(
             f"| {mode} | {eps} | {'–' if spent is None else f'{spent:.3f}'} | "
             f"{'–' if sigma is None else f'{sigma:.3g}'} | {100 * r['accuracy']:.2f}% | {gap} | {100 * r['f1']:.2f}% | "
             f"{_f(a.get('loss_threshold', {}).get('auc'))} | {_f(a.get('shadow', {}).get('auc'))} | "
-            f"{_f(a.get('shadow', {}).get('tpr_at_1pct_fpr'))} | {r['seconds']:.0f} |"
+            f"{_f(a.get('shadow', {}).get('tpr_at_1pct_fpr'))} | {shadows} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=None, help="override training.batchSize in every run")
+    ap.add_argument("--shadows", type=int, default=4, help="shadow models per audit (fewer is faster)")
+    ap.add_argument("--shadow-epochs", type=int, default=None, help="epochs per shadow model (default: the audit's)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "privacy-table")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -136,7 +139,8 @@ def main() -> None:
             continue
         print(f"{key} ...", flush=True)
         fed = _federation(data, args.work, mode, eps, args.delta, args.clip, args.batch_size)
-        results[key] = _run_one(key.replace("@", "-"), fed, data, args.work, baseline=key == "baseline")
+        audit = ["--shadows", str(args.shadows)] + (["--shadow-epochs", str(args.shadow_epochs)] if args.shadow_epochs else [])
+        results[key] = _run_one(key.replace("@", "-"), fed, data, args.work, audit=audit, baseline=key == "baseline")
         store.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
         r = results[key]
         print(f"  accuracy {100 * r['accuracy']:.2f}%, shadow AUC {_f((r['audit'] or {}).get('shadow', {}).get('auc'))}, "

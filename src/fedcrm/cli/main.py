@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--test-data", type=Path, metavar="TEST.csv",
                        help="the auditor's own canonical rows for shadow models (default: half the held-out records)")
     audit.add_argument("--shadows", type=int, default=4, help="shadow models to train (default 4)")
+    audit.add_argument("--shadow-epochs", type=int, default=None,
+                       help="epochs per shadow model (default: rounds x localEpochs, at most 50)")
     audit.add_argument("--max-records", type=int, default=5000,
                        help="members and non-members attacked, each (default 5000)")
     audit.add_argument("--seed", type=int, default=0, help="seeds target sampling and shadow training (default 0)")
@@ -235,14 +237,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     console = _console()
     if not (args.run / "report.json").exists() or not (args.run / "model").is_dir():
         raise FedcrmError(f"{args.run}: not the output folder of a finished `fedcrm run` (report.json or model/ is missing)")
-    if args.shadows < 1 or args.max_records < 10:
-        raise FedcrmError("--shadows must be at least 1 and --max-records at least 10")
+    if args.shadows < 1 or args.max_records < 10 or (args.shadow_epochs is not None and args.shadow_epochs < 1):
+        raise FedcrmError("--shadows and --shadow-epochs must be at least 1 and --max-records at least 10")
     inputs = load_federation_inputs(args.federation, args.participant)
     datasets = _load_all_data(inputs)
     test = load_canonical_file(args.test_data, inputs.federation.spec.task).frame if args.test_data else None
     console.print(f"auditing {args.run / 'model'}: loss-threshold attack and {args.shadows} shadow models")
     audit, curves = run_audit(inputs.federation, datasets, args.run, auditor_data=test, shadows=args.shadows,
-                              max_records=args.max_records, seed=args.seed)
+                              shadow_epochs=args.shadow_epochs, max_records=args.max_records, seed=args.seed)
     (args.run / "audit.json").write_text(json.dumps(audit, indent=2) + "\n")
     plot_roc({"loss threshold": curves["loss_threshold"], "shadow (offline LiRA)": curves["shadow"]},
              args.run / "audit_roc.png", title=f"Membership inference on {args.run.name}")
