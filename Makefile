@@ -47,7 +47,7 @@ privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, m
 	nice -n 10 $(BIN)/python bench/privacy_table.py
 
 bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
-	$(BIN)/python bench/dp_cost.py --json bench/results/dp_cost.json
+	$(BIN)/python bench/dp_cost.py --rows 10000 --epochs 1 --repeats 2 --json bench/results/dp_cost.json
 
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -21,13 +21,19 @@ __all__ = ["main"]
 
 _EPILOG_RUN = """\
 outputs in OUT:
-  report.json, report.md   metrics, per-round history, traffic, participants
+  report.json, report.md   metrics, per-round history, traffic, participants, privacy spent
+  checkpoint/              the aggregator's last completed round and its privacy ledger (privacy.json)
   model/                   model.npz (weights) and model.json (preprocessing, digest)
   events.jsonl             what the aggregator recorded, one JSON object per event
   logs/                    the aggregator's and each participant's log
   pki/                     this run's CA certificate and issued certificates
 
-exit codes: 0 succeeded; 1 the federation failed (report marked partial); 2 bad input
+differential privacy (spec.privacy.differentialPrivacy): the epsilon spent so far is printed every round;
+training stops before a round that would exceed the budget (exit 0, report marked partial).
+Audit the result with `fedcrm audit`.
+
+exit codes: 0 succeeded (or stopped at the privacy budget); 1 the federation failed (report marked
+partial); 2 bad input
 """
 
 
