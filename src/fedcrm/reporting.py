@@ -127,6 +127,15 @@ def _privacy_line(p: dict[str, Any]) -> str:
             f"clipping norm {p.get('clipping_norm')})")
 
 
+def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
+    if not audit:
+        return []
+    parts = [f"{name.replace('_', '-')} attack AUC {a['auc']:.4f} (advantage {a['advantage']:.4f}, "
+             f"TPR at 1% FPR {a['tpr_at_1pct_fpr']:.4f})" for name, a in
+             (("loss_threshold", audit["loss_threshold"]), ("shadow", audit["shadow"]))]
+    return [f"- Membership-inference audit: {'; '.join(parts)}"]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     title = "Baseline (central training on pooled data)" if report["kind"] == "baseline" else "Federated training"
@@ -145,6 +154,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"F1 {_fmt(m['f1'], True)}, ROC AUC {_fmt(m['auc'])}",
         f"- Traffic per participant per round (up + down): {_bytes(report['bytes_per_client_per_round'])}",
         f"- Privacy: {_privacy_line(report['privacy'])}",
+        *_audit_lines(report.get("privacy_audit")),
         f"- Model digest: `{report['model_digest']}`",
         "",
         "| Round | Loss | Accuracy | F1 | AUC | Participants | Seconds | Up / client | Down / client |",
