@@ -11,7 +11,7 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg clean
+.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
@@ -50,6 +50,12 @@ system-packages:  ## Debian packages the tests need (PostgreSQL for the SQL conn
 bench-secagg: $(STAMP) .venv-bench/.installed  ## secure aggregation, ours against Flower's SecAgg+ (JSON in bench/results/)
 	@mkdir -p bench/results
 	$(BIN)/python bench/secagg.py --json bench/results/secagg.json
+
+privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, markdown, plot in bench/results/; ~1 h on 2 cores)
+	nice -n 10 $(BIN)/python bench/privacy_table.py
+
+bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
+	$(BIN)/python bench/dp_cost.py --rows 10000 --epochs 1 --repeats 2 --json bench/results/dp_cost.json
 
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

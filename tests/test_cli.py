@@ -21,8 +21,9 @@ def _fedcrm(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("command", "words"),
     [
-        ([], ["run", "baseline", "synth", "demo", "data"]),
+        ([], ["run", "baseline", "synth", "demo", "data", "audit"]),
         (["data", "check"], ["--federation", "--participant", "--json", "--rows", "instanceUrl + accessToken", "exit codes"]),
+        (["audit"], ["--run", "--test-data", "shadow", "audit.json", "privacy_audit"]),
         (["run"], ["--federation", "--participant", "--test-data", "mutual TLS", "exit codes"]),
         (["baseline"], ["Pool every participant", "--participant"]),
         (["synth"], ["--clients", "--alpha", "Dirichlet"]),

@@ -56,7 +56,9 @@ def test_three_participants_train_three_rounds_over_mutual_tls(three_rounds: tup
     assert set(report["metrics"]) == {"accuracy", "precision", "recall", "f1", "auc"}
     assert report["metrics"]["accuracy"] > 0.75  # a learned model, far above the majority class
     assert report["metrics"]["auc"] > 0.8
-    assert report["privacy"] == {"mode": "none", "epsilon_spent": None, "delta": None}
+    assert report["privacy"] == {"mode": "none", "epsilon_spent": None, "delta": None, "noise_multiplier": None,
+                                 "clipping_norm": None}
+    assert all(h["epsilon_spent"] is None for h in report["history"])
     history = report["history"]
     assert [h["round"] for h in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]

@@ -94,7 +94,7 @@ def test_unknown_field_names_its_path_and_suggests_the_right_one() -> None:
         ("spec.privacy", {"secureAggregation": {"neighbours": "some"}}, "spec.privacy.secureAggregation.neighbours"),
         ("spec.privacy", {"secureAggregation": {"threshold": 0}}, "spec.privacy.secureAggregation.threshold"),
         ("spec.privacy", {"secureAggregation": {"bits": 64}}, "spec.privacy.secureAggregation.bits"),
-        ("spec.privacy", {"differentialPrivacy": {"mode": "sample"}}, "spec.privacy.differentialPrivacy.mode"),
+        ("spec.privacy", {"differentialPrivacy": {"mode": "laplace"}}, "spec.privacy.differentialPrivacy.mode"),
         ("metadata.name", "Lead_Conversion", "must be a DNS label"),
         ("spec.participants.namespaces", ["ok", "Not OK"], "namespace 'Not OK' must be a DNS label"),
         ("spec.training.minParticipants", 3, "minParticipants is 3 but spec.participants.namespaces allows only 2"),

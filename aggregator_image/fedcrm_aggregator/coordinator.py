@@ -33,8 +33,9 @@ from fedcrm.spec.manifests import Federation
 from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
-from fedcrm.training.secure_vectors import fit_vector
+from fedcrm.training.secure_vectors import client_dp_fit_vector, fit_vector
 from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
+from fedcrm_aggregator.privacy import BudgetExhausted, PrivacyLedger
 from fedcrm_aggregator.secure_sums import SecureSums
 from fedcrm_aggregator.sessions import Session
 
@@ -87,6 +88,8 @@ class Coordinator:
         self._carried_rounds: dict[str, int] = {}
         self.incarnations = 1
         self.state, self.outcome_message, self.model_digest = "enrolling", "", None
+        self.privacy = PrivacyLedger(federation, self.expected, out_dir)
+        self._stopped_early = False
         if self.spec.privacy.secure_aggregation.enabled:
             # A fresh incarnation per process start: a restarted aggregator never reuses a round id.
             self.secure = SecureSums(self, self.spec.privacy.secure_aggregation, incarnation=uuid.uuid4().hex)
@@ -168,12 +171,23 @@ class Coordinator:
         assert self.layout is not None
         if message.model_version != self.version:
             raise ValueError(f"update is for model version {message.model_version}, current is {self.version}")
+        if self.privacy.noise is not None:
+            return self._receive_client_dp_fit(message)
         if not np.isfinite(message.examples) or message.examples <= 0:
             raise ValueError("the number of examples must be positive")
         delta = from_vector(message.delta, expected_length=self.layout.size)
         if not np.all(np.isfinite(delta)):
             raise ValueError("the update contains NaN or infinite values")
         return fit_vector(delta, examples=int(message.examples), loss_sum=message.loss_sum, clip=np.inf)
+
+    def _receive_client_dp_fit(self, message: pb.FitResult) -> np.ndarray:
+        """A client-level DP update: clipped, integer, noised; every participant weighs 1 (DP-FedAvg)."""
+        noise = self.privacy.noise
+        assert noise is not None
+        ints = from_vector(message.delta, expected_length=noise.dimension)
+        if not np.all(np.isfinite(ints)) or np.any(np.abs(ints) > noise.element_bound) or np.any(ints != np.rint(ints)):
+            raise ValueError("a client-level DP update must be integers within the mechanism's element bound")
+        return client_dp_fit_vector(ints, loss_mean=float(message.loss_sum) if np.isfinite(message.loss_sum) else 0.0)
 
     def _receive_plain_evaluation(self, identity: str, message: pb.EvaluationResult) -> np.ndarray:
         return from_vector(message.counts, expected_length=EVAL_SIZE)
@@ -189,7 +203,8 @@ class Coordinator:
                 session.model_version = self.version
             if not session.has_preprocessing:
                 task.preprocessing_json = json.dumps(
-                    {"preprocessing": json.loads(self.preprocessing.to_json()), "layout": self.layout.to_dict()}
+                    {"preprocessing": json.loads(self.preprocessing.to_json()), "layout": self.layout.to_dict(),
+                     "participants": len(self.expected)}
                 )
                 session.has_preprocessing = True
         return task
@@ -288,9 +303,18 @@ class Coordinator:
             if not resumed:
                 self._statistics()
             for round_ in range(len(self.history) + 1, self.spec.training.rounds + 1):
+                try:
+                    self.privacy.check_round(self._usable())
+                except BudgetExhausted as err:
+                    self._stopped_early = True
+                    message = f"stopped before round {round_} to stay within the privacy budget: {err}"
+                    log.warning("%s", message)
+                    self.emit("privacy_budget_exhausted", round=round_, message=message)
+                    break
                 mark_in_progress(self.out_dir, round_)
                 self._round(round_)
-            message = f"trained {len(self.history)} rounds"
+            else:
+                message = f"trained {len(self.history)} rounds"
         except FederationFailed as err:
             status, message = "failed", str(err)
             log.error("federation failed: %s", message)
@@ -303,6 +327,20 @@ class Coordinator:
                     s.send(pb.Task(kind=pb.Task.FINISH, succeeded=status == "succeeded", message=message))
         self.emit("finished", status=status, message=message)
         return report
+
+    def _usable(self) -> list[str]:
+        with self._cond:
+            return sorted(i for i, s in self._sessions.items() if s.usable)
+
+    def _setup_privacy(self, train_rows: dict[str, int]) -> None:
+        assert self.layout is not None
+        try:
+            warnings = self.privacy.setup(dimension=self.layout.size, train_rows=train_rows)
+        except ValueError as err:
+            raise FederationFailed(f"spec.privacy.differentialPrivacy: {err}") from None
+        for w in warnings:
+            log.warning("%s", w)
+            self.emit("privacy_warning", message=w)
 
     def _resume(self) -> bool:
         """Continue from the checkpoint of an earlier incarnation, if there is one."""
@@ -321,6 +359,7 @@ class Coordinator:
         self.incarnations = cp.incarnations
         self._dropped_reasons.update(cp.dropped)
         self._carried_rounds = cp.participant_rounds
+        self._setup_privacy({})
         note = ""
         if cp.in_progress is not None and cp.in_progress > cp.rounds_completed:
             note = (f"; round {cp.in_progress} was in progress and is re-run from the start with fresh keys "
@@ -346,6 +385,8 @@ class Coordinator:
         total = ordered_sum(results.items())
         self.preprocessing = self.stats_layout.preprocessing(total)
         self.layout = ModelLayout.build(self.spec.model, self.preprocessing)
+        # Each vector starts with its training rows, summed in the clear anyway; sample-mode accounting needs them.
+        self._setup_privacy({i: int(round(float(v[0]))) for i, v in results.items()})
         self.weights = self.layout.initial(self.spec.training.seed)
         self.version = 0
         self.emit("statistics", rows=self.preprocessing.rows, participants=len(results),
@@ -368,7 +409,15 @@ class Coordinator:
         started = time.monotonic()
         with self._cond:
             self._silent_this_round = set()
+        release = f"{round_}@{self.incarnations}"
+        if self.privacy.mode == "sample":  # each participant spends as soon as it trains
+            self.privacy.record(release, self._usable())
         contributors, fit_total = self._sum(pb.Task.FIT, round_)
+        if self.privacy.noise is not None and contributors:
+            # The noised sum is out: count it before anything else can fail.
+            self.privacy.record(release, contributors)
+            fit_total = fit_total.copy()
+            fit_total[: self.layout.size] = self.privacy.noise.decode(fit_total[: self.layout.size])
         self._require(len(contributors), f"round {round_} training")
         try:
             step = fedavg_step(self.weights, fit_total)
@@ -399,6 +448,7 @@ class Coordinator:
             bytes_down_per_client=sum(downs) / len(downs),
             train_loss=train_loss,
             dropped=[i for i in self.expected if i not in contributors],
+            epsilon_spent=self.privacy.spent(),
         )
         self.history.append(record)
         self.last_metrics = metrics
@@ -448,7 +498,7 @@ class Coordinator:
         return out
 
     def _write_outputs(self, status: str, message: str) -> dict[str, Any]:
-        digest = self._save_model(partial=status != "succeeded")
+        digest = self._save_model(partial=status != "succeeded" or self._stopped_early)
         with self._cond:
             per_pr = [
                 float(s.bytes_up.get(r.round, 0) + s.bytes_down.get(r.round, 0))
@@ -467,7 +517,8 @@ class Coordinator:
             metrics={k: v for k, v in self.last_metrics.items() if v is not None},
             metrics_source="validation",
             model_digest=digest,
-            privacy_mode=self.spec.privacy.differential_privacy.mode,
+            privacy=self.privacy.summary(),
+            partial=status != "succeeded" or len(self.history) < self.spec.training.rounds,
             duration_s=round(time.monotonic() - self._started, 3),
             bytes_per_participant_round=per_pr,
         )
@@ -490,7 +541,7 @@ class Coordinator:
             "metrics": {k: v for k, v in self.last_metrics.items() if v is not None},
             "round_duration_s": last.duration_s if last else None,
             "bytes_up_per_client": last.bytes_up_per_client if last else None,
-            "epsilon_spent": None,
+            "epsilon_spent": self.privacy.spent(),
             "model_digest": self.model_digest,
             "message": self.outcome_message,
         }

@@ -36,7 +36,12 @@ from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
 from fedcrm.spec.manifests import SecureAggregation
-from fedcrm.training.secure_vectors import evaluation_quantizer, fit_quantizer, validation_bound
+from fedcrm.training.secure_vectors import (
+    client_dp_fit_quantizer,
+    evaluation_quantizer,
+    fit_quantizer,
+    validation_bound,
+)
 
 if TYPE_CHECKING:
     from fedcrm_aggregator.coordinator import Coordinator
@@ -84,6 +89,8 @@ class SecureSums:
     def quantizer(self, kind: int) -> SegmentedQuantizer:
         assert self.c.layout is not None
         try:
+            if kind == pb.Task.FIT and self.c.privacy.noise is not None:
+                return client_dp_fit_quantizer(self.c.privacy.noise)
             if kind == pb.Task.FIT:
                 return fit_quantizer(parameters=self.c.layout.size, weight_bound=self.bound(kind),
                                      clip=self.spec.clip, bits=self.spec.bits)

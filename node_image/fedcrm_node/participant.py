@@ -83,6 +83,8 @@ class ParticipantNode:
         self.version: int | None = None
         self.secagg_id = 0
         self.contribution = None  # the secure sum in progress, if any
+        self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
+        self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
 
     # ----------------------------------------------------------------- protocol
     def run(self) -> None:
@@ -224,9 +226,12 @@ class ParticipantNode:
             raw = json.loads(task.preprocessing_json)
             prep = Preprocessing.from_json(json.dumps(raw["preprocessing"]))
             layout = ModelLayout.from_dict(raw["layout"])
+            self.participants = int(raw.get("participants", 0))
             assert self.frames is not None
             self.encoded = _Split(encode(self.frames[0], prep), encode(self.frames[1], prep))  # type: ignore[arg-type]
-            self.model = TabularMLP(layout)
+            if self.model is None or self.model.layout.to_dict() != layout.to_dict():  # type: ignore[attr-defined]
+                # A reconnection keeps the model (and a DP-SGD trainer's accountant) of the same layout.
+                self.model, self.private = TabularMLP(layout), None
         if self.model is None:
             raise NodeExit("protocol error: a model arrived before the preprocessing", 4)
         if task.HasField("model"):
@@ -242,20 +247,29 @@ class ParticipantNode:
         assert self.federation is not None and self.encoded is not None and self.weights is not None
         training = self.federation.spec.training
         set_flat(self.model, self.weights)  # type: ignore[arg-type]
+        dp = self.federation.spec.privacy.differential_privacy
         started = time.perf_counter()
-        outcome = train_epochs(
-            self.model,  # type: ignore[arg-type]
-            self.encoded.train,  # type: ignore[arg-type]
-            epochs=training.local_epochs,
-            batch_size=training.batch_size,
-            learning_rate=training.learning_rate,
-            seed=derive_seed(training.seed, self.identity, task.round),
-            proximal_mu=training.proximal_mu if training.algorithm == "fedprox" else 0.0,
-        )
+        if dp.mode == "sample":
+            outcome = self._train_private()
+        else:
+            outcome = train_epochs(
+                self.model,  # type: ignore[arg-type]
+                self.encoded.train,  # type: ignore[arg-type]
+                epochs=training.local_epochs,
+                batch_size=training.batch_size,
+                learning_rate=training.learning_rate,
+                seed=derive_seed(training.seed, self.identity, task.round),
+                proximal_mu=training.proximal_mu if training.algorithm == "fedprox" else 0.0,
+            )
         delta = get_flat(self.model) - self.weights  # type: ignore[arg-type]
         took = time.perf_counter() - started
         log.info("round %d: trained on %d rows in %.2fs, loss %.4f",
                  task.round, outcome.examples, took, outcome.loss_sum / max(outcome.examples, 1))
+        if dp.mode == "sample" and self.private is not None:
+            log.info("round %d: DP-SGD spend so far epsilon %.4f (delta %g, Opacus RDP accountant)",
+                     task.round, self.private.epsilon(dp.delta), dp.delta)  # type: ignore[attr-defined]
+        if dp.mode == "client":
+            return self._client_dp_fit(task, delta, outcome.loss_sum / max(outcome.examples, 1), took)
         if task.HasField("secagg"):
             from fedcrm.training.secure_vectors import fit_quantizer, fit_vector
 
@@ -272,6 +286,40 @@ class ParticipantNode:
             loss_sum=outcome.loss_sum,
             train_seconds=took,
         )
+
+    def _train_private(self) -> object:
+        """One round of DP-SGD (Opacus), with the noise multiplier the aggregator derives too."""
+        from fedcrm.privacy.dpsgd import PrivateTrainer
+        from fedcrm.privacy.plans import sample_plan
+
+        assert self.federation is not None and self.encoded is not None and self.frames is not None
+        spec = self.federation.spec
+        if self.private is None:
+            plan = sample_plan(spec, len(self.frames[0]))  # type: ignore[arg-type]
+            self.private = PrivateTrainer(
+                self.model, self.encoded.train, plan, batch_size=spec.training.batch_size,  # type: ignore[arg-type]
+                learning_rate=spec.training.learning_rate, clipping_norm=spec.privacy.differential_privacy.clip,
+            )
+            log.info("DP-SGD: Poisson rate %.5f, %d steps per round, noise multiplier %.4f",
+                     plan.sample_rate, plan.steps_per_round, plan.noise_multiplier)
+        return self.private.train_round(spec.training.local_epochs)  # type: ignore[attr-defined]
+
+    def _client_dp_fit(self, task: pb.Task, delta: np.ndarray, loss_mean: float, took: float) -> pb.FitResult:
+        """Clip, discretise and noise the update (this participant's share of the noise), then send or mask it."""
+        from fedcrm.privacy.plans import client_noise
+        from fedcrm.training.secure_vectors import client_dp_fit_quantizer, client_dp_fit_vector
+
+        assert self.federation is not None
+        if self.participants < 1:
+            raise NodeExit("protocol error: the aggregator did not say how many participants the federation has", 4)
+        noise = client_noise(self.federation.spec, participants=self.participants, dimension=delta.size)
+        noised = noise.privatize(delta)
+        if task.HasField("secagg"):
+            keys = self._start_secure_sum(task, client_dp_fit_quantizer(noise), client_dp_fit_vector(noised, loss_mean=loss_mean))
+            return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
+        return pb.FitResult(round=task.round, model_version=task.model_version,
+                            delta=to_vector(noised.astype(np.float64)), examples=1.0, loss_sum=loss_mean,
+                            train_seconds=took)
 
     def _evaluate(self, task: pb.Task) -> pb.EvaluationResult:
         from fedcrm.models.mlp import set_flat

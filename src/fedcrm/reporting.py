@@ -11,7 +11,8 @@ Federated runs (written by the aggregator, completed by the CLI) and
   bytes_up_per_client, bytes_down_per_client}],
 - ``bytes_per_client_per_round``: mean of up + down bytes over every
   participant-round (serialized gRPC message sizes),
-- ``privacy`` {mode, epsilon_spent, delta} (nulls when differential privacy is off),
+- ``privacy`` {mode, epsilon_spent, delta, noise_multiplier, clipping_norm} (nulls when differential
+  privacy is off), plus ``privacy_audit`` once ``fedcrm audit`` ran,
 - ``status`` (succeeded | failed), ``partial`` and ``message``.
 """
 
@@ -27,6 +28,7 @@ from fedcrm.models.artifacts import atomic_write
 __all__ = ["RoundRecord", "build_report", "read_report", "render_markdown", "write_report"]
 
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "auc")
+NO_PRIVACY = {"mode": "none", "epsilon_spent": None, "delta": None, "noise_multiplier": None, "clipping_norm": None}
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RoundRecord:
     bytes_down_per_client: float
     train_loss: float | None = None
     dropped: list[str] = field(default_factory=list)
+    epsilon_spent: float | None = None  # cumulative, after this round (None without differential privacy)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -62,7 +65,8 @@ def build_report(
     metrics: dict[str, float | None],
     metrics_source: str,
     model_digest: str | None,
-    privacy_mode: str = "none",
+    privacy: dict[str, Any] | None = None,
+    partial: bool | None = None,
     duration_s: float | None = None,
     bytes_per_participant_round: list[float] | None = None,
 ) -> dict[str, Any]:
@@ -71,7 +75,7 @@ def build_report(
         "kind": kind,
         "federation": federation,
         "status": status,
-        "partial": status != "succeeded",
+        "partial": status != "succeeded" if partial is None else partial,
         "message": message,
         "rounds_planned": rounds_planned,
         "rounds_completed": len(history),
@@ -80,7 +84,7 @@ def build_report(
         "metrics_source": metrics_source,
         "history": [asdict(r) for r in history],
         "bytes_per_client_per_round": _mean(per_round),
-        "privacy": {"mode": privacy_mode, "epsilon_spent": None, "delta": None},
+        "privacy": privacy or dict(NO_PRIVACY),
         "model_digest": model_digest,
         "duration_s": duration_s,
     }
@@ -114,6 +118,24 @@ def _bytes(v: float | None) -> str:
     return str(v)
 
 
+def _privacy_line(p: dict[str, Any]) -> str:
+    if p.get("mode", "none") == "none":
+        return "differential privacy none"
+    eps, sigma = p.get("epsilon_spent"), p.get("noise_multiplier")
+    return (f"differential privacy {p['mode']}, epsilon spent {_fmt(eps)} of {p.get('epsilon_budget', '–')} "
+            f"(delta {p.get('delta')}, noise multiplier {'–' if sigma is None else f'{sigma:.3g}'}, "
+            f"clipping norm {p.get('clipping_norm')})")
+
+
+def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
+    if not audit:
+        return []
+    parts = [f"{name.replace('_', '-')} attack AUC {a['auc']:.4f} (advantage {a['advantage']:.4f}, "
+             f"TPR at 1% FPR {a['tpr_at_1pct_fpr']:.4f})" for name, a in
+             (("loss_threshold", audit["loss_threshold"]), ("shadow", audit["shadow"]))]
+    return [f"- Membership-inference audit: {'; '.join(parts)}"]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     title = "Baseline (central training on pooled data)" if report["kind"] == "baseline" else "Federated training"
@@ -131,7 +153,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"precision {_fmt(m['precision'], True)}, recall {_fmt(m['recall'], True)}, "
         f"F1 {_fmt(m['f1'], True)}, ROC AUC {_fmt(m['auc'])}",
         f"- Traffic per participant per round (up + down): {_bytes(report['bytes_per_client_per_round'])}",
-        f"- Privacy: differential privacy {report['privacy']['mode']}",
+        f"- Privacy: {_privacy_line(report['privacy'])}",
+        *_audit_lines(report.get("privacy_audit")),
         f"- Model digest: `{report['model_digest']}`",
         "",
         "| Round | Loss | Accuracy | F1 | AUC | Participants | Seconds | Up / client | Down / client |",

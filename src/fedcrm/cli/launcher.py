@@ -31,7 +31,8 @@ from fedcrm.spec.manifests import Federation, Participant
 
 __all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "load_inputs_data", "run_federation"]
 
-_OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md", "processes.json", "aggregator.json", "aggregator.port")
+_OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md",
+            "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png")
 
 
 # How often `fedcrm run` restarts a crashed aggregator before giving up.

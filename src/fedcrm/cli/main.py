@@ -8,6 +8,7 @@ succeed exits 1 with its partial report written.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -21,13 +22,19 @@ __all__ = ["main"]
 
 _EPILOG_RUN = """\
 outputs in OUT:
-  report.json, report.md   metrics, per-round history, traffic, participants
+  report.json, report.md   metrics, per-round history, traffic, participants, privacy spent
+  checkpoint/              the aggregator's last completed round and its privacy ledger (privacy.json)
   model/                   model.npz (weights) and model.json (preprocessing, digest)
   events.jsonl             what the aggregator recorded, one JSON object per event
   logs/                    the aggregator's and each participant's log
   pki/                     this run's CA certificate and issued certificates
 
-exit codes: 0 succeeded; 1 the federation failed (report marked partial); 2 bad input
+differential privacy (spec.privacy.differentialPrivacy): the epsilon spent so far is printed every round;
+training stops before a round that would exceed the budget (exit 0, report marked partial).
+Audit the result with `fedcrm audit`.
+
+exit codes: 0 succeeded (or stopped at the privacy budget); 1 the federation failed (report marked
+partial); 2 bad input
 """
 
 
@@ -104,6 +111,31 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     synth.set_defaults(handler=_cmd_synth)
 
+    audit = sub.add_parser(
+        "audit",
+        help="membership-inference audit of a run's final model: measured leakage (attack AUC, TPR at 1%% FPR)",
+        description="Attack the final global model of RUN_DIR with (a) a loss-threshold attack and (b) a shadow-model "
+        "likelihood-ratio attack (shadow models trained on --test-data, data the auditor controls). Members are "
+        "records participants trained on, non-members their held-out validation records. Needs the participants' "
+        "data, so it runs where the data may be read (e.g. synthetic data, or inside one enterprise).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="writes RUN_DIR/audit.json ({loss_threshold, shadow}: {auc, advantage, tpr_at_1pct_fpr}), "
+        "RUN_DIR/audit_roc.png,\nand adds the same object as privacy_audit to RUN_DIR/report.json",
+    )
+    audit.add_argument("--federation", required=True, type=Path, metavar="FED.yaml", help="the Federation manifest")
+    audit.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
+                       help="Participant manifest(s) whose records the model was trained on")
+    audit.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="output folder of `fedcrm run`")
+    audit.add_argument("--test-data", type=Path, metavar="TEST.csv",
+                       help="the auditor's own canonical rows for shadow models (default: half the held-out records)")
+    audit.add_argument("--shadows", type=int, default=4, help="shadow models to train (default 4)")
+    audit.add_argument("--shadow-epochs", type=int, default=None,
+                       help="epochs per shadow model (default: rounds x localEpochs, at most 50)")
+    audit.add_argument("--max-records", type=int, default=5000,
+                       help="members and non-members attacked, each (default 5000)")
+    audit.add_argument("--seed", type=int, default=0, help="seeds target sampling and shadow training (default 0)")
+    audit.set_defaults(handler=_cmd_audit)
+
     demo = sub.add_parser(
         "demo",
         help="synthesise 10 enterprises' CRM data and train a federated model on it, end to end",
@@ -157,7 +189,11 @@ def _run(args: argparse.Namespace, console: Any) -> tuple[int, dict[str, Any]]:
         f"federation [bold]{fed.key}[/]: {len(inputs.participants)} participants, {fed.spec.training.rounds} rounds, "
         f"mutual TLS, outputs in {args.out}"
     )
-    with RunProgress(console, fed.spec.training.rounds, len(inputs.participants)) as progress:
+    dp = fed.spec.privacy.differential_privacy
+    if dp.enabled:
+        console.print(f"differential privacy [bold]{dp.mode}[/]: budget epsilon {dp.epsilon:g}, delta {dp.delta:g}; "
+                      "training stops before a round that would exceed it")
+    with RunProgress(console, fed.spec.training.rounds, len(inputs.participants), private=dp.enabled) as progress:
         result = run_federation(inputs, args.out, test_data=args.test_data, progress=progress)
     return result.exit_code, result.report
 
@@ -213,6 +249,38 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     console = _console()
     report = _baseline(args, console)
     _print_outcome(console, report, args.out)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedcrm.cli.launcher import load_federation_inputs, load_inputs_data
+    from fedcrm.data.loaders import load_canonical_file
+    from fedcrm.privacy.audit import run_audit
+    from fedcrm.privacy.plots import plot_roc
+    from fedcrm.reporting import read_report, write_report
+
+    console = _console()
+    if not (args.run / "report.json").exists() or not (args.run / "model").is_dir():
+        raise FedcrmError(f"{args.run}: not the output folder of a finished `fedcrm run` (report.json or model/ is missing)")
+    if args.shadows < 1 or args.max_records < 10 or (args.shadow_epochs is not None and args.shadow_epochs < 1):
+        raise FedcrmError("--shadows and --shadow-epochs must be at least 1 and --max-records at least 10")
+    inputs = load_federation_inputs(args.federation, args.participant)
+    datasets = load_inputs_data(inputs)
+    test = load_canonical_file(args.test_data, inputs.federation.spec.task).frame if args.test_data else None
+    console.print(f"auditing {args.run / 'model'}: loss-threshold attack and {args.shadows} shadow models")
+    audit, curves = run_audit(inputs.federation, datasets, args.run, auditor_data=test, shadows=args.shadows,
+                              shadow_epochs=args.shadow_epochs, max_records=args.max_records, seed=args.seed)
+    (args.run / "audit.json").write_text(json.dumps(audit, indent=2) + "\n")
+    plot_roc({"loss threshold": curves["loss_threshold"], "shadow (offline LiRA)": curves["shadow"]},
+             args.run / "audit_roc.png", title=f"Membership inference on {args.run.name}")
+    report = read_report(args.run)
+    report["privacy_audit"] = audit
+    write_report(args.run, report)
+    for name in ("loss_threshold", "shadow"):
+        a = audit[name]
+        console.print(f"  {name:>14}: AUC {a['auc']:.4f}, advantage {a['advantage']:.4f}, "
+                      f"TPR at 1% FPR {a['tpr_at_1pct_fpr']:.4f}")
+    console.print(f"wrote {args.run / 'audit.json'} and {args.run / 'audit_roc.png'}")
     return 0
 
 

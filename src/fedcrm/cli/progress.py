@@ -31,8 +31,9 @@ def human_bytes(v: float | None) -> str:
 
 
 class RunProgress:
-    def __init__(self, console: Console, rounds: int, participants: int) -> None:
+    def __init__(self, console: Console, rounds: int, participants: int, *, private: bool = False) -> None:
         self.console = console
+        self.private = private  # show the epsilon spent so far in every round line
         self.rounds = rounds
         self.participants = participants
         self.progress = Progress(
@@ -84,7 +85,8 @@ class RunProgress:
             self._print(f"global statistics from {e['participants']} participants over {e['rows']:,} rows; "
                         f"model has {e['parameters']:,} parameters")
             self._print(f"{'round':>9}  {'val loss':>8}  {'accuracy':>8}  {'F1':>6}  {'AUC':>6}  "
-                        f"{'parts':>5}  {'secs':>6}  {'up/client':>10}  {'down/client':>11}")
+                        f"{'parts':>5}  {'secs':>6}  {'up/client':>10}  {'down/client':>11}"
+                        + (f"  {'epsilon':>8}" if self.private else ""))
         elif kind == "round":
             f1 = "–" if e["f1"] is None else f"{e['f1']:.3f}"
             auc = "–" if e["auc"] is None else f"{e['auc']:.3f}"
@@ -93,14 +95,21 @@ class RunProgress:
                 f"{e['round']:>4}/{e['rounds']:<4}  {loss:>8}  {pct(e['accuracy']):>8}  {f1:>6}  {auc:>6}  "
                 f"{e['participants']:>5}  {e['duration_s']:>6.2f}  {human_bytes(e['bytes_up_per_client']):>10}  "
                 f"{human_bytes(e['bytes_down_per_client']):>11}"
+                + (f"  {e['epsilon_spent']:>8.4f}" if e.get("epsilon_spent") is not None else "")
             )
-            self.progress.update(self.task, completed=e["round"], status=f"accuracy {pct(e['accuracy'])}")
+            eps = e.get("epsilon_spent")
+            self.progress.update(self.task, completed=e["round"], status=f"accuracy {pct(e['accuracy'])}"
+                                 + ("" if eps is None else f", epsilon {eps:.3f}"))
         elif kind == "resumed":
             abandoned = e.get("abandoned")
             self._print(f"[yellow]aggregator resumed after round {e['round']}[/]"
                         + (f"; round {abandoned} is re-run with fresh keys" if abandoned and abandoned > e["round"] else ""))
         elif kind == "secagg_abandoned":
             self._print(f"[red]round {e['round']} {e['phase']}: secure aggregation abandoned, no sum released:[/] {e['reason']}")
+        elif kind == "privacy_warning":
+            self._print(f"[yellow]warning: {e['message']}[/]")
+        elif kind == "privacy_budget_exhausted":
+            self._print(f"[yellow]{e['message']}[/]")
         elif kind == "dropout":
             self._print(f"[yellow]round {e['round']} {e['stage']}: {e['identity']} dropped out ({e['reason']})[/]")
         elif kind == "participant_failed":

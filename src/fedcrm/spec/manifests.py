@@ -8,6 +8,7 @@ is an error with its path, not a silently ignored setting.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import Enum
 from typing import Annotated, Literal
@@ -252,12 +253,86 @@ class Training(_Model):
 
 
 class DifferentialPrivacy(_Model):
-    """Differential privacy settings."""
+    """The privacy budget as a contract: declared here, accounted per round, never exceeded.
+
+    ``sample``: DP-SGD inside each participant (per-record protection over all
+    rounds x local epochs it runs). ``client``: each participant clips its
+    update to ``clippingNorm`` and adds its share of Gaussian noise before
+    masking (per-participant protection). Training stops before a round that
+    would spend more than (``epsilon``, ``delta``).
+    """
 
     mode: Annotated[
-        Literal["none"],
-        Field(description="Differential privacy mechanism. This release supports 'none'."),
+        Literal["none", "sample", "client"],
+        Field(description="'none', 'sample' (DP-SGD per record) or 'client' (DP-FedAvg per participant)."),
     ] = "none"
+    epsilon: Annotated[float | None, Field(description="Total privacy budget over the whole run.")] = None
+    delta: Annotated[
+        float | None, Field(description="Failure probability of the guarantee; well below 1/(number of records).")
+    ] = None
+    clipping_norm: Annotated[
+        float | None,
+        Field(description="L2 bound on each record's gradient (sample) or each participant's update (client)."),
+    ] = None
+    noise_multiplier: Annotated[
+        float | None,
+        Field(description="Noise standard deviation over the clipping norm; derived from the budget and the planned "
+                          "rounds when unset."),
+    ] = None
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon(cls, v: float | None) -> float | None:
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"epsilon must be a positive number (got {v}); smaller is more private, e.g. 1.0")
+        return v
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, v: float | None) -> float | None:
+        if v is not None and not (0 < v < 1):
+            raise ValueError(f"delta must be between 0 and 1, exclusive (got {v}); use e.g. 1e-5, "
+                             "well below 1/(number of records)")
+        return v
+
+    @field_validator("clipping_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"clippingNorm must be a positive number (got {v}), e.g. 1.0")
+        return v
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _sigma(cls, v: float | None) -> float | None:
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"noiseMultiplier must be a positive number (got {v}); leave it out to derive it "
+                             "from the budget")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> DifferentialPrivacy:
+        if self.mode == "none":
+            given = [n for n, v in (("epsilon", self.epsilon), ("delta", self.delta),
+                                    ("clippingNorm", self.clipping_norm), ("noiseMultiplier", self.noise_multiplier))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with mode 'sample' or 'client'; set the mode or "
+                                 "remove them")
+            return self
+        missing = [n for n, v in (("epsilon", self.epsilon), ("delta", self.delta)) if v is None]
+        if missing:
+            raise ValueError(f"mode {self.mode!r} needs {' and '.join(missing)}: the budget it must not exceed")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def clip(self) -> float:
+        """The clipping norm, 1.0 when unset."""
+        return 1.0 if self.clipping_norm is None else self.clipping_norm
 
 
 class SecureAggregation(_Model):
@@ -449,6 +524,20 @@ class Federation(_Model):
                 f"spec.training.minParticipants is {self.spec.training.min_participants} but "
                 f"spec.participants.namespaces allows only {len(allowed)}"
             )
+        dp = self.spec.privacy.differential_privacy
+        if dp.mode == "sample" and self.spec.training.algorithm == "fedprox":
+            raise ValueError("spec.privacy.differentialPrivacy: mode 'sample' clips per-record gradients and cannot "
+                             "account FedProx's proximal term; use algorithm fedavg or mode 'client'")
+        if dp.mode == "client" and dp.noise_multiplier is not None:
+            from fedcrm.privacy.accounting import epsilon_for
+
+            one = epsilon_for(q=1.0, noise_multiplier=dp.noise_multiplier, steps=1, delta=dp.delta or 0.5)
+            if one > (dp.epsilon or 0):
+                raise ValueError(
+                    f"spec.privacy.differentialPrivacy: epsilon {dp.epsilon:g} cannot fund even one round at "
+                    f"noiseMultiplier {dp.noise_multiplier:g} (one round spends {one:.3f}); raise epsilon or "
+                    "noiseMultiplier, or leave noiseMultiplier out to derive it"
+                )
         return self
 
 

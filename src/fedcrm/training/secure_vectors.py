@@ -19,10 +19,11 @@ import math
 
 import numpy as np
 
+from fedcrm.privacy.mechanisms import ClientNoise
 from fedcrm.secagg.segments import Segment, SegmentedQuantizer
 from fedcrm.training.metrics import BINS
 
-__all__ = ["LOSS_CAP", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
+__all__ = ["LOSS_CAP", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
 
 # Per-example loss assumed when bounding loss sums; binary cross-entropy of a
 # float32 logit cannot exceed ~104, and sums are a metric, not a parameter.
@@ -49,6 +50,24 @@ def fit_vector(delta: np.ndarray, *, examples: int, loss_sum: float, clip: float
     """The real-valued FIT contribution: the delta is clipped per element, then weighted."""
     weighted = np.clip(delta.astype(np.float64), -clip, clip) * examples
     return np.concatenate([weighted, [float(examples), min(loss_sum, examples * LOSS_CAP)]])
+
+
+def client_dp_fit_quantizer(noise: ClientNoise) -> SegmentedQuantizer:
+    """Client-level DP: the update is already integers within ``noise.element_bound``; each participant weighs 1."""
+    n = noise.contributors_max
+    return SegmentedQuantizer(
+        [
+            Segment("noised_update", noise.dimension, n * noise.element_bound, integer=True),
+            Segment("participants", 1, n, integer=True),
+            Segment("loss_mean", 1, n * LOSS_CAP),
+        ],
+        noise.bits,
+    )
+
+
+def client_dp_fit_vector(noised: np.ndarray, *, loss_mean: float) -> np.ndarray:
+    """``[noised integer update, 1, mean training loss]``: DP-FedAvg averages participants, not examples."""
+    return np.concatenate([noised.astype(np.float64), [1.0, min(max(loss_mean, 0.0), LOSS_CAP)]])
 
 
 def evaluation_quantizer(*, validation_rows_bound: float, bits: int) -> SegmentedQuantizer:

@@ -1,0 +1,149 @@
+"""The aggregator's privacy ledger: spend per round, the stop before overspending, persistence.
+
+``client`` mode: one accountant for the federation; a round is one release
+of the noised sum, counted as soon as the FIT sum is unmasked (before
+anything else can fail), and written to ``checkpoint/privacy.json`` at once.
+
+``sample`` mode: one accountant per participant, from its training rows
+(public: the statistics stage sums them in the clear) and the same plan the
+participant derives; a participant's round is counted when its FIT task is
+sent, since it trains (and spends) whether or not its update arrives.
+
+Before each round the ledger checks that the round fits every budget; if
+not, the federation stops cleanly and says why. Releases are keyed by round
+and aggregator incarnation, so a restart never forgets or double-counts, and
+a re-run of an interrupted round is counted again because its fresh noise is
+a second look at the same data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedcrm.models.artifacts import atomic_write
+from fedcrm.privacy.accounting import BudgetExhausted, RdpAccountant
+from fedcrm.privacy.mechanisms import ClientNoise
+from fedcrm.privacy.plans import client_accountant, client_noise, sample_accountant
+from fedcrm.spec.manifests import Federation
+
+__all__ = ["BudgetExhausted", "PrivacyLedger"]
+
+_FORMAT = "fedcrm.privacy-ledger/v1"
+_FEDERATION = "*"
+
+
+class PrivacyLedger:
+    def __init__(self, federation: Federation, participants: list[str], out_dir: Path) -> None:
+        self.spec = federation.spec
+        self.dp = federation.spec.privacy.differential_privacy
+        self.participants = participants
+        self.path = out_dir / "checkpoint" / "privacy.json"
+        self.accountants: dict[str, RdpAccountant] = {}
+        self.train_rows: dict[str, int] = {}
+        self.noise: ClientNoise | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.dp.mode
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, *, dimension: int, train_rows: dict[str, int]) -> list[str]:
+        """Build (or reload and check) the accountants once the model size and row counts are known.
+
+        Returns warnings for the user (a delta too large for the data).
+        """
+        if self.mode == "none":
+            return []
+        if self.mode == "client":
+            self.noise = client_noise(self.spec, participants=len(self.participants), dimension=dimension)
+        saved = self._read()
+        if saved is not None:
+            self.train_rows = {k: int(v) for k, v in saved["train_rows"].items()} or dict(train_rows)
+        else:
+            self.train_rows = dict(train_rows)
+        for key in self._keys():
+            expected = self._fresh(key)
+            state = (saved or {}).get("accountants", {}).get(key)
+            self.accountants[key] = RdpAccountant.from_state(state, expected=expected) if state else expected
+        self._write()
+        return self._warnings()
+
+    def _keys(self) -> list[str]:
+        return [_FEDERATION] if self.mode == "client" else sorted(self.train_rows)
+
+    def _fresh(self, key: str) -> RdpAccountant:
+        if self.mode == "client":
+            return client_accountant(self.spec)
+        return sample_accountant(self.spec, self.train_rows[key])
+
+    def _warnings(self) -> list[str]:
+        assert self.dp.delta is not None
+        if self.mode == "client":
+            records, what = len(self.participants), "participants (client-level DP protects whole participants)"
+        else:
+            records, what = min(self.train_rows.values(), default=0), "training rows at the smallest participant"
+        if records and self.dp.delta > 1 / records:
+            return [f"spec.privacy.differentialPrivacy.delta {self.dp.delta:g} is larger than 1/{records} "
+                    f"({records} {what}): the guarantee is weak; use delta below {1 / records:.2g}"]
+        return []
+
+    # ----------------------------------------------------------------- persistence
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        state = json.loads(self.path.read_text())
+        if state.get("format") != _FORMAT or state.get("mode") != self.mode:
+            raise ValueError(f"{self.path} holds privacy state for mode {state.get('mode')!r}, not {self.mode!r}; "
+                             "use a fresh output folder")
+        return state
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"format": _FORMAT, "mode": self.mode, "train_rows": self.train_rows,
+                 "accountants": {k: a.state_dict() for k, a in self.accountants.items()}}
+        atomic_write(self.path, json.dumps(state, indent=1).encode())
+
+    # ----------------------------------------------------------------- rounds
+    def check_round(self, cohort: list[str]) -> None:
+        """Raise :class:`BudgetExhausted` if the next round would overspend anyone's budget."""
+        for key in self._keys():
+            if key == _FEDERATION or key in cohort:
+                try:
+                    self.accountants[key].check_next()
+                except BudgetExhausted as err:
+                    who = "" if key == _FEDERATION else f" for participant {key}"
+                    raise BudgetExhausted(f"{err}{who}") from None
+
+    def record(self, release: str, identities: list[str]) -> float | None:
+        """Count one release (the federation's sum, or each listed participant's training); persist at once."""
+        if self.mode == "none":
+            return None
+        for key in self._keys():
+            if key == _FEDERATION or key in identities:
+                self.accountants[key].record(release)
+        self._write()
+        return self.spent()
+
+    def spent(self) -> float | None:
+        if not self.accountants:
+            return None
+        return max(a.spent() for a in self.accountants.values())
+
+    def summary(self) -> dict[str, Any]:
+        """``report.json``'s ``privacy``."""
+        if self.mode == "none" or not self.accountants:
+            return {"mode": self.mode, "epsilon_spent": None, "delta": self.dp.delta,
+                    "noise_multiplier": self.dp.noise_multiplier, "clipping_norm": self.dp.clipping_norm}
+        out: dict[str, Any] = {
+            "mode": self.mode, "epsilon_spent": self.spent(), "epsilon_budget": self.dp.epsilon, "delta": self.dp.delta,
+            "noise_multiplier": min(a.noise_multiplier for a in self.accountants.values()),
+            "clipping_norm": self.dp.clip,
+        }
+        if self.mode == "client" and self.noise is not None:
+            out["survivors_min"] = self.noise.survivors_min
+        if self.mode == "sample":
+            out["participants"] = {k: {"epsilon_spent": a.spent(), "noise_multiplier": a.noise_multiplier,
+                                       "sample_rate": a.q, "steps": a.steps} for k, a in self.accountants.items()}
+        return out

@@ -1,0 +1,97 @@
+"""Mechanism parameters derived from a Federation and public numbers, identically on every side.
+
+A participant and the aggregator must agree on the noise multiplier, the
+sampling rate and the integer scale without talking about them: both call
+these functions with the same manifest and the same public counts (the
+expected participants, the model size, a participant's training rows as
+sent in the clear statistics stage).
+
+How the budget is split: the whole (epsilon, delta) funds the planned
+``rounds`` (times local epochs for ``sample``) at one constant noise level;
+there is no per-round allocation to tune, and stopping early simply leaves
+budget unspent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedcrm.privacy.accounting import RdpAccountant, calibrate_noise_multiplier
+from fedcrm.privacy.mechanisms import ClientNoise
+from fedcrm.secagg.params import SecAggParams
+from fedcrm.spec.manifests import FederationSpec
+
+__all__ = ["SamplePlan", "client_accountant", "client_noise", "client_noise_multiplier", "sample_accountant",
+           "sample_plan", "survivors_min"]
+
+
+def survivors_min(spec: FederationSpec, participants: int) -> int:
+    """``t_min``: the fewest contributions a released sum can hold.
+
+    With secure aggregation a sum is unmasked only while every neighbourhood
+    keeps its threshold, so at least ``shares_needed`` participants survive;
+    without it the aggregator refuses rounds below ``minParticipants`` (and
+    sees each update anyway: then the guarantee protects participants from
+    everyone who sees the model, not from the aggregator).
+    """
+    sa = spec.privacy.secure_aggregation
+    floor = min(spec.training.min_participants, participants)
+    if not sa.enabled or participants < 2:
+        return max(1, floor)
+    params = SecAggParams(threshold=sa.threshold, neighbours=sa.neighbours, bits=sa.bits)
+    return max(1, min(participants, params.shares_needed(params.neighbour_count(participants))))
+
+
+def client_noise_multiplier(spec: FederationSpec) -> float:
+    dp = spec.privacy.differential_privacy
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    assert dp.epsilon is not None and dp.delta is not None
+    return calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=1.0, steps=spec.training.rounds)
+
+
+def client_noise(spec: FederationSpec, *, participants: int, dimension: int) -> ClientNoise:
+    dp = spec.privacy.differential_privacy
+    return ClientNoise(
+        clipping_norm=dp.clip, noise_multiplier=client_noise_multiplier(spec),
+        survivors_min=survivors_min(spec, participants), contributors_max=participants,
+        dimension=dimension, bits=spec.privacy.secure_aggregation.bits,
+    )
+
+
+def client_accountant(spec: FederationSpec) -> RdpAccountant:
+    """One release per round, every participant in it (sampling rate 1)."""
+    dp = spec.privacy.differential_privacy
+    assert dp.epsilon is not None and dp.delta is not None
+    return RdpAccountant(epsilon=dp.epsilon, delta=dp.delta, noise_multiplier=client_noise_multiplier(spec))
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """DP-SGD at one participant: Poisson rate ``q``, steps per round, noise multiplier."""
+
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+
+
+def sample_plan(spec: FederationSpec, train_rows: int) -> SamplePlan:
+    """Opacus's Poisson loader: ``q = 1 / ceil(n / batch)`` and ``ceil(n / batch)`` steps per epoch."""
+    dp = spec.privacy.differential_privacy
+    assert dp.epsilon is not None and dp.delta is not None
+    batches = max(1, math.ceil(train_rows / spec.training.batch_size))
+    steps = batches * spec.training.local_epochs
+    q = 1.0 / batches
+    sigma = dp.noise_multiplier
+    if sigma is None:
+        sigma = calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=q, steps=steps * spec.training.rounds)
+    return SamplePlan(sample_rate=q, steps_per_round=steps, noise_multiplier=sigma)
+
+
+def sample_accountant(spec: FederationSpec, train_rows: int) -> RdpAccountant:
+    dp = spec.privacy.differential_privacy
+    assert dp.epsilon is not None and dp.delta is not None
+    plan = sample_plan(spec, train_rows)
+    return RdpAccountant(epsilon=dp.epsilon, delta=dp.delta, noise_multiplier=plan.noise_multiplier,
+                         q=plan.sample_rate, steps_per_release=plan.steps_per_round)

@@ -1,0 +1,136 @@
+"""Whole federations with differential privacy: spend reported per round, budget enforced, audit written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedcrm.data.synthetic import SynthResult
+from fedcrm.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+
+pytestmark = pytest.mark.slow
+
+FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
+
+
+def _federation(small: SynthResult, tmp_path: Path, dp: dict[str, Any], *, secure: bool) -> Path:
+    doc = yaml.safe_load(small.federation_path.read_text())
+    doc["spec"]["privacy"] = {"differentialPrivacy": dp, "secureAggregation": {"enabled": secure}}
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _run(fed: Path, small: SynthResult, out: Path) -> subprocess.CompletedProcess[str]:
+    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small.participant_paths),
+            "--test-data", str(small.test_path), "--out", str(out)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
+def test_client_level_dp_with_secure_aggregation_reports_spend_and_is_audited(small_federation: SynthResult,
+                                                                              tmp_path: Path) -> None:
+    fed = _federation(small_federation, tmp_path, {"mode": "client", "epsilon": 2.0, "delta": 1e-5,
+                                                   "clippingNorm": 0.5}, secure=True)
+    out = tmp_path / "out"
+    proc = _run(fed, small_federation, out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    p = report["privacy"]
+    assert (p["mode"], p["delta"], p["clipping_norm"]) == ("client", 1e-5, 0.5)
+    assert 1.9 < p["epsilon_spent"] <= 2.0 and p["noise_multiplier"] > 1
+    spent = [h["epsilon_spent"] for h in report["history"]]
+    assert spent == sorted(spent) and spent[-1] == p["epsilon_spent"]
+    assert "epsilon" in proc.stdout  # the live column
+    state = json.loads((out / "checkpoint" / "privacy.json").read_text())
+    assert len(state["accountants"]["*"]["releases"]) == 3
+
+    audit = subprocess.run(
+        [*FEDCRM, "audit", "--federation", str(fed), "--participant", *map(str, small_federation.participant_paths),
+         "--run", str(out), "--test-data", str(small_federation.test_path), "--shadows", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stderr
+    result = json.loads((out / "audit.json").read_text())
+    for attack in ("loss_threshold", "shadow"):
+        assert set(result[attack]) == {"auc", "advantage", "tpr_at_1pct_fpr"}
+        assert 0 <= result[attack]["auc"] <= 1
+    assert json.loads((out / "report.json").read_text())["privacy_audit"] == result
+    assert (out / "audit_roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dp_sgd_without_secure_aggregation_accounts_each_participant(small_federation: SynthResult,
+                                                                      tmp_path: Path) -> None:
+    fed = _federation(small_federation, tmp_path, {"mode": "sample", "epsilon": 4.0, "delta": 1e-4}, secure=False)
+    out = tmp_path / "out"
+    proc = _run(fed, small_federation, out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    p = json.loads((out / "report.json").read_text())["privacy"]
+    assert p["mode"] == "sample" and p["epsilon_spent"] <= 4.0
+    assert len(p["participants"]) == 3
+    for who in p["participants"].values():
+        assert who["epsilon_spent"] == pytest.approx(4.0, rel=0.01)
+    logs = "".join(f.read_text() for f in (out / "logs").glob("*.log"))
+    assert "Opacus RDP accountant" in logs
+
+
+def test_training_stops_before_the_round_that_would_overspend(small_federation: SynthResult, tmp_path: Path) -> None:
+    sigma = calibrate_noise_multiplier(epsilon=1.0, delta=1e-5, q=1.0, steps=2)  # funds 2 of the 3 rounds
+    fed = _federation(small_federation, tmp_path, {"mode": "client", "epsilon": 1.0, "delta": 1e-5,
+                                                   "noiseMultiplier": sigma}, secure=False)
+    out = tmp_path / "out"
+    proc = _run(fed, small_federation, out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounds_completed"] == 2 and report["partial"] is True
+    assert "stopped before round 3 to stay within the privacy budget" in report["message"]
+    assert report["privacy"]["epsilon_spent"] <= 1.0
+    assert "stopped before round 3" in proc.stdout
+
+
+def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResult, tmp_path: Path) -> None:
+    doc = yaml.safe_load(small_federation.federation_path.read_text())
+    doc["spec"]["training"].update(rounds=12, localEpochs=4, minParticipants=3, roundTimeoutSeconds=60)
+    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 1.0, "delta": 1e-5},
+                              "secureAggregation": {"enabled": False}}
+    fed = tmp_path / "federation.yaml"
+    fed.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small_federation.participant_paths),
+            "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + 300, False
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.05)
+        events = out / "events.jsonl"
+        if events.exists() and events.read_text().count('"event": "round"') >= 3:
+            os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
+            killed = True
+        assert proc.poll() is None, "the run ended before the aggregator could be killed"
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr + stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["aggregator_restarts"] == 1
+    releases = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]["*"]["releases"]
+    assert len(set(releases)) == len(releases)
+    assert any(r.endswith("@1") for r in releases) and any(r.endswith("@2") for r in releases)
+    done = report["rounds_completed"]
+    assert [h["round"] for h in report["history"]] == list(range(1, done + 1))
+    spent = [h["epsilon_spent"] for h in report["history"]]
+    assert spent == sorted(spent)
+    # The budget funds exactly 12 releases. A round whose noised sum was released just before the crash is
+    # re-run and counted again, so the run then stops before its last round instead of overspending.
+    if len(releases) == done:
+        assert done == 12
+    else:
+        assert (len(releases), done) == (12, 11) and "stopped before round 12" in report["message"]
+    sigma = report["privacy"]["noise_multiplier"]
+    assert report["privacy"]["epsilon_spent"] == pytest.approx(
+        epsilon_for(q=1.0, noise_multiplier=sigma, steps=len(releases), delta=1e-5)) and spent[-1] <= 1.0
