@@ -51,6 +51,10 @@ bench-secagg: $(STAMP) .venv-bench/.installed  ## secure aggregation, ours again
 	@mkdir -p bench/results
 	$(BIN)/python bench/secagg.py --json bench/results/secagg.json
 
+bench-operator: $(STAMP)  ## apply-to-children time and memory of the operator on a real control plane (JSON in bench/results/)
+	e2e/build-control-plane >/dev/null
+	$(BIN)/python bench/operator.py --json bench/results/operator.json
+
 privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, markdown, plot in bench/results/; ~1 h on 2 cores)
 	nice -n 10 $(BIN)/python bench/privacy_table.py
 
