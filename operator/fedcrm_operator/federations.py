@@ -24,13 +24,13 @@ from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm_operator import builders
 from fedcrm_operator.admission import Decision, decide
 from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
-from fedcrm_operator.conditions import condition, find, now, set_condition
+from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import changed_sections, frozen_digest, parse_federation, parse_participant
 from fedcrm_operator.settings import OperatorSettings
 
-__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "cleanup", "fetch_aggregator", "progress_fields", "reconcile"]
+__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "Outcome", "cleanup", "fetch_aggregator", "progress_fields", "reconcile"]
 
 log = logging.getLogger("fedcrm.operator")
 
@@ -309,5 +309,3 @@ def cleanup(kube: Kube, namespace: str, name: str) -> int:
     """Delete every child of the federation in every namespace; returns how many were still there."""
     return kube.delete_labelled(COORDINATOR_KINDS, Names(namespace, name).selector())
 
-
-__all__ += ["Outcome", "now"]

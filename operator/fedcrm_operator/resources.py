@@ -6,11 +6,11 @@ import hashlib
 import json
 from typing import Any
 
-from fedcrm.errors import ManifestError
 from fedcrm.spec.loading import parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
 
-__all__ = ["GROUP", "VERSION", "frozen_digest", "parse_federation", "parse_participant"]
+__all__ = ["API", "FROZEN_SECTIONS", "GROUP", "VERSION", "changed_sections", "frozen_digest", "parse_federation",
+           "parse_participant"]
 
 GROUP, VERSION = "fedcrm.io", "v1alpha1"
 API = f"{GROUP}/{VERSION}"
@@ -56,5 +56,3 @@ def changed_sections(federation: Federation, started_with: dict[str, Any] | None
     spec = federation.spec.model_dump(mode="json", by_alias=True)
     return [f"spec.{k}" for k in FROZEN_SECTIONS if spec.get(k) != started_with.get(k)]
 
-
-__all__ += ["API", "FROZEN_SECTIONS", "ManifestError", "changed_sections"]
