@@ -392,6 +392,7 @@ def test_training_runs_end_to_end_and_rounds_reach_the_federation_status(
     namespaces = fed_doc["spec"]["participants"]["namespaces"]
     fed_doc["metadata"] = {"name": "f4", "namespace": COORD}
     fed_doc["spec"]["training"]["roundTimeoutSeconds"] = 60
+    fed_doc["spec"]["privacy"]["differentialPrivacy"] = {"mode": "sample", "epsilon": 8.0, "delta": 1e-4, "clippingNorm": 1.0}
     docs = [fed_doc]
     for path in synth.participant_paths:
         doc = yaml.safe_load(path.read_text())
@@ -450,6 +451,7 @@ def test_training_runs_end_to_end_and_rounds_reach_the_federation_status(
         assert status["progress"] == "8/8" and status["round"] == 8
         assert status["accuracy"].endswith("%") and 0.5 < status["lastMetrics"]["accuracy"] <= 1.0
         assert status["modelDigest"] and status["activeParticipants"] == 3
+        assert 0 < status["epsilonSpent"] <= 8.0  # DP-SGD's spend, accounted by the aggregator, shown by kubectl
         events = [json.loads(line) for line in (tmp_path / "aggregator" / "events.jsonl").read_text().splitlines()]
         ended = next(e["time"] for e in events if e["event"] == "finished")
         assert seen_at - ended < 5.0, f"the Federation status showed the outcome {seen_at - ended:.1f}s after the aggregator"
