@@ -118,8 +118,10 @@ def _with_owner(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, 
 
 def _tenant_children(
     kube: Kube, names: Names, federation: Federation, participant: Participant, body: dict[str, Any] | None,
-    ca: CertificateAuthority, settings: OperatorSettings,
+    ca: CertificateAuthority, settings: OperatorSettings, *, finished: bool,
 ) -> set[tuple[str, str, str]]:
+    """The participant's certificate, config, policy and training Job (the Job only while the federation runs:
+    a Job deleted after the federation finished is not brought back to dial a finished aggregator)."""
     ns, name = participant.metadata.namespace, participant.metadata.name
     owner = _owner(body) if body and body.get("metadata", {}).get("uid") else None
 
@@ -135,7 +137,8 @@ def _tenant_children(
     kube.ensure("v1", "Secret", ns, names.client_secret(name), certificate)
     kube.apply(_with_owner(builders.participant_config_map(names, federation, participant), owner))
     kube.apply(_with_owner(builders.participant_network_policy(names, participant, settings), owner))
-    kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
+    if not finished:
+        kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
     return {
         ("Secret", ns, names.client_secret(name)),
         ("ConfigMap", ns, names.participant_config(name)),
@@ -216,7 +219,8 @@ def reconcile(
     # Tenant side: children of admitted participants; everything else of ours in tenant namespaces goes.
     keep: set[tuple[str, str, str]] = set()
     for p in admitted:
-        keep |= _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings)
+        keep |= _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings,
+                                 finished=phase in (Phase.succeeded, Phase.failed))
     for item in kube.list("v1", "Pod", selector=names.selector() + ",fedcrm.io/role=training"):
         keep.add(("Pod", item["metadata"]["namespace"], item["metadata"]["name"]))  # owned by kept Jobs
     tenant_selector = names.selector() + ",fedcrm.io/role=training"
