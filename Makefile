@@ -37,8 +37,8 @@ crds: $(STAMP)  ## regenerate crds/ from the spec models
 
 venv: $(STAMP)
 
-system-packages:  ## Debian packages the tests need (PostgreSQL for the SQL connector); skipped when present
-	tools/install-postgres
+system-packages:  ## Debian packages the tests run for real (PostgreSQL, Prometheus); skipped when present
+	tools/install-system-packages
 
 # Flower lives in its own environment: it needs protobuf < 7 and cryptography >= 50,
 # which our pinned gRPC stubs cannot share a process with.

@@ -29,7 +29,7 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """One real PostgreSQL server for the session (Debian's package, see tools/install-postgres)."""
+    """One real PostgreSQL server for the session (Debian's package, see tools/install-system-packages)."""
     server = PostgresServer()
     yield server
     server.stop()

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server for tests: initdb into a temporary folder, loopback only, stopped by PID.
 
 PostgreSQL refuses to run as root; as root the server runs as the ``postgres``
-system user that Debian's package creates (``tools/install-postgres``).
+system user that Debian's package creates (``tools/install-system-packages``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class PostgresServer:
     def __init__(self) -> None:
         bin_dir = _bin_dir()
         if bin_dir is None:
-            raise RuntimeError("PostgreSQL is not installed; run tools/install-postgres (make test does)")
+            raise RuntimeError("PostgreSQL is not installed; run tools/install-system-packages (make test does)")
         self.bin = bin_dir
         self.folder = Path(tempfile.mkdtemp(prefix="fedcrm-pg-"))
         self.data = self.folder / "data"

@@ -264,8 +264,12 @@ def run_federation(
     *,
     test_data: Path | None,
     progress: Any,
+    metrics_port: int | None = None,
 ) -> RunResult:
-    """Run the federation to its end; ``progress`` receives events and process notices."""
+    """Run the federation to its end; ``progress`` receives events and process notices.
+
+    ``metrics_port``: the aggregator also serves /healthz, /status and Prometheus /metrics on this loopback port.
+    """
     from fedcrm.data.loaders import load_canonical_file
 
     check_participant_data(inputs)
@@ -282,6 +286,7 @@ def run_federation(
         tls=server_tls,
         out_dir=out,
         port_file=port_file,
+        status_listen=f"127.0.0.1:{metrics_port}" if metrics_port else None,
     )
     config.write(out / "aggregator.json")
 

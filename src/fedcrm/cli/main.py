@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_RUN,
     )
     _add_federation_args(run)
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="also serve the aggregator's Prometheus metrics (/metrics), /status and /healthz on "
+                     "127.0.0.1:PORT while the federation runs, as it does in a cluster")
     run.set_defaults(handler=_cmd_run)
 
     base = sub.add_parser(
@@ -194,7 +197,8 @@ def _run(args: argparse.Namespace, console: Any) -> tuple[int, dict[str, Any]]:
         console.print(f"differential privacy [bold]{dp.mode}[/]: budget epsilon {dp.epsilon:g}, delta {dp.delta:g}; "
                       "training stops before a round that would exceed it")
     with RunProgress(console, fed.spec.training.rounds, len(inputs.participants), private=dp.enabled) as progress:
-        result = run_federation(inputs, args.out, test_data=args.test_data, progress=progress)
+        result = run_federation(inputs, args.out, test_data=args.test_data, progress=progress,
+                                metrics_port=args.metrics_port)
     return result.exit_code, result.report
 
 
