@@ -221,10 +221,8 @@ def reconcile(
     for p in admitted:
         keep |= _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings,
                                  finished=phase in (Phase.succeeded, Phase.failed))
-    for item in kube.list("v1", "Pod", selector=names.selector() + ",fedcrm.io/role=training"):
-        keep.add(("Pod", item["metadata"]["namespace"], item["metadata"]["name"]))  # owned by kept Jobs
-    tenant_selector = names.selector() + ",fedcrm.io/role=training"
-    kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], tenant_selector, keep=keep)
+    # Pods are left to their Jobs' garbage collection.
+    kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], names.selector() + ",fedcrm.io/role=training", keep=keep)
 
     # Enrollment -> training.
     message = ""
