@@ -8,6 +8,7 @@ succeed exits 1 with its partial report written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -55,12 +56,48 @@ def _console() -> Any:
 
 def _add_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--federation", required=True, type=Path, metavar="FED.yaml", help="the Federation manifest")
-    p.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
+    p.add_argument("--participant", dest="participants", required=True, action="extend", nargs="+", type=Path,
+                   metavar="P.yaml",
                    help="Participant manifest(s) and the v1 Secret manifests they reference: repeat the flag or list "
                    "several (shell globs work: participants/*.yaml)")
     p.add_argument("--test-data", type=Path, metavar="TEST.csv",
                    help="held-out rows in the canonical schema; final metrics are computed on them")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created; earlier outputs are replaced)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Everything one federated run takes, whoever starts it.
+
+    ``fedcrm run`` fills it from its flags and ``fedcrm demo`` from the files it
+    synthesised plus the same run flags (``_add_run_options`` adds them to both
+    parsers), so an option added here reaches both commands or fails loudly in
+    ``from_args`` instead of being forgotten by one of them.
+    """
+
+    federation: Path
+    participants: list[Path]
+    out: Path
+    test_data: Path | None = None
+    metrics_port: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **given: Any) -> RunOptions:
+        """Fields from ``given`` first, the rest from the parsed flags of the same name."""
+        values = {f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**values)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """How a run is served, common to `run` and `demo` (what it trains on is each command's own business)."""
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="also serve the aggregator's Prometheus metrics (/metrics), /status and /healthz on "
+                   "127.0.0.1:PORT while the federation runs, as it does in a cluster")
+
+
+# The demo's size, and the size of `fedcrm demo --quick` (same code path, for smoke tests and a first look).
+_DEMO_SIZE = {"clients": 10, "rows": 2000, "rounds": 20}
+_DEMO_QUICK = {"clients": 3, "rows": 400, "rounds": 3}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,9 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_RUN,
     )
     _add_federation_args(run)
-    run.add_argument("--metrics-port", type=int, metavar="PORT",
-                     help="also serve the aggregator's Prometheus metrics (/metrics), /status and /healthz on "
-                     "127.0.0.1:PORT while the federation runs, as it does in a cluster")
+    _add_run_options(run)
     run.set_defaults(handler=_cmd_run)
 
     base = sub.add_parser(
@@ -126,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
         "RUN_DIR/audit_roc.png,\nand adds the same object as privacy_audit to RUN_DIR/report.json",
     )
     audit.add_argument("--federation", required=True, type=Path, metavar="FED.yaml", help="the Federation manifest")
-    audit.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
+    audit.add_argument("--participant", dest="participants", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
                        help="Participant manifest(s) whose records the model was trained on")
     audit.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="output folder of `fedcrm run`")
     audit.add_argument("--test-data", type=Path, metavar="TEST.csv",
@@ -146,10 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         "mutual TLS, and the same model trained centrally for comparison.",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    demo.add_argument("--clients", type=int, default=10, help="number of enterprises (default 10)")
-    demo.add_argument("--rows", type=int, default=2000, help="leads per enterprise (default 2000)")
-    demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    demo.add_argument("--clients", type=int, help=f"number of enterprises (default {_DEMO_SIZE['clients']})")
+    demo.add_argument("--rows", type=int, help=f"leads per enterprise (default {_DEMO_SIZE['rows']})")
+    demo.add_argument("--rounds", type=int, help=f"federated rounds (default {_DEMO_SIZE['rounds']})")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smaller demo through the same code path ({clients} enterprises x {rows} leads, {rounds} "
+                      "rounds; flags given explicitly still win)".format(**_DEMO_QUICK))
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_run_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
     data = sub.add_parser(
@@ -170,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--federation", required=True, type=Path, metavar="FED.yaml",
                        help="the Federation manifest (its task defines the canonical fields)")
-    check.add_argument("--participant", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
+    check.add_argument("--participant", dest="participants", required=True, action="extend", nargs="+", type=Path, metavar="P.yaml",
                        help="Participant manifest(s) and the v1 Secret manifests they reference "
                        "(a file may hold a Participant and its Secret as separate YAML documents)")
     check.add_argument("--rows", type=int, default=1000, help="rows to sample per participant (default 1000)")
@@ -182,23 +221,23 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
-def _run(args: argparse.Namespace, console: Any) -> tuple[int, dict[str, Any]]:
+def _run(options: RunOptions, console: Any) -> tuple[int, dict[str, Any]]:
     from fedcrm.cli.launcher import load_federation_inputs, run_federation
     from fedcrm.cli.progress import RunProgress
 
-    inputs = load_federation_inputs(args.federation, args.participant)
+    inputs = load_federation_inputs(options.federation, options.participants)
     fed = inputs.federation
     console.print(
         f"federation [bold]{fed.key}[/]: {len(inputs.participants)} participants, {fed.spec.training.rounds} rounds, "
-        f"mutual TLS, outputs in {args.out}"
+        f"mutual TLS, outputs in {options.out}"
     )
     dp = fed.spec.privacy.differential_privacy
     if dp.enabled:
         console.print(f"differential privacy [bold]{dp.mode}[/]: budget epsilon {dp.epsilon:g}, delta {dp.delta:g}; "
                       "training stops before a round that would exceed it")
     with RunProgress(console, fed.spec.training.rounds, len(inputs.participants), private=dp.enabled) as progress:
-        result = run_federation(inputs, args.out, test_data=args.test_data, progress=progress,
-                                metrics_port=args.metrics_port)
+        result = run_federation(inputs, options.out, test_data=options.test_data, progress=progress,
+                                metrics_port=options.metrics_port)
     return result.exit_code, result.report
 
 
@@ -219,12 +258,13 @@ def _print_outcome(console: Any, report: dict[str, Any], out: Path) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     console = _console()
-    code, report = _run(args, console)
-    _print_outcome(console, report, args.out)
+    options = RunOptions.from_args(args)
+    code, report = _run(options, console)
+    _print_outcome(console, report, options.out)
     return code
 
 
-def _baseline(args: argparse.Namespace, console: Any) -> dict[str, Any]:
+def _baseline(args: argparse.Namespace | RunOptions, console: Any) -> dict[str, Any]:
     from fedcrm.cli.launcher import load_federation_inputs, load_inputs_data
     from fedcrm.data.loaders import load_canonical_file
     from fedcrm.models.artifacts import load_model
@@ -232,7 +272,7 @@ def _baseline(args: argparse.Namespace, console: Any) -> dict[str, Any]:
     from fedcrm.reporting import write_report
     from fedcrm.training.central import train_central
 
-    inputs = load_federation_inputs(args.federation, args.participant)
+    inputs = load_federation_inputs(args.federation, args.participants)
     task = inputs.federation.spec.task
     datasets = load_inputs_data(inputs)
     test = load_canonical_file(args.test_data, task) if args.test_data else None
@@ -268,7 +308,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         raise FedcrmError(f"{args.run}: not the output folder of a finished `fedcrm run` (report.json or model/ is missing)")
     if args.shadows < 1 or args.max_records < 10 or (args.shadow_epochs is not None and args.shadow_epochs < 1):
         raise FedcrmError("--shadows and --shadow-epochs must be at least 1 and --max-records at least 10")
-    inputs = load_federation_inputs(args.federation, args.participant)
+    inputs = load_federation_inputs(args.federation, args.participants)
     datasets = load_inputs_data(inputs)
     test = load_canonical_file(args.test_data, inputs.federation.spec.task).frame if args.test_data else None
     console.print(f"auditing {args.run / 'model'}: loss-threshold attack and {args.shadows} shadow models")
@@ -311,18 +351,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     console = _console()
     started = time.monotonic()
     out: Path = args.out
+    size = _DEMO_QUICK if args.quick else _DEMO_SIZE
+    for name, default in size.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     console.print(f"[bold]1/3[/] synthesising CRM data for {args.clients} enterprises x {args.rows:,} leads ...")
     synth = generate_federation(out / "data", clients=args.clients, rows=args.rows, seed=args.seed, rounds=args.rounds)
     console.print("[bold]2/3[/] federated training: each enterprise's leads stay in its own process; "
                   "only model updates and counts cross mutual TLS")
-    ns = argparse.Namespace(federation=synth.federation_path, participant=synth.participant_paths,
-                            test_data=synth.test_path, out=out / "federated")
-    code, fed_report = _run(ns, console)
+    options = RunOptions.from_args(args, federation=synth.federation_path, participants=synth.participant_paths,
+                                   test_data=synth.test_path, out=out / "federated")
+    code, fed_report = _run(options, console)
     if code != 0:
-        _print_outcome(console, fed_report, ns.out)
+        _print_outcome(console, fed_report, options.out)
         return code
     console.print("[bold]3/3[/] for comparison, the same model trained centrally on pooled data (what federation avoids)")
-    base_report = _baseline(argparse.Namespace(**{**vars(ns), "out": out / "baseline"}), console)
+    base_report = _baseline(dataclasses.replace(options, out=out / "baseline"), console)
 
     from fedcrm.cli.progress import human_bytes, pct
     from fedcrm.spec.loading import load_federation
@@ -348,7 +392,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if secure:
         console.print("  Updates and evaluation counts were masked (secure aggregation): the aggregator saw only sums.")
     console.print(f"  Each enterprise sent and received {human_bytes(fed_report['bytes_per_client_per_round'])} per round.")
-    console.print(f"  Reports: {ns.out / 'report.md'} and {out / 'baseline' / 'report.md'} "
+    console.print(f"  Reports: {options.out / 'report.md'} and {out / 'baseline' / 'report.md'} "
                   f"(finished in {time.monotonic() - started:.0f}s)")
     return 0
 
@@ -386,7 +430,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     if args.rows < 1:
         raise FedcrmError("--rows must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
-    federation, participants = load_check_inputs(args.federation, args.participant)
+    federation, participants = load_check_inputs(args.federation, args.participants)
     reports = [
         check_participant(participant, federation.spec.task, base_dir=path.resolve().parent, credentials=creds,
                           sample_rows=args.rows)
