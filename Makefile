@@ -40,26 +40,42 @@ venv: $(STAMP)
 system-packages:  ## Debian packages the tests run for real (PostgreSQL, Prometheus); skipped when present
 	tools/install-system-packages
 
+# Benchmarks. QUICK=1 makes any bench target a smoke-sized run (seconds to minutes; the scripts' --quick)
+# whose results go to BENCH_OUT, by default bench/results/quick/ (git-ignored), never over the published ones.
+QUICK ?=
+BENCH_QUICK := $(if $(filter-out 0 no false,$(QUICK)),--quick)
+BENCH_OUT ?= $(if $(BENCH_QUICK),bench/results/quick,bench/results)
+
 # Flower lives in its own environment: it needs protobuf < 7 and cryptography >= 50,
-# which our pinned gRPC stubs cannot share a process with.
+# which our pinned gRPC stubs cannot share a process with. Its wheels are cached like .venv's.
+BENCH_REQ_HASH := $(shell sha256sum bench/requirements-flower.txt | cut -c1-16)
+BENCH_WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels-bench
 .venv-bench/.installed: bench/requirements-flower.txt
 	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip install --quiet -r bench/requirements-flower.txt
+	@if [ ! -f $(BENCH_WHEELHOUSE)/.complete-$(BENCH_REQ_HASH) ]; then \
+	  echo "downloading Flower into $(BENCH_WHEELHOUSE) (once per requirements version)"; \
+	  mkdir -p $(BENCH_WHEELHOUSE) && \
+	  PIP_NO_INPUT=1 .venv-bench/bin/python -m pip download --quiet --progress-bar off --disable-pip-version-check \
+	    -d $(BENCH_WHEELHOUSE) -r bench/requirements-flower.txt "setuptools>=69" wheel && \
+	  touch $(BENCH_WHEELHOUSE)/.complete-$(BENCH_REQ_HASH); \
+	fi
+	PIP_NO_INPUT=1 .venv-bench/bin/python -m pip install --quiet --disable-pip-version-check --no-index \
+	  --find-links $(BENCH_WHEELHOUSE) -r bench/requirements-flower.txt
 	@touch $@
 
 bench-secagg: $(STAMP) .venv-bench/.installed  ## secure aggregation, ours against Flower's SecAgg+ (JSON in bench/results/)
-	@mkdir -p bench/results
-	$(BIN)/python bench/secagg.py --json bench/results/secagg.json
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/secagg.py $(BENCH_QUICK) --json $(BENCH_OUT)/secagg.json
 
 bench-operator: $(STAMP)  ## apply-to-children time and memory of the operator on a real control plane (JSON in bench/results/)
 	e2e/build-control-plane >/dev/null
-	$(BIN)/python bench/operator.py --json bench/results/operator.json
+	$(BIN)/python bench/operator_scale.py $(BENCH_QUICK) --json $(BENCH_OUT)/operator.json
 
 privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, markdown, plot in bench/results/; ~1 h on 2 cores)
-	nice -n 10 $(BIN)/python bench/privacy_table.py
+	nice -n 10 $(BIN)/python bench/privacy_table.py $(BENCH_QUICK) --results $(BENCH_OUT)
 
 bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
-	$(BIN)/python bench/dp_cost.py --rows 10000 --epochs 1 --repeats 2 --json bench/results/dp_cost.json
+	$(BIN)/python bench/dp_cost.py $(or $(BENCH_QUICK),--rows 10000 --epochs 1 --repeats 2) --json $(BENCH_OUT)/dp_cost.json
 
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -11,12 +11,14 @@ rise in resident set size during training) is its own:
 - ``dpsgd-functorch``: the same with per-sample gradients from functorch
   (``torch.func`` vmap over the functional module).
 
-    python bench/dp_cost.py [--rows 10000] [--epochs 3] [--repeats 3] [--json OUT.json]
+    python bench/dp_cost.py [--rows 10000] [--epochs 3] [--repeats 3] [--quick] [--json OUT.json]
 
 prints throughput and peak memory per variant and the ratios DP / plain. Throughput is samples per
 second of the process's CPU time (one torch thread), so load from other processes on a shared
 machine disturbs it less than wall time (also recorded); the best of ``--repeats`` runs is kept,
-and the worst peak-memory rise.
+and the worst peak-memory rise. ``--quick`` is a smoke test (1,000 rows, one epoch, one run per
+variant) unless those are given. A variant whose process fails stops the benchmark: it exits 1
+with the tail of that process's stderr and writes no JSON.
 """
 
 from __future__ import annotations
@@ -81,26 +83,36 @@ def _measure(variant: str, rows: int, epochs: int, batch_size: int) -> dict[str,
             "peak_rss_mib": _rss_mib(), "rows": len(encoded), "parameters": layout.size}
 
 
+def _run_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement in its own process; exits 1 with the tail of its stderr if that process fails."""
+    proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--rows", str(args.rows),
+                           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-30:]) or "(no output)"
+        raise SystemExit(f"bench/dp_cost.py: variant {variant} exited with {proc.returncode}, no results written:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=10_000)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rows", type=int, help="rows of the synthetic enterprise (default 10000; 1000 with --quick)")
+    ap.add_argument("--epochs", type=int, help="default 3; 1 with --quick")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, help="runs per variant, the best kept (default 3; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: 1000 rows, 1 epoch, 1 run per variant")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for name, full, quick in (("rows", 10_000, 1_000), ("epochs", 3, 1), ("repeats", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     if args.variant:
         print(json.dumps(_measure(args.variant, args.rows, args.epochs, args.batch_size)))
         return
     results: dict[str, dict[str, float]] = {}
     for variant in VARIANTS:
-        runs = []
-        for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, __file__, "--variant", variant, "--rows", str(args.rows),
-                                  "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)],
-                                 capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs = [_run_variant(variant, args) for _ in range(args.repeats)]
         best = max(runs, key=lambda r: r["samples_per_cpu_s"])  # the run least disturbed by other load
         best["peak_rise_mib"] = max(r["peak_rise_mib"] for r in runs)
         results[variant] = best
@@ -110,7 +122,8 @@ def main() -> None:
                   "peak_rss": r["peak_rss_mib"] / plain["peak_rss_mib"]} for v, r in results.items() if v != "plain"}
     summary = {
         "settings": {"rows": plain["rows"], "epochs": args.epochs, "batch_size": args.batch_size,
-                     "parameters": plain["parameters"], "threads": 1, "repeats": args.repeats},
+                     "parameters": plain["parameters"], "threads": 1, "repeats": args.repeats,
+                     "quick": args.quick},
         "results": results, "ratios_over_plain": ratios,
     }
     print(f"{'variant':<16} {'samples/cpu-s':>13} {'peak RSS MiB':>13} {'rise MiB':>9} {'throughput x':>13} {'peak RSS x':>11}")

@@ -6,6 +6,14 @@ the central baseline, a federation without DP, and one federation per
 ``bench/results/privacy_table.json`` after every run (a rerun skips what is
 already there for the same settings), then ``privacy_table.md`` and
 ``privacy_tradeoff.png`` are written from whatever has finished.
+
+``--quick`` is a smoke test of the same pipeline (a few minutes on 2 cores):
+2 clients x 500 rows, 2 rounds, sample-level DP at epsilon 1 only, one shadow
+model of 5 epochs, in a fresh temporary work folder with nothing resumed; give
+it a ``--results`` folder of its own so the published results stay as they
+are (``make privacy-table QUICK=1`` does). A run or audit that fails, or
+reports a failed federation, stops the script with exit status 1 and the tail
+of its stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,7 @@ FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
 
 
 def _sh(args: list[str]) -> None:
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
 
@@ -58,6 +67,8 @@ def _run_one(name: str, fed: Path, data: Path, work: Path, *, audit: list[str], 
     if not baseline:
         _sh([*FEDCRM, "audit", *common[:-2], "--run", str(out), "--test-data", str(data / "test.csv"), *audit])
     report = json.loads((out / "report.json").read_text())
+    if report["status"] != "succeeded":
+        raise SystemExit(f"{name}: the federation reports {report['status']}: {report.get('message')}")
     row.update(accuracy=report["metrics"]["accuracy"], f1=report["metrics"]["f1"], auc=report["metrics"]["auc"],
                rounds=report["rounds_completed"], privacy=report["privacy"], audit=report.get("privacy_audit"))
     return row
@@ -105,21 +116,44 @@ def _order(key: str) -> tuple[int, float]:
     return (2 if mode == "sample" else 3, float(eps))
 
 
+# (option, full default, --quick default); an option given on the command line wins over both.
+DEFAULTS: list[tuple[str, Any, Any]] = [
+    ("clients", 10, 2), ("rows", 10_000, 500), ("rounds", 50, 2), ("epsilons", [1.0, 0.5, 2.0, 4.0, 8.0], [1.0]),
+    ("modes", ["sample", "client"], ["sample"]), ("shadows", 4, 1), ("shadow_epochs", None, 5),
+]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--rows", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=50)
-    ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 0.5, 2.0, 4.0, 8.0])
-    ap.add_argument("--modes", nargs="+", default=["sample", "client"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, help="default 10 (2 with --quick)")
+    ap.add_argument("--rows", type=int, help="default 10000 (500 with --quick)")
+    ap.add_argument("--rounds", type=int, help="default 50 (2 with --quick)")
+    ap.add_argument("--epsilons", type=float, nargs="+", help="default 1 0.5 2 4 8 (1 with --quick)")
+    ap.add_argument("--modes", nargs="+", help="default sample client (sample with --quick)")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=None, help="override training.batchSize in every run")
-    ap.add_argument("--shadows", type=int, default=4, help="shadow models per audit (fewer is faster)")
-    ap.add_argument("--shadow-epochs", type=int, default=None, help="epochs per shadow model (default: the audit's)")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "privacy-table")
+    ap.add_argument("--shadows", type=int, help="shadow models per audit (fewer is faster; default 4, 1 with --quick)")
+    ap.add_argument("--shadow-epochs", type=int, help="epochs per shadow model (default: the audit's; 5 with --quick)")
+    ap.add_argument("--work", type=Path, help="default runs/privacy-table (a fresh temporary folder with --quick)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--quick", action="store_true", help="a smoke test (see above); nothing is resumed")
     args = ap.parse_args()
+    for name, full, quick in DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    if args.work is not None:
+        regenerate(args)
+    elif args.quick:
+        with tempfile.TemporaryDirectory(prefix="fedcrm-privacy-table-") as tmp:
+            args.work = Path(tmp)
+            regenerate(args)
+    else:
+        args.work = ROOT / "runs" / "privacy-table"
+        regenerate(args)
+
+
+def regenerate(args: argparse.Namespace) -> None:
     settings = {"clients": args.clients, "rows": args.rows, "rounds": args.rounds, "delta": args.delta, "clip": args.clip,
                 "batch_size": args.batch_size}
     args.work.mkdir(parents=True, exist_ok=True)
@@ -130,7 +164,9 @@ def main() -> None:
              "--out", str(data)])
     store = args.results / "privacy_table.json"
     saved = json.loads(store.read_text()) if store.exists() else {}
-    results: dict[str, Any] = saved.get("results", {}) if saved.get("settings") == settings else {}
+    resume = saved.get("settings") == settings and not args.quick
+    results: dict[str, Any] = saved.get("results", {}) if resume else {}
+    marker = {"quick": True} if args.quick else {}
 
     plan: list[tuple[str, str, float | None]] = [("baseline", "none", None), ("none", "none", None)]
     plan += [(f"{m}@{e:g}", m, e) for e in args.epsilons for m in args.modes]
@@ -141,7 +177,7 @@ def main() -> None:
         fed = _federation(data, args.work, mode, eps, args.delta, args.clip, args.batch_size)
         audit = ["--shadows", str(args.shadows)] + (["--shadow-epochs", str(args.shadow_epochs)] if args.shadow_epochs else [])
         results[key] = _run_one(key.replace("@", "-"), fed, data, args.work, audit=audit, baseline=key == "baseline")
-        store.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+        store.write_text(json.dumps({"settings": settings, "results": results, **marker}, indent=2) + "\n")
         r = results[key]
         print(f"  accuracy {100 * r['accuracy']:.2f}%, shadow AUC {_f((r['audit'] or {}).get('shadow', {}).get('auc'))}, "
               f"{r['seconds']:.0f}s", flush=True)

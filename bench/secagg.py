@@ -9,12 +9,22 @@ happen after ShareKeys, so both exercise mask recovery.
     python bench/secagg.py --json OUT.json [--quick] [--no-flower]
 
 prints a table (ours / Flower ratios) and writes rows {impl, n, d, dropout,
-neighbours, threshold, client_s, server_s, upload_bytes}. Flower comes from the
-virtual environment ``.venv-bench`` that ``make bench-secagg`` creates (Flower
-1.42 needs protobuf < 7 and cryptography >= 50, which our pinned stubs cannot
-share a process with), run as a subprocess per configuration. Flower
-configurations that would exceed --flower-budget seconds (estimated from the
-smaller runs) are skipped and reported as such.
+neighbours, threshold, status, client_s, server_s, upload_bytes, ...}. Flower
+comes from the virtual environment ``.venv-bench`` that ``make bench-secagg``
+creates (Flower 1.42 needs protobuf < 7 and cryptography >= 50, which our
+pinned stubs cannot share a process with), run as a subprocess per
+configuration.
+
+Every row is either measured (``status: "measured"``, every time and size a
+finite number) or deliberately not run (``status: "not run"``, the numbers
+null and ``note`` saying why): a Flower configuration estimated from the
+smaller runs to exceed --flower-budget seconds is not started, and one that
+does not finish within the budget is stopped. Nothing else is skipped: without
+a working ``.venv-bench`` (and no --no-flower), or when a Flower run fails or
+computes a wrong sum, the script prints the reason (the tail of Flower's
+stderr) and exits 1 without writing the JSON. With --quick (a smoke test, n=10
+and d=10,000 in both neighbourhood shapes) there is no budget: every
+configuration runs.
 
 "neighbours" is the number of peers each client shares with besides itself
 (Flower's ``num_shares`` minus one); "threshold" is the number of shares needed
@@ -57,6 +67,13 @@ class Config:
         return f"n={self.n} d={self.d:,} drop={self.dropout:.0%} k={self.neighbours} t={self.threshold}"
 
 
+MEASURED, NOT_RUN = "measured", "not run"
+
+
+class PeerFailed(RuntimeError):
+    """The Flower side could not produce a measurement; the message carries its stderr's tail."""
+
+
 @dataclass
 class Row:
     impl: str
@@ -65,16 +82,30 @@ class Row:
     dropout: float
     neighbours: int | str
     threshold: int
-    client_s: float
-    server_s: float
-    upload_bytes: float
-    peak_server_mb: float | None = None
+    client_s: float | None  # None only when status is NOT_RUN
+    server_s: float | None
+    upload_bytes: float | None
+    peak_server_mb: float | None = None  # measured for n >= 1000 only
     note: str = ""
+    status: str = MEASURED
+
+    @property
+    def measured(self) -> bool:
+        return self.status == MEASURED
+
+
+def _not_run(cfg: Config, threshold: int, why: str) -> Row:
+    return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, None, None, None,
+               note=f"not run: {why}", status=NOT_RUN)
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
 
 
 def configurations(quick: bool) -> list[Config]:
-    if quick:
-        return [Config(50, 100_000, 0.1, 2, 2), Config(50, 1_000_000, 0.1, 2, 2)]
+    if quick:  # a smoke test: both neighbourhood shapes and the dropout path, seconds per run
+        return [Config(10, 10_000, 0.1, 2, 2), Config(10, 10_000, 0.1, "complete", 6)]
     out = []
     for n in (10, 50, 200):
         for d in (100_000, 1_000_000):
@@ -209,46 +240,63 @@ def _flower_shape(cfg: Config) -> tuple[int, int]:
     return (cfg.n if cfg.neighbours == "complete" else k + 1), params.shares_needed(k)
 
 
-def run_flower(cfg: Config, python: Path, timeout: float, seed: int = 0) -> Row:
-    """Flower's round in its own interpreter (see bench/flower_secaggplus.py for why)."""
+FLOWER_SCRIPT = Path(__file__).with_name("flower_secaggplus.py")
+
+
+def run_flower(cfg: Config, python: Path, timeout: float | None, seed: int = 0) -> Row:
+    """Flower's round in its own interpreter (see bench/flower_secaggplus.py for why).
+
+    A run stopped at ``timeout`` seconds is a NOT_RUN row; any other failure, and a wrong sum, raise PeerFailed.
+    """
     num_shares, threshold = _flower_shape(cfg)
-    argv = [str(python), str(Path(__file__).with_name("flower_secaggplus.py")), "--n", str(cfg.n), "--d", str(cfg.d),
+    argv = [str(python), str(FLOWER_SCRIPT), "--n", str(cfg.n), "--d", str(cfg.d),
             "--dropout", str(cfg.dropout), "--num-shares", str(num_shares), "--threshold", str(threshold),
             "--seed", str(seed)]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
-    except subprocess.TimeoutExpired:
-        return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, math.nan, math.nan, math.nan,
-                   note=f"did not finish within {timeout:.0f}s")
-    except subprocess.CalledProcessError as err:
-        return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, math.nan, math.nan, math.nan,
-                   note="failed: " + (err.stderr.strip().splitlines() or ["?"])[-1])
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    note = "" if out["correct"] else f"WRONG SUM (max error {out['max_error']:.3g})"
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as err:
+        return _not_run(cfg, threshold, f"stopped after {err.timeout:.0f}s, over the budget")
+    if proc.returncode != 0:
+        raise PeerFailed(f"Flower's round for {cfg.label()} exited with {proc.returncode}:\n{_tail(proc.stderr)}")
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise PeerFailed(f"Flower's round for {cfg.label()} printed no result line:\n"
+                         f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}") from None
+    if not out["correct"]:
+        raise PeerFailed(f"Flower's round for {cfg.label()} computed a wrong sum (exact: {out['exact']}, "
+                         f"max error {out['max_error']:.3g}, quantization step {out['quantization_step']:.3g})")
     return Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, threshold, out["client_s"], out["server_s"],
-               out["upload_bytes"], None, note)
+               out["upload_bytes"])
 
 
-def _flower_python() -> Path | None:
-    """The interpreter of .venv-bench (made by `make bench-secagg`), if it has flwr."""
+def _flower_python() -> Path:
+    """The interpreter of .venv-bench (made by `make bench-secagg`), checked by loading the Flower script itself.
+
+    ``--help`` imports everything the script imports, from the same sys.path[0] (bench/), so a module there that
+    shadows one Flower needs fails here, with its traceback, rather than as a failed row later.
+    """
     python = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
     if not python.exists():
-        return None
-    probe = subprocess.run([str(python), "-c", "import flwr"], capture_output=True)
-    return python if probe.returncode == 0 else None
+        raise PeerFailed(f"{python} does not exist: `make bench-secagg` creates it (or pass --no-flower)")
+    probe = subprocess.run([str(python), str(FLOWER_SCRIPT), "--help"], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        raise PeerFailed(f"{python} {FLOWER_SCRIPT.name} --help exited with {probe.returncode}:\n{_tail(probe.stderr)}")
+    return python
 
 
 def _estimate(rows: list[Row], cfg: Config) -> float | None:
     """Flower's time for ``cfg`` extrapolated from the measured runs of the same shape (the largest estimate).
 
     Complete graphs scale with n^3 (pure-Python Shamir over every pair) and at least linearly in d; a
-    same-shape run that already timed out makes any larger one infinite.
+    same-shape run that was stopped or not run makes any larger one infinite.
     """
     same = [r for r in rows if r.impl == "flower" and r.neighbours == cfg.neighbours and r.n <= cfg.n and r.d <= cfg.d]
-    if any(math.isnan(r.server_s) for r in same):  # timed out or itself over budget
+    if not all(r.measured for r in same):  # stopped, or itself over budget
         return math.inf
     estimates = [
-        (r.server_s + r.client_s * r.n) * (cfg.d / r.d) ** (0 if cfg.neighbours == "complete" else 1)
+        (r.server_s + r.client_s * r.n) * (cfg.d / r.d) ** (0 if cfg.neighbours == "complete" else 1)  # type: ignore[operator]
         * (cfg.n / r.n) ** (3 if cfg.neighbours == "complete" else 1)
         for r in same
     ]
@@ -258,10 +306,16 @@ def _estimate(rows: list[Row], cfg: Config) -> float | None:
 def _table(rows: list[Row]) -> str:
     lines = [f"{'impl':7} {'n':>5} {'d':>9} {'drop':>5} {'k':>11} {'t':>4} {'client s':>9} {'server s':>9} "
              f"{'upload MB':>9} {'client x':>8} {'server x':>8} {'upload x':>8}"]
-    flower = {(r.n, r.d, r.dropout, str(r.neighbours)): r for r in rows if r.impl == "flower"}
+    flower = {(r.n, r.d, r.dropout, str(r.neighbours)): r for r in rows if r.impl == "flower" and r.measured}
     for r in rows:
+        if not r.measured:
+            lines.append(f"{r.impl:7} {r.n:>5} {r.d:>9,} {r.dropout:>5.0%} {str(r.neighbours):>11} {r.threshold:>4} "
+                         f"{'-':>9} {'-':>9} {'-':>9} {'':>8} {'':>8} {'':>8}  {r.note}")
+            continue
+        assert r.client_s is not None and r.server_s is not None and r.upload_bytes is not None
         ratios = ["", "", ""]
-        if r.impl == "fedcrm" and (f := flower.get((r.n, r.d, r.dropout, str(r.neighbours)))) and f.server_s > 0:
+        if r.impl == "fedcrm" and (f := flower.get((r.n, r.d, r.dropout, str(r.neighbours)))) and f.server_s:
+            assert f.client_s is not None and f.upload_bytes is not None
             ratios = [f"{r.client_s / f.client_s:.3f}", f"{r.server_s / f.server_s:.3f}", f"{r.upload_bytes / f.upload_bytes:.3f}"]
         lines.append(f"{r.impl:7} {r.n:>5} {r.d:>9,} {r.dropout:>5.0%} {str(r.neighbours):>11} {r.threshold:>4} "
                      f"{r.client_s:>9.4f} {r.server_s:>9.3f} {r.upload_bytes / 1e6:>9.2f} "
@@ -272,14 +326,29 @@ def _table(rows: list[Row]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--quick", action="store_true", help="only n=50 with d=100k and d=1M, 10%% dropout, 3 shares / threshold 2")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: n=10, d=10,000, 10%% dropout, k=2 and complete; no Flower budget")
     parser.add_argument("--no-flower", action="store_true", help="run ours only")
     parser.add_argument("--flower-budget", type=float, default=600.0,
-                        help="skip a Flower configuration estimated to take longer than this many seconds (default 600)")
+                        help="do not run (or stop) a Flower configuration estimated to take (or taking) longer than "
+                             "this many seconds; reported as a 'not run' row (default 600; none with --quick)")
     args = parser.parse_args()
+    try:
+        rows = _measure(args)
+    except PeerFailed as err:
+        print(f"bench/secagg.py: Flower failed, no results written: {err}", file=sys.stderr)
+        return 1
+    print()
+    print(_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str, allow_nan=False) + "\n")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> list[Row]:
     flower_python = None if args.no_flower else _flower_python()
-    if not args.no_flower and flower_python is None:
-        print("no .venv-bench with flwr (run `make bench-secagg`); running ours only", file=sys.stderr)
+    budget = None if args.quick else args.flower_budget
     rows: list[Row] = []
     for cfg in configurations(args.quick):
         row = run_fedcrm(cfg)
@@ -292,23 +361,19 @@ def main() -> int:
         print(f"fedcrm  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
         if flower_python is None:
             continue
-        estimate = _estimate(rows, cfg)
-        if estimate is not None and estimate > args.flower_budget:
-            why = (f"not run: a smaller run of this shape was already over the {args.flower_budget:.0f}s budget"
-                   if math.isinf(estimate) else f"not run: estimated {estimate:.0f}s > budget {args.flower_budget:.0f}s")
-            skipped = Row("flower", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, cfg.threshold, math.nan, math.nan, math.nan,
-                          note=why)
-            rows.append(skipped)
-            print(f"flower  {cfg.label():45} {skipped.note}", flush=True)
-            continue
-        row = run_flower(cfg, flower_python, timeout=args.flower_budget)
+        estimate = None if budget is None else _estimate(rows, cfg)
+        if budget is not None and estimate is not None and estimate > budget:
+            why = (f"a smaller run of this shape was already over the {budget:.0f}s budget"
+                   if math.isinf(estimate) else f"estimated {estimate:.0f}s > budget {budget:.0f}s")
+            row = _not_run(cfg, _flower_shape(cfg)[1], why)
+        else:
+            row = run_flower(cfg, flower_python, timeout=budget)
         rows.append(row)
-        print(f"flower  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
-    print()
-    print(_table(rows))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str))
-    return 0
+        if row.measured:
+            print(f"flower  {cfg.label():45} client {row.client_s:.4f}s server {row.server_s:.3f}s", flush=True)
+        else:
+            print(f"flower  {cfg.label():45} {row.note}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
 Scenarios (each on a fresh set of namespaces of one running control plane):
   - 1 federation x 50 participants (50 tenant namespaces)
   - 20 federations x 5 participants (the same 5 tenant namespaces)
+  - with --quick only 1 federation x 3 participants (a smoke test, about a minute)
 For each: seconds from `kubectl apply` of every manifest to every child
 existing (per participant: certificate Secret, ConfigMap, NetworkPolicy, Job
 with its pod bound to a node; per federation: CA and server Secrets,
 Services, NetworkPolicy, aggregator StatefulSet), the API requests the
 operator made, and the operator's resident memory (current and peak).
 
-    .venv/bin/python bench/operator.py [--json bench/results/operator.json]
+    .venv/bin/python bench/operator_scale.py [--quick] [--json bench/results/operator.json]
+
+If the operator or the control plane fails, the script exits non-zero with the
+operator's log tail; it never writes a partial result.
 """
 
 from __future__ import annotations
@@ -116,20 +120,22 @@ def _operator_reconciles(operator: OperatorProcess) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="one small scenario (1 federation x 3 participants)")
     args = parser.parse_args()
+    scenarios = [("wide", 1, 3)] if args.quick else [("wide", 1, 50), ("many", 20, 5)]
     with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp, ControlPlane(gpu_nodes=2, cpu_nodes=2) as cp:
         kubectl = Kubectl(cp.bin_dir / "kubectl", cp.kubeconfig)
         install_chart(cp.bin_dir / "helm", cp.kubeconfig)
         operator = OperatorProcess(service_account_kubeconfig(kubectl, cp.kubeconfig, Path(tmp) / "sa.kubeconfig"), Path(tmp)).start()
         try:
             idle_rss, _ = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
-            results = [
-                run_scenario(kubectl, operator, "wide", 1, 50),
-                run_scenario(kubectl, operator, "many", 20, 5),
-            ]
+            results = [run_scenario(kubectl, operator, *scenario) for scenario in scenarios]
+        except Exception as err:
+            print(f"operator benchmark failed: {err}\noperator log (tail):\n{operator.log_tail()}", file=sys.stderr)
+            return 1
         finally:
             operator.stop()
-    out = {"benchmark": "operator", "operator_idle_rss_mib": round(idle_rss / 1024, 1), "results": results}
+    out = {"benchmark": "operator", "quick": args.quick, "operator_idle_rss_mib": round(idle_rss / 1024, 1), "results": results}
     print(json.dumps(out, indent=2))
     print()
     print(f"{'scenario':<36}{'apply->children s':>18}{'per participant ms':>20}{'reconciles':>12}{'RSS MiB':>9}{'peak MiB':>10}")
