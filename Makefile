@@ -5,13 +5,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# One wheel cache for every lock-file version: a rerun (or a fresh clone on the same machine) installs
-# offline, and a changed lock file downloads only the wheels it does not already hold.
+# One wheel cache for every lock-file version (tools/setup-venv): a rerun, or a fresh clone on the same machine,
+# installs offline, and a changed lock file downloads only the wheels it does not already hold.
 LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp clean
+.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-startup clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
@@ -48,19 +48,9 @@ BENCH_OUT ?= $(if $(BENCH_QUICK),bench/results/quick,bench/results)
 
 # Flower lives in its own environment: it needs protobuf < 7 and cryptography >= 50,
 # which our pinned gRPC stubs cannot share a process with. Its wheels are cached like .venv's.
-BENCH_REQ_HASH := $(shell sha256sum bench/requirements-flower.txt | cut -c1-16)
 BENCH_WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels-bench
-.venv-bench/.installed: bench/requirements-flower.txt
-	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
-	@if [ ! -f $(BENCH_WHEELHOUSE)/.complete-$(BENCH_REQ_HASH) ]; then \
-	  echo "downloading Flower into $(BENCH_WHEELHOUSE) (once per requirements version)"; \
-	  mkdir -p $(BENCH_WHEELHOUSE) && \
-	  PIP_NO_INPUT=1 .venv-bench/bin/python -m pip download --quiet --progress-bar off --disable-pip-version-check \
-	    -d $(BENCH_WHEELHOUSE) -r bench/requirements-flower.txt "setuptools>=69" wheel && \
-	  touch $(BENCH_WHEELHOUSE)/.complete-$(BENCH_REQ_HASH); \
-	fi
-	PIP_NO_INPUT=1 .venv-bench/bin/python -m pip install --quiet --disable-pip-version-check --no-index \
-	  --find-links $(BENCH_WHEELHOUSE) -r bench/requirements-flower.txt
+.venv-bench/.installed: bench/requirements-flower.txt tools/setup-venv
+	@PYTHON=$(PYTHON) tools/setup-venv .venv-bench $(BENCH_WHEELHOUSE) bench/requirements-flower.txt
 	@touch $@
 
 bench-secagg: $(STAMP) .venv-bench/.installed  ## secure aggregation, ours against Flower's SecAgg+ (JSON in bench/results/)
@@ -77,20 +67,13 @@ privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, m
 bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
 	$(BIN)/python bench/dp_cost.py $(or $(BENCH_QUICK),--rows 10000 --epochs 1 --repeats 2) --json $(BENCH_OUT)/dp_cost.json
 
-$(STAMP): pyproject.toml constraints.txt tools/requirements.py
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@if [ ! -f $(WHEELHOUSE)/.complete-$(LOCK_HASH) ]; then \
-	  echo "downloading dependencies into $(WHEELHOUSE) (once per lock-file version)"; \
-	  mkdir -p $(WHEELHOUSE) && \
-	  $(BIN)/python tools/requirements.py dev > $(VENV)/requirements.txt && \
-	  $(BIN)/python -m pip download --quiet --progress-bar off -d $(WHEELHOUSE) -c constraints.txt \
-	    -r $(VENV)/requirements.txt "setuptools>=69" wheel && \
-	  touch $(WHEELHOUSE)/.complete-$(LOCK_HASH); \
-	fi
-	$(BIN)/python tools/requirements.py dev > $(VENV)/requirements.txt
-	$(BIN)/python -m pip install --quiet --no-index --find-links $(WHEELHOUSE) -c constraints.txt \
-	  -r $(VENV)/requirements.txt "setuptools>=69" wheel
-	$(BIN)/python -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+bench-startup: $(STAMP)  ## time outside the rounds and launcher memory of `fedcrm run` (COMPARE=REF runs a git revision side by side)
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/startup.py $(BENCH_QUICK) $(if $(COMPARE),--compare $(COMPARE)) --json $(BENCH_OUT)/startup.json
+
+$(STAMP): pyproject.toml constraints.txt tools/requirements.py tools/setup-venv
+	@mkdir -p $(VENV) && $(PYTHON) tools/requirements.py dev > $(VENV)/requirements.txt
+	@PYTHON=$(PYTHON) tools/setup-venv $(VENV) $(WHEELHOUSE) $(VENV)/requirements.txt --constraints constraints.txt --editable
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -204,3 +204,17 @@ def test_privacy_table_quick_trains_and_audits_every_row(tmp_path: Path) -> None
             _assert_finite(row["audit"]["shadow"], ["auc", "tpr_at_1pct_fpr"], f"{key} shadow attack")
     assert _finite(store["results"]["sample@1"]["privacy"]["epsilon_spent"])
     assert (tmp_path / "privacy_table.md").exists() and (tmp_path / "privacy_tradeoff.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_startup_quick_splits_a_real_run(tmp_path: Path) -> None:
+    _make_quick("bench-startup", tmp_path)
+    out = json.loads((tmp_path / "startup.json").read_text())
+    assert not _non_finite(out)
+    fields = ["wall_s", "startup_s", "rounds_s", "tail_s", "outside_s", "launcher_peak_rss_mib", "accuracy"]
+    assert out["rows"]
+    for row in out["rows"]:
+        _assert_finite(row, fields, f"{row['impl']} run {row['repeat']}")
+        assert row["launcher_peak_rss_mib"] > 0 and row["rounds_s"] > 0
+        assert abs(row["wall_s"] - row["rounds_s"] - row["outside_s"]) < 0.01

@@ -73,7 +73,36 @@ def test_a_misspelled_column_is_named_with_a_suggestion(small_federation: SynthR
     who = f"{doc['metadata']['namespace']}/{doc['metadata']['name']}"
     proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--out", tmp_path / "out")
     _assert_clean_error(proc, f"participant {who}", f"column '{column}x' (mapped to 'converted') is not in the file; did you mean '{column}'?")
-    assert not (tmp_path / "out" / "logs").exists()  # nothing was started
+    _assert_nothing_trained(tmp_path / "out")
+
+
+def _assert_nothing_trained(out: Path) -> None:
+    """The run stopped at the participants' data check: no statistics, no round, no report."""
+    assert not (out / "report.json").exists()
+    events = (out / "events.jsonl").read_text() if (out / "events.jsonl").exists() else ""
+    assert '"statistics"' not in events and '"round"' not in events, events
+
+
+def test_every_participants_data_problem_is_reported_at_once(small_federation: SynthResult, tmp_path: Path) -> None:
+    """Each participant checks its own data in its own process; the launcher gathers every verdict first."""
+    fed, parts = _copy(small_federation, tmp_path)
+    who = []
+    for part in parts[:2]:
+        doc = yaml.safe_load(part.read_text())
+        who.append(f"participant {doc['metadata']['namespace']}/{doc['metadata']['name']}")
+        _edit(part, lambda d: d["spec"]["data"].update(values={}))
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--out", tmp_path / "out")
+    _assert_clean_error(proc, *who, "has values with no mapping")
+    _assert_nothing_trained(tmp_path / "out")
+
+
+def test_a_bad_held_out_file_stops_the_run_before_training(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    test = tmp_path / "test.csv"
+    test.write_text("lead_source,converted\nweb,1\n")
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--test-data", test, "--out", tmp_path / "out")
+    _assert_clean_error(proc, "test data")
+    _assert_nothing_trained(tmp_path / "out")
 
 
 def test_an_unmapped_value_says_where_to_map_it(small_federation: SynthResult, tmp_path: Path) -> None:

@@ -129,8 +129,8 @@ def test_salesforce_postgres_and_parquet_participants_train_together(
     assert report["status"] == "succeeded" and report["rounds_completed"] == 3
     assert [p["status"] for p in report["participants"]] == ["completed"] * 3
     assert report["metrics"]["accuracy"] > 0.75
-    # The Salesforce participant paged through its org (and the CLI's up-front check did too).
-    assert salesforce.org.queries >= 2 * 2 and salesforce.org.logins >= 2
+    # The Salesforce participant paged through its org, once: its own process checks and keeps what it read.
+    assert salesforce.org.queries == 2 and salesforce.org.logins == 1
     # Credentials reached each node as files and left no trace in the outputs.
     assert not (out / "credentials").exists()
     written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".md", ".log"})

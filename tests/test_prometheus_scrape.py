@@ -30,7 +30,8 @@ def _query(port: int, promql: str) -> list[dict]:
 def test_prometheus_scrapes_rounds_participants_and_accuracy_from_a_running_federation(tmp_path: Path) -> None:
     prometheus = shutil.which("prometheus") or "/usr/bin/prometheus"
     assert Path(prometheus).exists(), "Prometheus is missing: tools/install-system-packages installs it (make test does)"
-    synth = generate_federation(tmp_path / "fed", clients=3, rows=1500, seed=3, rounds=15)
+    # Long enough (a few seconds of rounds) for a 250 ms scrape interval to see several rounds.
+    synth = generate_federation(tmp_path / "fed", clients=3, rows=8000, seed=3, rounds=15)
     metrics_port, prom_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 250ms, scrape_timeout: 200ms}\n"

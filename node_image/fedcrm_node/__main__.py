@@ -8,16 +8,21 @@ without success; 4 the aggregator could not be reached or went away.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcrm.data.credentials import MOUNT_PATH
-from fedcrm.errors import FedcrmError
+from fedcrm.errors import DataError, FedcrmError, ManifestError
 from fedcrm.logs import add_log_level_argument, configure
 from fedcrm.protocol import TlsFiles
-from fedcrm.spec.loading import load_participant
+from fedcrm.spec.loading import load_federation, load_participant
+
+if TYPE_CHECKING:
+    from fedcrm_node.participant import ParticipantNode
 
 log = logging.getLogger("fedcrm.node")
 
@@ -35,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-only", type=Path, metavar="FEDERATION",
                    help="only check this participant's data against the Federation manifest's task (the enrolment "
                    "check the operator runs before training) and exit: 0 it fits, 2 it does not (problems printed)")
+    p.add_argument("--federation", type=Path, metavar="FEDERATION",
+                   help="this participant's own copy of the Federation manifest: load and check the data against its "
+                   "task before dialling the aggregator, and refuse an aggregator that serves another task")
+    p.add_argument("--ready-file", type=Path, metavar="PATH",
+                   help="with --federation: write {\"rows\": N} here once the data is loaded and mapped, or "
+                   "{\"problem\": MESSAGE} (and exit 2) when it does not fit; `fedcrm run` waits for every participant's")
     p.add_argument("--data-root", type=Path,
                    help="where the spec.data.pvc claim is mounted (set by the operator in a training pod)")
     p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
@@ -52,7 +63,6 @@ def _check_only(args: argparse.Namespace) -> None:
     """Print the data check's problems one per line (the pod's termination message shows the last ones)."""
     from fedcrm.data.check import check_participant
     from fedcrm.data.credentials import read_credentials_dir
-    from fedcrm.spec.loading import load_federation
 
     try:
         participant = load_participant(args.participant)
@@ -73,6 +83,25 @@ def _check_only(args: argparse.Namespace) -> None:
     log.info("data check passed: %d rows sampled from %s", report.rows_sampled, report.origin)
 
 
+def _write_ready(path: Path | None, content: dict[str, object]) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content))
+    tmp.replace(path)  # whoever waits for it never reads half a file
+
+
+def _load_data(node: ParticipantNode, ready_file: Path | None) -> None:
+    """Load and check the data up front; a problem is reported (ready file, log) and ends the node with exit 2."""
+    try:
+        rows = node.load_data()
+    except (DataError, ManifestError) as err:
+        _write_ready(ready_file, {"problem": str(err)})
+        raise
+    log.info("data loaded and mapped: %d rows", rows)
+    _write_ready(ready_file, {"rows": rows})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     missing = [f"--{n}" for n in ("aggregator", "ca", "cert", "key") if getattr(args, n) is None]
     if missing:
         parser.error(f"{', '.join(missing)} required to train (or use --check-only FEDERATION)")
+    if args.ready_file and not args.federation:
+        parser.error("--ready-file needs --federation (the task the data is checked against)")
     import torch
 
     torch.set_num_threads(max(1, args.threads))
@@ -99,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
             server_name=args.server_name,
             connect_timeout=args.connect_timeout,
             credentials_dir=args.credentials or Path(MOUNT_PATH),
+            own_federation=load_federation(args.federation) if args.federation else None,
         )
+        if args.federation:
+            _load_data(node, args.ready_file)
         node.run()
     except NodeExit as err:
         log.error("%s", err)

@@ -64,8 +64,12 @@ class ParticipantNode:
         server_name: str | None = None,
         connect_timeout: float = 60.0,
         credentials_dir: Path | None = None,
+        own_federation: Federation | None = None,
     ) -> None:
         self.participant = participant
+        # This participant's own copy of the Federation (as mounted beside it), when it has one: its data is
+        # then loaded and checked against that task before the aggregator is dialled.
+        self.own_federation = own_federation
         self.manifest_dir = manifest_dir
         self.data_root = data_root
         self.aggregator = aggregator
@@ -87,6 +91,20 @@ class ParticipantNode:
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
 
     # ----------------------------------------------------------------- protocol
+    def load_data(self) -> int:
+        """Load and map this participant's records for its own Federation's task; returns the row count.
+
+        Raises :class:`DataError` (or :class:`ManifestError`) naming what to fix, before any connection.
+        """
+        if self.own_federation is None:
+            raise ManifestError("no Federation manifest given to check the data against")
+        check_membership(self.own_federation, self.participant)
+        self.data = load_participant_data(
+            self.participant, self.own_federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root,
+            credentials=self._credentials(),
+        )
+        return len(self.data)
+
     def run(self) -> None:
         """Take part until the federation finishes.
 
@@ -192,10 +210,17 @@ class ParticipantNode:
         try:
             federation = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
             check_membership(federation, self.participant)
-            self.data = load_participant_data(
-                self.participant, federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root,
-                credentials=self._credentials(),
-            )
+            if self.data is None:
+                self.data = load_participant_data(
+                    self.participant, federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root,
+                    credentials=self._credentials(),
+                )
+            elif self.own_federation is not None and federation.spec.task != self.own_federation.spec.task:
+                raise ManifestError(
+                    f"the aggregator's federation {federation.key} has another task than this participant's own "
+                    "Federation manifest; this participant's data was checked against its own copy and is not sent "
+                    "for a different task"
+                )
         except (ManifestError, DataError) as err:
             stub.ReportFailure(pb.FailureReport(message=str(err)))
             raise NodeExit(str(err), 2) from None

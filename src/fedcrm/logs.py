@@ -16,4 +16,6 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: a library imported earlier (opacus, in a process forked warm) may have configured the root logger.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)

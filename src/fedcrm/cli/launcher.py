@@ -1,26 +1,32 @@
 """``fedcrm run``: a whole federation on one machine, as real processes over mutual TLS.
 
 The launcher does what the operator does in a cluster, with processes instead
-of pods: it checks consent and every participant's data up front (so a bad
-mapping is reported before anything starts), issues a per-run CA and
-certificates, starts the aggregator and one node process per participant, and
-watches them. A participant process that dies is reported by name and counts
-as a dropout; the aggregator decides whether the federation can go on.
+of pods: it checks consent, issues a per-run CA and certificates, starts the
+aggregator and one node process per participant, and watches them. As the
+enrolment check does in a pod, each participant loads and maps its own data
+against its own copy of the Federation before dialling the aggregator; the
+launcher waits for every participant's verdict (and the held-out file's) and
+stops the run with all their problems at once, before any round. A participant
+process that dies later is reported by name and counts as a dropout; the
+aggregator decides whether the federation can go on.
+
+Participants and the held-out scorer are forked from one warm interpreter (see
+:mod:`fedcrm.cli.children`); the launcher itself imports neither torch nor
+pandas and holds no participant's records.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcrm.cli.children import Child, Warm, start_subprocess
 from fedcrm.data.credentials import Credentials
 from fedcrm.errors import DataError, FedcrmError, ManifestError
 from fedcrm.pki import CertificateAuthority, write_pem_files
@@ -29,10 +35,10 @@ from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import ParticipantManifests, check_membership, load_federation, load_participant_manifests, secret_values
 from fedcrm.spec.manifests import Federation, Participant
 
-__all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "load_inputs_data", "run_federation"]
+__all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "run_federation"]
 
 _OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md",
-            "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png")
+            "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png", "ready")
 
 
 # How often `fedcrm run` restarts a crashed aggregator before giving up.
@@ -42,6 +48,7 @@ _MAX_AGGREGATOR_RESTARTS = 3
 @dataclass(frozen=True)
 class LoadedFederation:
     federation: Federation
+    federation_path: Path
     participants: list[tuple[Participant, Path]]  # manifest and its path
     # Per identity, the keys of the Secret its data source references (absent when it needs none).
     credentials: dict[str, Credentials] = field(default_factory=dict, repr=False)
@@ -93,7 +100,7 @@ def load_federation_inputs(federation_path: Path, participant_paths: list[Path])
         )
     if problems:
         raise ManifestError("\n".join(problems))
-    return LoadedFederation(federation, loaded, credentials)
+    return LoadedFederation(federation, federation_path, loaded, credentials)
 
 
 def load_check_inputs(
@@ -117,28 +124,6 @@ def load_check_inputs(
     if problems:
         raise ManifestError("\n".join(problems))
     return federation, out
-
-
-def load_inputs_data(inputs: LoadedFederation) -> dict[str, Any]:
-    """Load and map every participant's data in this process; returns CanonicalData per identity."""
-    from fedcrm.data.loaders import load_participant_data
-
-    problems, datasets = [], {}
-    for participant, path in inputs.participants:
-        try:
-            datasets[participant.identity] = load_participant_data(
-                participant, inputs.federation.spec.task, base_dir=path.resolve().parent,
-                credentials=inputs.credentials.get(participant.identity))
-        except DataError as err:
-            problems.append(str(err))
-    if problems:
-        raise DataError("\n".join(problems))
-    return datasets
-
-
-def check_participant_data(inputs: LoadedFederation) -> dict[str, int]:
-    """Load and map every participant's data (as each node will); returns rows per identity."""
-    return {identity: len(data) for identity, data in load_inputs_data(inputs).items()}
 
 
 def _write_credentials(out: Path, inputs: LoadedFederation) -> dict[str, Path]:
@@ -179,15 +164,6 @@ def _issue_certificates(out: Path, inputs: LoadedFederation) -> tuple[TlsPaths, 
     return server, clients
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Many participants share the machine; one thread each avoids oversubscription.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MKL_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _last_error_line(log_path: Path, *, or_last_line: bool = False) -> str:
     """The last ERROR message of a process's log (or its last line, for a process that died early)."""
     try:
@@ -209,21 +185,34 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-class _Processes:
-    """The aggregator and node processes of one run, stopped together whatever happens."""
+# The modules a participant imports, loaded once by the forkserver; opacus too when DP-SGD is on.
+_NODE_PRELOAD = ["fedcrm_node.preload"]
 
-    def __init__(self, out: Path) -> None:
+
+def _preload(federation: Federation) -> list[str]:
+    return _NODE_PRELOAD + (["opacus"] if federation.spec.privacy.differential_privacy.mode == "sample" else [])
+
+
+class _Processes:
+    """The aggregator, node and scorer processes of one run, stopped together whatever happens."""
+
+    def __init__(self, out: Path, warm: Warm) -> None:
         self.out = out
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.warm = warm
         self.aggregator: subprocess.Popen[bytes] | None = None
-        self.nodes: dict[str, subprocess.Popen[bytes]] = {}
-        self._handles: list[Any] = []
+        self.nodes: dict[str, Child] = {}
+        self.scorer: Child | None = None
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")
-        self._handles.append(log)
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env())
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def start_aggregator(self, argv: list[str]) -> None:
+        self.aggregator = start_subprocess("fedcrm_aggregator", argv, self.log("aggregator"))
+
+    def start_node(self, identity: str, argv: list[str]) -> None:
+        self.nodes[identity] = self.warm.run_module("fedcrm_node", argv, self.log(_stem(identity)))
 
     def record(self) -> None:
         pids = {"aggregator": self.aggregator.pid if self.aggregator else None}
@@ -231,7 +220,7 @@ class _Processes:
         (self.out / "processes.json").write_text(json.dumps(pids, indent=2))
 
     def stop_all(self, grace: float = 5.0) -> None:
-        procs = [p for p in [self.aggregator, *self.nodes.values()] if p is not None and p.poll() is None]
+        procs = [p for p in [self.aggregator, *self.nodes.values(), self.scorer] if p is not None and p.poll() is None]
         for p in procs:
             p.terminate()
         deadline = time.monotonic() + grace
@@ -241,8 +230,86 @@ class _Processes:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for h in self._handles:
-            h.close()
+
+
+def _stem(identity: str) -> str:
+    return identity.replace("/", "_")
+
+
+class _HeldOut:
+    """The held-out scorer child: loads the test file at the start, scores the final model at the end."""
+
+    def __init__(self, procs: _Processes, test_data: Path, task: Any) -> None:
+        self._conn, child_end = procs.warm.pipe()
+        procs.scorer = procs.warm.call("fedcrm.cli.held_out", "serve", procs.log("held-out-scorer"),
+                                       child_end, str(test_data), task)
+        child_end.close()
+        self._answer: dict[str, Any] | None = None
+
+    def verdict(self) -> dict[str, Any] | None:
+        """``{"rows": n}`` or ``{"problem": msg}`` once the file is loaded, None while it loads."""
+        if self._answer is None and self._conn.poll():
+            self._answer = self._conn.recv()
+        return self._answer
+
+    def wait_verdict(self, procs: _Processes) -> None:
+        """Block until the held-out file is loaded; raise its problem as a :class:`DataError`."""
+        while (verdict := self.verdict()) is None:
+            if self._conn.poll(0.05):
+                continue
+            if procs.scorer is not None and procs.scorer.poll() is not None:
+                raise FedcrmError(f"the held-out scorer exited early; see {procs.log('held-out-scorer')}")
+        if "problem" in verdict:
+            raise DataError(verdict["problem"])
+
+    def score(self, model_dir: Path) -> dict[str, Any]:
+        self._conn.send(str(model_dir))
+        reply = self._conn.recv()
+        if "problem" in reply:
+            raise FedcrmError(f"scoring the final model on the held-out rows failed: {reply['problem']}")
+        return dict(reply["metrics"])
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        self._conn.close()
+
+
+def _read_ready(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def _await_data_checks(procs: _Processes, ready_dir: Path, progress: Any) -> None:
+    """Wait until every participant has loaded its data or failed to; raise all their problems at once.
+
+    No round can start before: the aggregator waits for every expected participant to enrol, and a
+    participant whose data does not fit exits before it dials the aggregator.
+    """
+    pending = set(procs.nodes)
+    rows: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    while pending:
+        for identity in sorted(pending):
+            verdict = _read_ready(ready_dir / f"{_stem(identity)}.json")
+            if verdict is not None:
+                pending.discard(identity)
+                if "problem" in verdict:
+                    problems[identity] = verdict["problem"]
+                else:
+                    rows[identity] = int(verdict["rows"])
+            elif procs.nodes[identity].poll() is not None:
+                pending.discard(identity)  # died before a verdict: reported as a crash by the run loop
+        if procs.aggregator is not None and procs.aggregator.poll() is not None:
+            return  # the run loop reports what became of the aggregator
+        time.sleep(0.05)
+    if problems:
+        raise DataError("\n".join(problems[k] for k in sorted(problems)))
+    progress.data_checked(rows)
 
 
 def _wait_for_port(procs: _Processes, port_file: Path, timeout: float) -> int:
@@ -269,16 +336,17 @@ def run_federation(
     """Run the federation to its end; ``progress`` receives events and process notices.
 
     ``metrics_port``: the aggregator also serves /healthz, /status and Prometheus /metrics on this loopback port.
+    Raises :class:`DataError` with every participant's data problems (and the held-out file's) before any round.
     """
-    from fedcrm.data.loaders import load_canonical_file
-
-    check_participant_data(inputs)
-    test = load_canonical_file(test_data, inputs.federation.spec.task) if test_data else None
     out = out.resolve()
     _prepare_out_dir(out)
+    warm = Warm(_preload(inputs.federation))
+    warm.start()  # the forkserver imports torch while certificates are issued and the aggregator starts
     server_tls, client_tls = _issue_certificates(out, inputs)
     credential_dirs = _write_credentials(out, inputs)
     port_file = out / "aggregator.port"
+    ready_dir = out / "ready"
+    ready_dir.mkdir()
     config = AggregatorConfig(
         federation=inputs.federation,
         participants=[p.identity for p, _ in inputs.participants],
@@ -290,27 +358,35 @@ def run_federation(
     )
     config.write(out / "aggregator.json")
 
-    procs = _Processes(out)
+    procs = _Processes(out, warm)
+    held_out: _HeldOut | None = None
     crashed: dict[str, str] = {}
     interrupted = False
-    aggregator_argv = [sys.executable, "-m", "fedcrm_aggregator", "--config", str(out / "aggregator.json")]
+    aggregator_argv = ["--config", str(out / "aggregator.json")]
     restarts = 0
     try:
-        procs.aggregator = procs.start("aggregator", aggregator_argv)
+        procs.start_aggregator(aggregator_argv)
         port = _wait_for_port(procs, port_file, timeout=60)
         # A restarted aggregator must come back on the same port for the participants to find it.
         config.model_copy(update={"listen": f"127.0.0.1:{port}"}).write(out / "aggregator.json")
+        if test_data is not None:
+            # Checked before any participant can enrol, so a bad held-out file stops the run before round 1.
+            held_out = _HeldOut(procs, test_data, inputs.federation.spec.task)
+            held_out.wait_verdict(procs)
         for participant, path in inputs.participants:
             tls = client_tls[participant.identity]
-            procs.nodes[participant.identity] = procs.start(
-                participant.identity.replace("/", "_"),
-                [sys.executable, "-m", "fedcrm_node", "--participant", str(path.resolve()),
+            procs.start_node(
+                participant.identity,
+                # Its own copy of the Federation, as a pod has it mounted: the data is checked against its task.
+                ["--participant", str(path.resolve()), "--federation", str(inputs.federation_path.resolve()),
+                 "--ready-file", str(ready_dir / f"{_stem(participant.identity)}.json"),
                  "--aggregator", f"127.0.0.1:{port}", "--server-name", "localhost",
                  "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)]
                 + (["--credentials", str(credential_dirs[participant.identity])]
                    if participant.identity in credential_dirs else []),
             )
         procs.record()
+        _await_data_checks(procs, ready_dir, progress)
         events = out / "events.jsonl"
         offset = 0
         while True:
@@ -319,10 +395,10 @@ def run_federation(
                 code = p.poll()
                 # Exit code 3 is a node leaving because the federation stopped: not a crash of its own.
                 if code not in (None, 0, 3) and identity not in crashed:
-                    reason = _last_error_line(procs.logs / f"{identity.replace('/', '_')}.log")
+                    reason = _last_error_line(procs.log(_stem(identity)))
                     crashed[identity] = f"{_describe_exit(code)}" + (f": {reason}" if reason else "")
                     progress.participant_exited(identity, crashed[identity])
-            code = procs.aggregator.poll()
+            code = procs.aggregator.poll()  # type: ignore[union-attr]
             if code is not None:
                 # 0 succeeded, 1 failed, 2 bad config: final. Anything else is a crash, restarted
                 # from the checkpoint as a StatefulSet would restart its pod.
@@ -330,7 +406,7 @@ def run_federation(
                     break
                 restarts += 1
                 progress.aggregator_restarted(_describe_exit(code), restarts, _MAX_AGGREGATOR_RESTARTS)
-                procs.aggregator = procs.start("aggregator", aggregator_argv)
+                procs.start_aggregator(aggregator_argv)
                 procs.record()
             time.sleep(0.1)
         progress.feed_events(events, offset)
@@ -341,29 +417,28 @@ def run_federation(
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        report = read_report(out) if (out / "report.json").exists() else None
+        if held_out is not None and report is not None and report.get("model_digest"):
+            report["metrics"] = {k: v for k, v in held_out.score(out / "model").items() if k in report["metrics"]}
+            report["metrics_source"] = "test"
+            report["test_rows"] = held_out.verdict()["rows"]  # type: ignore[index]
     except KeyboardInterrupt:
         interrupted = True
+        report = read_report(out) if (out / "report.json").exists() else None
     finally:
+        if held_out is not None:
+            held_out.close()
         procs.stop_all()
         shutil.rmtree(out / "credentials", ignore_errors=True)
 
-    if not (out / "report.json").exists():
-        reason = "interrupted" if interrupted else _last_error_line(procs.logs / "aggregator.log", or_last_line=True)
+    if report is None:
+        reason = "interrupted" if interrupted else _last_error_line(procs.log("aggregator"), or_last_line=True)
         raise FedcrmError(f"the federation stopped without a report ({reason}); logs are in {procs.logs}")
-    report = read_report(out)
     if interrupted:
         report.update(status="failed", partial=True, message="interrupted by the user")
     for p in report["participants"]:
         if p["identity"] in crashed:
             p["message"] = f"process {crashed[p['identity']]}"
-    if test is not None and report.get("model_digest"):
-        from fedcrm.models.artifacts import load_model
-        from fedcrm.models.scoring import score_frame
-
-        metrics = score_frame(load_model(out / "model"), test.frame)
-        report["metrics"] = {k: metrics[k] for k in report["metrics"]}
-        report["metrics_source"] = "test"
-        report["test_rows"] = len(test)
     report["aggregator_restarts"] = restarts
     write_report(out, report)
     return RunResult(report=report, exit_code=0 if report["status"] == "succeeded" else 1, crashed=crashed)

@@ -265,7 +265,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace | RunOptions, console: Any) -> dict[str, Any]:
-    from fedcrm.cli.launcher import load_federation_inputs, load_inputs_data
+    from fedcrm.cli.launcher import load_federation_inputs
+    from fedcrm.cli.pooled_data import load_inputs_data
     from fedcrm.data.loaders import load_canonical_file
     from fedcrm.models.artifacts import load_model
     from fedcrm.models.scoring import score_frame
@@ -297,7 +298,8 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedcrm.cli.launcher import load_federation_inputs, load_inputs_data
+    from fedcrm.cli.launcher import load_federation_inputs
+    from fedcrm.cli.pooled_data import load_inputs_data
     from fedcrm.data.loaders import load_canonical_file
     from fedcrm.privacy.audit import run_audit
     from fedcrm.privacy.plots import plot_roc

@@ -117,6 +117,11 @@ class RunProgress:
         elif kind == "finished" and e["status"] != "succeeded":
             self._print(f"[red]federation failed:[/] {e['message']}")
 
+    def data_checked(self, rows: dict[str, int]) -> None:
+        self._print(f"every participant loaded and mapped its own data: {sum(rows.values()):,} rows in "
+                    f"{len(rows)} processes")
+        self.progress.update(self.task, status="enrolling")
+
     def aggregator_restarted(self, how: str, restart: int, limit: int) -> None:
         self._print(f"[yellow]the aggregator process ended ({how}); restarting it from its checkpoint "
                     f"(restart {restart} of {limit})[/]")
