@@ -357,8 +357,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name, default in size.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    phase_started = time.monotonic()
+
+    def phase_done(what: str) -> None:
+        nonlocal phase_started
+        console.print(f"    {what} in {time.monotonic() - phase_started:.1f}s")
+        phase_started = time.monotonic()
+
     console.print(f"[bold]1/3[/] synthesising CRM data for {args.clients} enterprises x {args.rows:,} leads ...")
     synth = generate_federation(out / "data", clients=args.clients, rows=args.rows, seed=args.seed, rounds=args.rounds)
+    phase_done(f"wrote {out / 'data'}")
     console.print("[bold]2/3[/] federated training: each enterprise's leads stay in its own process; "
                   "only model updates and counts cross mutual TLS")
     options = RunOptions.from_args(args, federation=synth.federation_path, participants=synth.participant_paths,
@@ -367,8 +375,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if code != 0:
         _print_outcome(console, fed_report, options.out)
         return code
+    phase_done("federated training finished")
     console.print("[bold]3/3[/] for comparison, the same model trained centrally on pooled data (what federation avoids)")
     base_report = _baseline(dataclasses.replace(options, out=out / "baseline"), console)
+    phase_done("central training finished")
 
     from fedcrm.cli.progress import human_bytes, pct
     from fedcrm.spec.loading import load_federation
