@@ -73,7 +73,8 @@ bench-startup: $(STAMP)  ## time outside the rounds and launcher memory of `fedc
 
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py tools/setup-venv
 	@mkdir -p $(VENV) && $(PYTHON) tools/requirements.py dev > $(VENV)/requirements.txt
-	@PYTHON=$(PYTHON) tools/setup-venv $(VENV) $(WHEELHOUSE) $(VENV)/requirements.txt --constraints constraints.txt --editable
+	@PYTHON=$(PYTHON) tools/setup-venv $(VENV) $(WHEELHOUSE) $(VENV)/requirements.txt --constraints constraints.txt --editable \
+	  --size-note "about 3 GB, most of it torch: a few minutes on a first machine"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
