@@ -103,6 +103,9 @@ def test_a_bad_held_out_file_stops_the_run_before_training(small_federation: Syn
     proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--test-data", test, "--out", tmp_path / "out")
     _assert_clean_error(proc, "test data")
     _assert_nothing_trained(tmp_path / "out")
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, "--test-data", tmp_path / "gone.csv",
+                   "--out", tmp_path / "out")
+    _assert_clean_error(proc, f"test data: {tmp_path / 'gone.csv'} does not exist; --test-data must name")
 
 
 def test_an_unmapped_value_says_where_to_map_it(small_federation: SynthResult, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from fedcrm.pki import CertificateAuthority, write_pem_files
 from fedcrm.reporting import read_report, write_report
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import ParticipantManifests, check_membership, load_federation, load_participant_manifests, secret_values
-from fedcrm.spec.manifests import Federation, Participant
+from fedcrm.spec.manifests import Federation, Participant, Task
 
 __all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "run_federation"]
 
@@ -237,30 +237,21 @@ def _stem(identity: str) -> str:
 
 
 class _HeldOut:
-    """The held-out scorer child: loads the test file at the start, scores the final model at the end."""
+    """The held-out scorer child: loads and checks the test file at once, scores the final model at the end."""
 
-    def __init__(self, procs: _Processes, test_data: Path, task: Any) -> None:
+    def __init__(self, procs: _Processes, test_data: Path, task: Task) -> None:
         self._conn, child_end = procs.warm.pipe()
         procs.scorer = procs.warm.call("fedcrm.cli.held_out", "serve", procs.log("held-out-scorer"),
                                        child_end, str(test_data), task)
         child_end.close()
-        self._answer: dict[str, Any] | None = None
-
-    def verdict(self) -> dict[str, Any] | None:
-        """``{"rows": n}`` or ``{"problem": msg}`` once the file is loaded, None while it loads."""
-        if self._answer is None and self._conn.poll():
-            self._answer = self._conn.recv()
-        return self._answer
-
-    def wait_verdict(self, procs: _Processes) -> None:
-        """Block until the held-out file is loaded; raise its problem as a :class:`DataError`."""
-        while (verdict := self.verdict()) is None:
-            if self._conn.poll(0.05):
-                continue
-            if procs.scorer is not None and procs.scorer.poll() is not None:
+        # The scorer's first answer: {"rows": n}, or {"problem": message} for a file that does not fit.
+        while not self._conn.poll(0.05):
+            if procs.scorer.poll() is not None:
                 raise FedcrmError(f"the held-out scorer exited early; see {procs.log('held-out-scorer')}")
-        if "problem" in verdict:
-            raise DataError(verdict["problem"])
+        loaded = self._conn.recv()
+        if "problem" in loaded:
+            raise DataError(loaded["problem"])
+        self.rows = int(loaded["rows"])
 
     def score(self, model_dir: Path) -> dict[str, Any]:
         self._conn.send(str(model_dir))
@@ -372,7 +363,6 @@ def run_federation(
         if test_data is not None:
             # Checked before any participant can enrol, so a bad held-out file stops the run before round 1.
             held_out = _HeldOut(procs, test_data, inputs.federation.spec.task)
-            held_out.wait_verdict(procs)
         for participant, path in inputs.participants:
             tls = client_tls[participant.identity]
             procs.start_node(
@@ -421,7 +411,7 @@ def run_federation(
         if held_out is not None and report is not None and report.get("model_digest"):
             report["metrics"] = {k: v for k, v in held_out.score(out / "model").items() if k in report["metrics"]}
             report["metrics_source"] = "test"
-            report["test_rows"] = held_out.verdict()["rows"]  # type: ignore[index]
+            report["test_rows"] = held_out.rows
     except KeyboardInterrupt:
         interrupted = True
         report = read_report(out) if (out / "report.json").exists() else None

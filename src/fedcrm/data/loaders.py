@@ -58,6 +58,9 @@ def load_participant_data(participant: Participant, task: Task, *, base_dir: Pat
                        credentials=credentials, backoff=backoff, pvc_root=pvc_root)
 
 
-def load_canonical_file(path: str | Path, task: Task) -> CanonicalData:
-    """A file that already uses canonical column names (e.g. a held-out test set)."""
+def load_canonical_file(path: str | Path, task: Task, *, option: str = "--test-data") -> CanonicalData:
+    """A file that already uses canonical column names (e.g. a held-out test set), named by the CLI's ``option``."""
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise DataError(f"test data: {path} {what}; {option} must name a CSV or Parquet file in the canonical schema")
     return load_source(identity_source(task, str(path)), task, who="test data", base_dir=None)
