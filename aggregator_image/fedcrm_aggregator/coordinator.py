@@ -542,6 +542,7 @@ class Coordinator:
             "round_duration_s": last.duration_s if last else None,
             "bytes_up_per_client": last.bytes_up_per_client if last else None,
             "epsilon_spent": self.privacy.spent(),
+            "epsilon_budget": self.privacy.dp.epsilon,  # None unless differential privacy is on (the spec insists)
             "model_digest": self.model_digest,
             "message": self.outcome_message,
         }

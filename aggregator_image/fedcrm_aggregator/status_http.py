@@ -51,6 +51,8 @@ class _RoundCollector(Collector):
             gauge("fedcrm_round_duration_seconds", "Wall time of the last round.", p["round_duration_s"]),
             gauge("fedcrm_bytes_up_per_participant", "Bytes each participant sent in the last round.", p["bytes_up_per_client"]),
             gauge("fedcrm_epsilon_spent", "Differential-privacy budget spent so far.", p["epsilon_spent"]),
+            # .get: a snapshot from before the budget was reported has no such key.
+            gauge("fedcrm_epsilon_budget", "Differential-privacy budget (epsilon) of the whole run.", p.get("epsilon_budget")),
         ]
         yield from (f for f in families if f is not None)
         metric = GaugeMetricFamily("fedcrm_validation_metric", "Global validation metrics of the last round.",
