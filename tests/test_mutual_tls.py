@@ -99,7 +99,7 @@ def test_the_node_process_explains_a_refused_certificate(server, small_federatio
     cert, key = write_pem_files(tmp / "rogue", "client", other_ca.issue_client(IDENTITY))
     proc = subprocess.run(
         [sys.executable, "-m", "fedcrm_node", "--participant", str(small_federation.participant_paths[0]),
-         "--aggregator", f"127.0.0.1:{port}", "--ca", str(tmp / "ca.crt"), "--cert", str(cert), "--key", str(key),
+         "--federation", str(small_federation.federation_path), "--aggregator", f"127.0.0.1:{port}", "--ca", str(tmp / "ca.crt"), "--cert", str(cert), "--key", str(key),
          "--connect-timeout", "3"],
         capture_output=True, text=True, timeout=120,
     )

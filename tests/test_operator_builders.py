@@ -96,10 +96,15 @@ def test_training_pod_is_hardened_and_mounts_only_its_own_namespace_objects() ->
     assert volumes["tls"]["secret"]["secretName"] == NAMES.client_secret("crm")
     assert "--data-root" in container["args"]
     assert container["args"][container["args"].index("--aggregator") + 1] == "churn-aggregator-grpc.coord.svc.cluster.local:8443"
-    # A wrong manifest (exit code 2) fails the Job at once instead of crash-looping.
+    # A wrong manifest (exit code 2) or an aggregator serving other terms (5) fails the Job at once instead of
+    # crash-looping.
     rule = job["spec"]["podFailurePolicy"]["rules"][0]
-    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2, 5]
     assert spec["restartPolicy"] == "Never"
+    # The node enforces the tenant's own copy of the terms, mounted beside its Participant.
+    own = container["args"][container["args"].index("--federation") + 1]
+    participant_manifest = container["args"][container["args"].index("--participant") + 1]
+    assert own.rsplit("/", 1) == [participant_manifest.rsplit("/", 1)[0], "federation.yaml"]
 
 
 def test_aggregator_is_one_hardened_replica_with_a_checkpoint_volume() -> None:
@@ -307,6 +312,22 @@ def test_a_failed_check_reaches_the_participant_as_its_own_words() -> None:
     assert termination_message(pod) == ("data-check: participant tenant-a/crm: column 'Converted' not found in leads.csv; "
                                         "add it or fix spec.data.mapping.converted")
     assert termination_message({"status": {"containerStatuses": [{"name": "node", "state": {"terminated": {"exitCode": 0}}}]}}) == ""
+
+
+def test_a_refused_aggregator_is_named_terms_mismatch_on_the_participant() -> None:
+    from fedcrm_operator.participants import _failure_detail
+
+    said = "refusing the aggregator's request: its Federation differs ... spec.privacy.secureAggregation.enabled\n"
+    pods = {5: "TermsMismatch", 1: "Failed"}
+    for code, reason in pods.items():
+        pod = {"status": {"containerStatuses": [{"name": "node", "state": {"terminated": {"exitCode": code, "message": said}}}]}}
+
+        class OnePod:
+            def list(self, *_: object, **__: object) -> list[dict]:
+                return [pod]
+
+        got_reason, message = _failure_detail(OnePod(), "tenant-a", "job")  # type: ignore[arg-type]
+        assert got_reason == reason and message.startswith("node: refusing the aggregator's request")
 
 
 def test_operator_default_resources_apply_when_the_federation_keeps_the_built_in_ones() -> None:

@@ -429,13 +429,16 @@ def test_training_runs_end_to_end_and_rounds_reach_the_federation_status(
         for doc in docs[1:]:
             ns, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
             prefix = f"f4-{name}"
-            cm = kubectl.get("configmap", f"{prefix}-config", ns)["data"]["participant.yaml"]
+            cm = kubectl.get("configmap", f"{prefix}-config", ns)["data"]
             manifest = tmp_path / "nodes" / ns / "participant.yaml"
             manifest.parent.mkdir(parents=True)
-            manifest.write_text(cm)
+            manifest.write_text(cm["participant.yaml"])
+            own_federation = manifest.with_name("federation.yaml")  # the tenant's own copy of the terms
+            own_federation.write_text(cm["federation.yaml"])
             certs = _secret_files(kubectl, f"{prefix}-tls", ns, tmp_path / "nodes" / ns / "tls")
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedcrm_node", "--participant", str(manifest), "--aggregator", f"127.0.0.1:{port}",
+                [sys.executable, "-m", "fedcrm_node", "--participant", str(manifest), "--federation", str(own_federation),
+                 "--aggregator", f"127.0.0.1:{port}",
                  "--server-name", host, "--ca", str(certs["ca.crt"]), "--cert", str(certs["tls.crt"]),
                  "--key", str(certs["tls.key"]), "--data-root", str(tmp_path / "claims" / ns)],
                 stdout=open(tmp_path / f"node-{ns}.log", "wb"), stderr=subprocess.STDOUT,

@@ -67,3 +67,21 @@ def test_attack_metrics_on_known_separations() -> None:
     assert (apart.auc, apart.advantage, apart.tpr_at_1pct_fpr) == (1.0, 1.0, 1.0)
     ties = attack_metrics(np.zeros(10), np.zeros(10))
     assert ties.auc == 0.5 and ties.advantage == 0.0
+
+
+def test_an_inflated_participant_count_cannot_shrink_a_participants_noise_share() -> None:
+    """The aggregator's claimed count sizes client-level noise shares (more participants, less noise each);
+    a participant never sizes its share for more than its own Federation's allow-list admits."""
+    from fedcrm.privacy.plans import client_noise, noise_participants
+
+    doc = _dp(mode="client", epsilon=1.0, delta=1e-5)
+    doc["spec"]["privacy"]["secureAggregation"] = {"enabled": True, "neighbours": "logarithmic", "threshold": 0.6}
+    spec = parse_manifest(doc, Federation, "f").spec
+    allowed = len(spec.participants.namespaces)
+    assert allowed >= 2
+    honest = client_noise(spec, participants=noise_participants(spec, allowed), dimension=10)
+    inflated = client_noise(spec, participants=noise_participants(spec, 1000), dimension=10)
+    believed = client_noise(spec, participants=1000, dimension=10)  # what obeying the aggregator would do
+    assert noise_participants(spec, 1000) == allowed and noise_participants(spec, 1) == 1
+    assert inflated.survivors_min == honest.survivors_min
+    assert believed.survivors_min > honest.survivors_min  # the attack would have cut each share's variance

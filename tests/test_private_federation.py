@@ -134,3 +134,50 @@ def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResul
     sigma = report["privacy"]["noise_multiplier"]
     assert report["privacy"]["epsilon_spent"] == pytest.approx(
         epsilon_for(q=1.0, noise_multiplier=sigma, steps=len(releases), delta=1e-5)) and spent[-1] <= 1.0
+
+
+def test_a_crash_before_the_first_checkpoint_is_counted_like_the_participants_count_it(
+        small_federation: SynthResult, tmp_path: Path) -> None:
+    """DP-SGD, the aggregator killed during round 1 (before any checkpoint exists) and restarted.
+
+    Every participant trained round 1 twice. Once, round keys repeated after such a crash (the incarnation
+    lived only in the checkpoint), so the report claimed less than the participants' own Opacus accountants
+    had spent. Now the aggregator's spend and each participant's own accountant agree, and neither exceeds
+    the budget.
+    """
+    doc = yaml.safe_load(small_federation.federation_path.read_text())
+    doc["spec"]["training"].update(rounds=3, minParticipants=3, roundTimeoutSeconds=60)
+    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "sample", "epsilon": 1.0, "delta": 1e-5},
+                              "secureAggregation": {"enabled": True, "threshold": 0.6}}
+    fed = tmp_path / "federation.yaml"
+    fed.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small_federation.participant_paths),
+            "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + 300, False
+    while not killed and time.monotonic() < deadline:
+        time.sleep(0.02)
+        logs = "".join(p.read_text(errors="replace") for p in (out / "logs").glob("tenant-*.log")) \
+            if (out / "logs").is_dir() else ""
+        if "round 1: trained on" in logs:
+            assert not (out / "checkpoint" / "state.json").exists(), "too late: round 1 was already checkpointed"
+            os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
+            killed = True
+        assert proc.poll() is None, "the run ended before the aggregator could be killed"
+    assert killed, "no participant trained round 1 in time"
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr + stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["aggregator_restarts"] == 1
+    ledger = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]
+    for identity, accountant in ledger.items():
+        assert len(set(accountant["releases"])) == len(accountant["releases"]), identity
+        assert any(r.startswith("1@1") for r in accountant["releases"]), f"{identity}: the crashed round 1 is not counted"
+    own = {}
+    for log in (out / "logs").glob("tenant-*.log"):
+        spends = [float(line.split("epsilon ")[1].split()[0]) for line in log.read_text().splitlines()
+                  if "Opacus RDP accountant" in line]
+        own[log.stem] = spends[-1]
+    assert own and report["privacy"]["epsilon_spent"] >= max(own.values()) * 0.99, (report["privacy"], own)
+    assert report["privacy"]["epsilon_spent"] <= 1.0 + 1e-9 and max(own.values()) <= 1.0 * 1.01

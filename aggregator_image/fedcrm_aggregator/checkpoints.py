@@ -23,7 +23,7 @@ from fedcrm.models.layout import ModelLayout
 from fedcrm.reporting import RoundRecord
 from fedcrm.training.preprocessing import Preprocessing
 
-__all__ = ["Checkpoint", "load_checkpoint", "mark_in_progress", "save_checkpoint"]
+__all__ = ["Checkpoint", "load_checkpoint", "mark_in_progress", "next_incarnation", "save_checkpoint"]
 
 _FORMAT = "fedcrm.aggregator-checkpoint/v1"
 
@@ -44,6 +44,25 @@ class Checkpoint:
 
 def _folder(out_dir: Path) -> Path:
     return out_dir / "checkpoint"
+
+
+def next_incarnation(out_dir: Path, federation: str) -> int:
+    """Count this process start, durably, before anything can be released; returns its number (1, 2, ...).
+
+    Privacy releases are keyed by ``round@incarnation``. Kept apart from the round checkpoint, which exists
+    only after a completed round: a crash before the first checkpoint, or two crashes within one round, must
+    still give the re-run round a new key, or its spend would be counted once for two releases.
+    """
+    folder = _folder(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "incarnation.json"
+    previous = 0
+    if path.exists():
+        state = json.loads(path.read_text())
+        if state.get("federation") == federation:
+            previous = int(state["incarnation"])
+    atomic_write(path, json.dumps({"federation": federation, "incarnation": previous + 1}).encode())
+    return previous + 1
 
 
 def save_checkpoint(out_dir: Path, cp: Checkpoint) -> None:

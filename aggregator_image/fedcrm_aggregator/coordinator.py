@@ -34,7 +34,13 @@ from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
 from fedcrm.training.secure_vectors import client_dp_fit_vector, fit_vector
-from fedcrm_aggregator.checkpoints import Checkpoint, load_checkpoint, mark_in_progress, save_checkpoint
+from fedcrm_aggregator.checkpoints import (
+    Checkpoint,
+    load_checkpoint,
+    mark_in_progress,
+    next_incarnation,
+    save_checkpoint,
+)
 from fedcrm_aggregator.privacy import BudgetExhausted, PrivacyLedger
 from fedcrm_aggregator.secure_sums import SecureSums
 from fedcrm_aggregator.sessions import Session
@@ -86,7 +92,10 @@ class Coordinator:
         self._started = time.monotonic()
         self._dropped_reasons: dict[str, str] = {}
         self._carried_rounds: dict[str, int] = {}
-        self.incarnations = 1
+        # This process start, counted durably before any release (privacy releases are keyed round@incarnation).
+        self.incarnations = next_incarnation(out_dir, federation.key)
+        self.release = ""  # the key of the round in progress
+        self._budget_spent: set[str] = set()  # participants whose own privacy ledger is full
         self.state, self.outcome_message, self.model_digest = "enrolling", "", None
         self.privacy = PrivacyLedger(federation, self.expected, out_dir)
         self._stopped_early = False
@@ -137,6 +146,17 @@ class Coordinator:
         log.error("participant %s cannot take part: %s", identity, message)
         self.emit("participant_failed", identity=identity, message=message)
 
+    def report_budget_spent(self, identity: str, message: str, *, releases: int) -> None:
+        """A participant's own ledger is full: adopt its count (it may have seen a release this ledger missed, an
+        update sent just before a crash) and let the round loop stop at the budget rather than fail."""
+        missed = self.privacy.reconcile(identity, releases, incarnation=self.incarnations)
+        if missed:
+            log.warning("participant %s counts %d release(s) this ledger did not see (sent before a restart); "
+                        "counted now", identity, missed)
+        with self._cond:
+            self._budget_spent.add(identity)
+        self.report_failure(identity, message)
+
     def count_up(self, identity: str, round_: int, size: int) -> None:
         with self._cond:
             session = self._sessions.get(identity)
@@ -180,10 +200,20 @@ class Coordinator:
             raise ValueError("the update contains NaN or infinite values")
         return fit_vector(delta, examples=int(message.examples), loss_sum=message.loss_sum, clip=np.inf)
 
+    def count_exposure(self) -> None:
+        """Count this round's client-level release the moment a noised update can first be seen.
+
+        That is when the first plain update arrives, or, under secure aggregation, just before the unmasking
+        shares are asked for. Counted (and persisted) then, a crash before the round's end cannot lose it.
+        """
+        if self.privacy.noise is not None:
+            self.privacy.record(self.release, [])
+
     def _receive_client_dp_fit(self, message: pb.FitResult) -> np.ndarray:
         """A client-level DP update: clipped, integer, noised; every participant weighs 1 (DP-FedAvg)."""
         noise = self.privacy.noise
         assert noise is not None
+        self.count_exposure()
         ints = from_vector(message.delta, expected_length=noise.dimension)
         if not np.all(np.isfinite(ints)) or np.any(np.abs(ints) > noise.element_bound) or np.any(ints != np.rint(ints)):
             raise ValueError("a client-level DP update must be integers within the mechanism's element bound")
@@ -280,8 +310,10 @@ class Coordinator:
         with self._cond:
             while True:
                 usable = {i for i, s in self._sessions.items() if s.usable}
+                # A participant that reported why it cannot take part will not come: stop waiting for it.
+                failed = {i for i, s in self._sessions.items() if s.failed is not None}
                 remaining = deadline - time.monotonic()
-                if usable >= set(self.expected) or remaining <= 0:
+                if usable | failed >= set(self.expected) or remaining <= 0:
                     break
                 self._cond.wait(timeout=min(remaining, 1.0))
             missing = sorted(set(self.expected) - usable)
@@ -305,14 +337,14 @@ class Coordinator:
             for round_ in range(len(self.history) + 1, self.spec.training.rounds + 1):
                 try:
                     self.privacy.check_round(self._usable())
+                    mark_in_progress(self.out_dir, round_)
+                    self._round(round_)
                 except BudgetExhausted as err:
                     self._stopped_early = True
                     message = f"stopped before round {round_} to stay within the privacy budget: {err}"
                     log.warning("%s", message)
                     self.emit("privacy_budget_exhausted", round=round_, message=message)
                     break
-                mark_in_progress(self.out_dir, round_)
-                self._round(round_)
             else:
                 message = f"trained {len(self.history)} rounds"
         except FederationFailed as err:
@@ -356,7 +388,6 @@ class Coordinator:
         if cp.history:
             last = cp.history[-1]
             self.last_metrics = {k: getattr(last, k) for k in ("loss", "accuracy", "precision", "recall", "f1", "auc")}
-        self.incarnations = cp.incarnations
         self._dropped_reasons.update(cp.dropped)
         self._carried_rounds = cp.participant_rounds
         self._setup_privacy({})
@@ -365,8 +396,8 @@ class Coordinator:
             note = (f"; round {cp.in_progress} was in progress and is re-run from the start with fresh keys "
                     "(its secure sum was never finished, so nothing of it was released)")
         log.warning("resuming after round %d from the checkpoint (incarnation %d)%s",
-                    cp.rounds_completed, cp.incarnations, note)
-        self.emit("resumed", round=cp.rounds_completed, incarnation=cp.incarnations, abandoned=cp.in_progress)
+                    cp.rounds_completed, self.incarnations, note)
+        self.emit("resumed", round=cp.rounds_completed, incarnation=self.incarnations, abandoned=cp.in_progress)
         return True
 
     def _checkpoint(self) -> None:
@@ -409,15 +440,21 @@ class Coordinator:
         started = time.monotonic()
         with self._cond:
             self._silent_this_round = set()
-        release = f"{round_}@{self.incarnations}"
+        release = self.release = f"{round_}@{self.incarnations}"
         if self.privacy.mode == "sample":  # each participant spends as soon as it trains
             self.privacy.record(release, self._usable())
         contributors, fit_total = self._sum(pb.Task.FIT, round_)
         if self.privacy.noise is not None and contributors:
-            # The noised sum is out: count it before anything else can fail.
+            # The noised sum is out (already counted when the first update or the unmasking shares came in,
+            # see count_exposure; recording a release twice counts it once).
             self.privacy.record(release, contributors)
             fit_total = fit_total.copy()
             fit_total[: self.layout.size] = self.privacy.noise.decode(fit_total[: self.layout.size])
+        with self._cond:
+            spent = sorted(self._budget_spent)
+        if spent and len(contributors) < self.spec.training.min_participants:
+            raise BudgetExhausted(f"the own privacy ledgers of {', '.join(spent)} have no release left "
+                                  f"(epsilon spent {self.privacy.spent() or 0:.4f})")
         self._require(len(contributors), f"round {round_} training")
         try:
             step = fedavg_step(self.weights, fit_total)

@@ -120,11 +120,31 @@ class PrivacyLedger:
         """Count one release (the federation's sum, or each listed participant's training); persist at once."""
         if self.mode == "none":
             return None
+        new = False
         for key in self._keys():
-            if key == _FEDERATION or key in identities:
+            if (key == _FEDERATION or key in identities) and release not in self.accountants[key].releases:
                 self.accountants[key].record(release)
-        self._write()
+                new = True
+        if new:
+            self._write()
         return self.spent()
+
+    def reconcile(self, identity: str, releases: int, *, incarnation: int) -> int:
+        """Count releases a participant saw and this ledger did not (keys ``unseen-N@incarnation``); returns how
+        many. A participant counts an update as released when it sends it; this ledger when it receives it, so
+        an update in flight when the aggregator crashed is only in the participant's count."""
+        if self.mode == "none":
+            return 0
+        missed = 0
+        for key in self._keys():
+            if key in (_FEDERATION, identity):
+                accountant = self.accountants[key]
+                while len(accountant.releases) < releases:
+                    accountant.record(f"unseen-{len(accountant.releases) + 1}@{incarnation}")
+                    missed += 1
+        if missed:
+            self._write()
+        return missed
 
     def spent(self) -> float | None:
         if not self.accountants:

@@ -182,6 +182,8 @@ class SecureSums:
                 self_mask_shares=dict(message.self_mask_shares), key_shares=dict(message.key_shares)))
             return True
 
+        if kind == pb.Task.FIT:
+            c.count_exposure()  # the shares asked for next let the round's noised sum out
         c.run_stage(pb.Task.SECAGG_UNMASK, round_, receive_unmask,
                     cohort={self.identities[i] for i in survivors}, customize=unmask_request)
         total = server.finish()

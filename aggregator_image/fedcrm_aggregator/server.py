@@ -94,7 +94,10 @@ class FederatedTrainingService(rpc.FederatedTrainingServicer):
 
     def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.Ack:
         identity = self._identity(context)
-        self.coordinator.report_failure(identity, request.message)
+        if request.budget_spent:
+            self.coordinator.report_budget_spent(identity, request.message, releases=request.releases)
+        else:
+            self.coordinator.report_failure(identity, request.message)
         return pb.Ack(accepted=True)
 
 

@@ -1,8 +1,11 @@
 """``fedcrm-node``: run one participant of a federation.
 
-Exit codes: 0 the federation succeeded; 2 this participant's manifest, data or
-certificate is wrong (the message says what to fix); 3 the federation stopped
-without success; 4 the aggregator could not be reached or went away.
+Exit codes (``fedcrm.exit_codes.NodeExitCode``): 0 the federation succeeded;
+2 this participant's manifest, data or certificate is wrong (the message says
+what to fix); 3 the federation stopped without success; 4 the aggregator could
+not be reached, went away or broke the protocol; 5 the aggregator asked for
+something this participant's own Federation manifest does not allow (other
+terms, an unmasked result, more rounds than planned): nothing of it was sent.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from fedcrm.data.credentials import MOUNT_PATH
 from fedcrm.errors import DataError, FedcrmError, ManifestError
+from fedcrm.exit_codes import NodeExitCode
 from fedcrm.logs import add_log_level_argument, configure
 from fedcrm.protocol import TlsFiles
 from fedcrm.spec.loading import load_federation, load_participant
@@ -41,10 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="only check this participant's data against the Federation manifest's task (the enrolment "
                    "check the operator runs before training) and exit: 0 it fits, 2 it does not (problems printed)")
     p.add_argument("--federation", type=Path, metavar="FEDERATION",
-                   help="this participant's own copy of the Federation manifest: load and check the data against its "
-                   "task before dialling the aggregator, and refuse an aggregator that serves another task")
+                   help="this participant's own copy of the Federation manifest (required to train): the data is "
+                   "checked against its task before the aggregator is dialled, and the aggregator must serve exactly "
+                   "its terms (task, model, training, privacy) or nothing is trained (exit 5)")
     p.add_argument("--ready-file", type=Path, metavar="PATH",
-                   help="with --federation: write {\"rows\": N} here once the data is loaded and mapped, or "
+                   help="write {\"rows\": N} here once the data is loaded and mapped, or "
                    "{\"problem\": MESSAGE} (and exit 2) when it does not fit; `fedcrm run` waits for every participant's")
     p.add_argument("--data-root", type=Path,
                    help="where the spec.data.pvc claim is mounted (set by the operator in a training pod)")
@@ -73,13 +78,13 @@ def _check_only(args: argparse.Namespace) -> None:
                                    credentials=credentials, pvc_root=args.data_root)
     except FedcrmError as err:
         print(err, flush=True)
-        sys.exit(2)
+        sys.exit(NodeExitCode.CONFIG)
     for warning in report.warnings:
         log.warning("%s", warning)
     if not report.ok:
         for problem in report.problems:
             print(problem, flush=True)
-        sys.exit(2)
+        sys.exit(NodeExitCode.CONFIG)
     log.info("data check passed: %d rows sampled from %s", report.rows_sampled, report.origin)
 
 
@@ -109,11 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_only:
         _check_only(args)
         return
-    missing = [f"--{n}" for n in ("aggregator", "ca", "cert", "key") if getattr(args, n) is None]
+    missing = [f"--{n}" for n in ("federation", "aggregator", "ca", "cert", "key") if getattr(args, n) is None]
     if missing:
         parser.error(f"{', '.join(missing)} required to train (or use --check-only FEDERATION)")
-    if args.ready_file and not args.federation:
-        parser.error("--ready-file needs --federation (the task the data is checked against)")
     import torch
 
     torch.set_num_threads(max(1, args.threads))
@@ -130,17 +133,16 @@ def main(argv: list[str] | None = None) -> None:
             server_name=args.server_name,
             connect_timeout=args.connect_timeout,
             credentials_dir=args.credentials or Path(MOUNT_PATH),
-            own_federation=load_federation(args.federation) if args.federation else None,
+            own_federation=load_federation(args.federation),
         )
-        if args.federation:
-            _load_data(node, args.ready_file)
+        _load_data(node, args.ready_file)
         node.run()
     except NodeExit as err:
         log.error("%s", err)
         sys.exit(err.code)
     except FedcrmError as err:
         log.error("%s", err)
-        sys.exit(2)
+        sys.exit(NodeExitCode.CONFIG)
 
 
 if __name__ == "__main__":

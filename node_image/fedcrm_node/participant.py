@@ -21,9 +21,12 @@ from fedcrm.data.credentials import Credentials, read_credentials_dir
 from fedcrm.data.loaders import load_participant_data
 from fedcrm.data.splits import train_validation_split
 from fedcrm.errors import DataError, FedcrmError, ManifestError
+from fedcrm.exit_codes import NodeExitCode
+from fedcrm.privacy.plans import noise_participants
 from fedcrm.protocol import PROTOCOL_VERSION, TlsFiles, client_channel, from_vector, pb, rpc, to_vector
 from fedcrm.spec.loading import check_membership, parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
+from fedcrm.spec.terms import terms_differences, terms_digest
 
 __all__ = ["NodeExit", "ParticipantNode"]
 
@@ -33,7 +36,7 @@ log = logging.getLogger("fedcrm.node")
 class NodeExit(FedcrmError):
     """Ends the node with an exit code and a message for its log."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: NodeExitCode) -> None:
         super().__init__(message)
         self.code = code
 
@@ -64,11 +67,11 @@ class ParticipantNode:
         server_name: str | None = None,
         connect_timeout: float = 60.0,
         credentials_dir: Path | None = None,
-        own_federation: Federation | None = None,
+        own_federation: Federation,
     ) -> None:
         self.participant = participant
-        # This participant's own copy of the Federation (as mounted beside it), when it has one: its data is
-        # then loaded and checked against that task before the aggregator is dialled.
+        # This participant's own copy of the Federation (mounted beside it in a pod): its data is checked
+        # against this task, and the aggregator must serve exactly these terms (see _check_terms).
         self.own_federation = own_federation
         self.manifest_dir = manifest_dir
         self.data_root = data_root
@@ -89,6 +92,9 @@ class ParticipantNode:
         self.contribution = None  # the secure sum in progress, if any
         self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
+        # Training results this process let out: a plain update sent, or the shares that unmask a secure sum of
+        # updates. Each is one release of the privacy budget; a masked update never unmasked is none.
+        self.releases = 0
 
     # ----------------------------------------------------------------- protocol
     def load_data(self) -> int:
@@ -96,8 +102,6 @@ class ParticipantNode:
 
         Raises :class:`DataError` (or :class:`ManifestError`) naming what to fix, before any connection.
         """
-        if self.own_federation is None:
-            raise ManifestError("no Federation manifest given to check the data against")
         check_membership(self.own_federation, self.participant)
         self.data = load_participant_data(
             self.participant, self.own_federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root,
@@ -129,7 +133,7 @@ class ParticipantNode:
         try:
             channel = client_channel(self.aggregator, self.tls, server_name=self.server_name)
         except FileNotFoundError as err:
-            raise NodeExit(str(err), 2) from None
+            raise NodeExit(str(err), NodeExitCode.CONFIG) from None
         try:
             grpc.channel_ready_future(channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
@@ -137,7 +141,7 @@ class ParticipantNode:
             raise NodeExit(
                 f"cannot reach the aggregator at {self.aggregator} within {self.connect_timeout:g}s. Check the address, "
                 "that the aggregator runs, and that this participant's certificate was issued by the federation's CA",
-                4,
+                NodeExitCode.UNREACHABLE,
             ) from None
         log.info("%s the aggregator at %s", "connected to" if first else "reconnected to", self.aggregator)
         stub = rpc.FederatedTrainingStub(channel)
@@ -149,7 +153,7 @@ class ParticipantNode:
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):  # type: ignore[attr-defined]
                 raise _Lost(self._describe_rpc_error(err)) from None
-            raise NodeExit(self._describe_rpc_error(err), 4) from None
+            raise NodeExit(self._describe_rpc_error(err), NodeExitCode.UNREACHABLE) from None
         finally:
             channel.close()
         return False
@@ -177,18 +181,20 @@ class ParticipantNode:
             stats = StatisticsLayout(self.federation.spec.task).local(self.frames[0])
             self._ack(stub.SubmitStatistics(pb.StatisticsResult(round=task.round, statistics=to_vector(stats))), task)
         elif kind == pb.Task.FIT:
+            self._check_task(stub, task)
             self._receive_model(task)
             self._ack(stub.SubmitFit(self._fit(task)), task)
         elif kind == pb.Task.EVALUATE:
+            self._check_task(stub, task)
             self._receive_model(task)
             self._ack(stub.SubmitEvaluation(self._evaluate(task)), task)
         elif kind in (pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_MASKED_INPUT, pb.Task.SECAGG_UNMASK):
-            self._ack(stub.SubmitSecAgg(self._secure_answer(task)), task)
+            self._ack(stub.SubmitSecAgg(self._secure_answer(stub, task)), task)
         elif kind == pb.Task.FINISH:
             if task.succeeded:
                 log.info("federation finished: %s", task.message)
                 return False
-            raise NodeExit(f"the federation stopped: {task.message}", 3)
+            raise NodeExit(f"the federation stopped: {task.message}", NodeExitCode.STOPPED)
         else:
             log.warning("ignoring a task of unknown kind %d (is the aggregator newer than this node?)", kind)
         return True
@@ -201,39 +207,91 @@ class ParticipantNode:
         if task.identity != self.identity:
             raise NodeExit(
                 f"this node's certificate says {task.identity!r} but its manifest is {self.identity!r}; "
-                "use the certificate issued for this participant", 2,
+                "use the certificate issued for this participant", NodeExitCode.CONFIG,
             )
+        try:
+            served = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
+        except ManifestError as err:
+            raise self._refuse(stub, f"the aggregator's Federation does not parse: {err}") from None
+        self._check_terms(stub, served)
         if self.federation is not None:
             # A reconnection: the data is loaded; the model and preprocessing arrive again with the next task.
             self.version, self.weights, self.contribution = None, None, None
             return
-        try:
-            federation = parse_manifest(json.loads(task.federation_json), Federation, "the aggregator's federation")
-            check_membership(federation, self.participant)
-            if self.data is None:
-                self.data = load_participant_data(
-                    self.participant, federation.spec.task, base_dir=self.manifest_dir, pvc_root=self.data_root,
-                    credentials=self._credentials(),
-                )
-            elif self.own_federation is not None and federation.spec.task != self.own_federation.spec.task:
-                raise ManifestError(
-                    f"the aggregator's federation {federation.key} has another task than this participant's own "
-                    "Federation manifest; this participant's data was checked against its own copy and is not sent "
-                    "for a different task"
-                )
-        except (ManifestError, DataError) as err:
-            stub.ReportFailure(pb.FailureReport(message=str(err)))
-            raise NodeExit(str(err), 2) from None
+        if self.data is None:
+            try:
+                self.load_data()
+            except (ManifestError, DataError) as err:
+                stub.ReportFailure(pb.FailureReport(message=str(err)))
+                raise NodeExit(str(err), NodeExitCode.CONFIG) from None
+        assert self.data is not None
         for note in self.data.notes:
             log.warning("%s", note)
-        self.federation = federation
+        self.federation = self.own_federation  # from here on, only this participant's own copy counts
         self.secagg_id = task.secagg_id
-        training = federation.spec.training
+        training = self.federation.spec.training
         self.frames = train_validation_split(
             self.data.frame, fraction=training.validation_fraction, seed=training.seed, identity=self.identity
         )
-        log.info("joined %s with %d training and %d validation rows",
-                 federation.key, len(self.frames[0]), len(self.frames[1]))  # type: ignore[arg-type]
+        log.info("joined %s (terms %s) with %d training and %d validation rows", self.federation.key,
+                 terms_digest(self.federation.spec)[:12], len(self.frames[0]), len(self.frames[1]))  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------- this participant's own terms
+    def _refuse(self, stub: rpc.FederatedTrainingStub, reason: str, *, budget_spent: bool = False) -> NodeExit:
+        """Tell the aggregator why (it shows in the federation's report) and end with TERMS_REFUSED.
+
+        ``budget_spent``: no fault, the own ledger is full; the aggregator learns this participant's count of
+        releases and stops at the budget instead of failing.
+        """
+        message = f"refusing the aggregator's request: {reason}"
+        try:
+            stub.ReportFailure(pb.FailureReport(message=message, budget_spent=budget_spent, releases=self.releases))
+        except grpc.RpcError:
+            pass  # the refusal stands whether or not the aggregator listens
+        return NodeExit(message, NodeExitCode.TERMS_REFUSED)
+
+    def _check_terms(self, stub: rpc.FederatedTrainingStub, served: Federation) -> None:
+        """The aggregator must serve exactly this participant's own Federation terms."""
+        own = self.own_federation
+        if served.key != own.key:
+            raise self._refuse(stub, f"it serves federation {served.key}, this participant joined {own.key}")
+        differences = terms_differences(own.spec, served.spec)
+        if differences:
+            raise self._refuse(
+                stub, "its Federation differs from this participant's own manifest in " + "; ".join(differences)
+                + ". Nothing was trained or sent; if the coordinator changed the Federation, the tenant must review "
+                "the change and mount the new manifest",
+            )
+
+    def _check_task(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> None:
+        """Before training or evaluating: masking as the own terms require, with their parameters; no extra rounds."""
+        assert self.federation is not None
+        privacy = self.federation.spec.privacy
+        secure = privacy.secure_aggregation
+        what = "training" if task.kind == pb.Task.FIT else "evaluation"
+        if secure.enabled and not task.HasField("secagg"):
+            raise self._refuse(stub, f"round {task.round}: an unmasked {what} result was asked for, but this "
+                               "participant's Federation requires secure aggregation")
+        if task.HasField("secagg"):
+            s = task.secagg
+            asked = {"threshold": s.threshold, "neighbours": s.neighbours, "bits": s.bits, "clip": s.clip}
+            agreed = {"threshold": secure.threshold, "neighbours": str(secure.neighbours), "bits": secure.bits,
+                      "clip": secure.clip}
+            if secure.enabled and asked != agreed:
+                wrong = ", ".join(f"{k} {asked[k]} (agreed {agreed[k]})" for k in asked if asked[k] != agreed[k])
+                raise self._refuse(stub, f"round {task.round}: secure aggregation with other parameters: {wrong}")
+        if task.kind == pb.Task.FIT:
+            self._check_budget(stub, task.round)
+
+    def _check_budget(self, stub: rpc.FederatedTrainingStub, round_: int) -> None:
+        """With differential privacy, at most spec.training.rounds releases: the budget was planned for that many."""
+        assert self.federation is not None
+        rounds = self.federation.spec.training.rounds
+        if self.federation.spec.privacy.differential_privacy.enabled and self.releases >= rounds:
+            raise self._refuse(
+                stub, f"round {round_}: this participant has already released {self.releases} training results; its "
+                f"privacy budget was planned for spec.training.rounds = {rounds}", budget_spent=True,
+            )
 
     def _credentials(self) -> Credentials | None:
         """The mounted Secret's keys, read only when the data source references a Secret."""
@@ -251,19 +309,20 @@ class ParticipantNode:
             raw = json.loads(task.preprocessing_json)
             prep = Preprocessing.from_json(json.dumps(raw["preprocessing"]))
             layout = ModelLayout.from_dict(raw["layout"])
-            self.participants = int(raw.get("participants", 0))
+            assert self.federation is not None
+            self.participants = noise_participants(self.federation.spec, int(raw.get("participants", 0)))
             assert self.frames is not None
             self.encoded = _Split(encode(self.frames[0], prep), encode(self.frames[1], prep))  # type: ignore[arg-type]
             if self.model is None or self.model.layout.to_dict() != layout.to_dict():  # type: ignore[attr-defined]
                 # A reconnection keeps the model (and a DP-SGD trainer's accountant) of the same layout.
                 self.model, self.private = TabularMLP(layout), None
         if self.model is None:
-            raise NodeExit("protocol error: a model arrived before the preprocessing", 4)
+            raise NodeExit("protocol error: a model arrived before the preprocessing", NodeExitCode.UNREACHABLE)
         if task.HasField("model"):
             self.weights = from_vector(task.model, expected_length=self.model.layout.size).astype(np.float32)
             self.version = task.model_version
         if self.version != task.model_version or self.weights is None:
-            raise NodeExit(f"protocol error: asked to use model version {task.model_version}, holding {self.version}", 4)
+            raise NodeExit(f"protocol error: asked to use model version {task.model_version}, holding {self.version}", NodeExitCode.UNREACHABLE)
 
     def _fit(self, task: pb.Task) -> pb.FitResult:
         from fedcrm.models.mlp import get_flat, set_flat
@@ -303,6 +362,7 @@ class ParticipantNode:
             quantizer = fit_quantizer(parameters=delta.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits)
             keys = self._start_secure_sum(task, quantizer, values)
             return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
+        self.releases += 1
         return pb.FitResult(
             round=task.round,
             model_version=task.model_version,
@@ -336,12 +396,13 @@ class ParticipantNode:
 
         assert self.federation is not None
         if self.participants < 1:
-            raise NodeExit("protocol error: the aggregator did not say how many participants the federation has", 4)
+            raise NodeExit("protocol error: the aggregator did not say how many participants the federation has", NodeExitCode.UNREACHABLE)
         noise = client_noise(self.federation.spec, participants=self.participants, dimension=delta.size)
         noised = noise.privatize(delta)
         if task.HasField("secagg"):
             keys = self._start_secure_sum(task, client_dp_fit_quantizer(noise), client_dp_fit_vector(noised, loss_mean=loss_mean))
             return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
+        self.releases += 1
         return pb.FitResult(round=task.round, model_version=task.model_version,
                             delta=to_vector(noised.astype(np.float64)), examples=1.0, loss_sum=loss_mean,
                             train_seconds=took)
@@ -370,11 +431,17 @@ class ParticipantNode:
         )
         return self.contribution.keys()
 
-    def _secure_answer(self, task: pb.Task) -> pb.SecAggResult:
+    def _secure_answer(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> pb.SecAggResult:
         if self.contribution is None or not self.contribution.matches(task):
-            raise NodeExit(f"protocol error: a secure-aggregation task for round {task.round} arrived outside its exchange", 4)
+            raise NodeExit(f"protocol error: a secure-aggregation task for round {task.round} arrived outside its exchange", NodeExitCode.UNREACHABLE)
+        unmasks_update = task.kind == pb.Task.SECAGG_UNMASK and task.secagg.phase == pb.SecAggTask.FIT
+        if unmasks_update:
+            self._check_budget(stub, task.round)  # these shares let the round's sum of updates out
         try:
-            return self.contribution.answer(task)
+            answer = self.contribution.answer(task)
         except ValueError as err:
             # A tampered share or a request to reveal too much: refuse, and let the round go on without us.
-            raise NodeExit(f"round {task.round}: refusing a secure-aggregation request: {err}", 4) from None
+            raise NodeExit(f"round {task.round}: refusing a secure-aggregation request: {err}", NodeExitCode.UNREACHABLE) from None
+        if unmasks_update:
+            self.releases += 1
+        return answer

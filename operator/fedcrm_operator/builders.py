@@ -12,6 +12,7 @@ import base64
 from typing import Any
 
 from fedcrm.data.credentials import MOUNT_PATH as CREDENTIALS_DIR
+from fedcrm.exit_codes import NodeExitCode
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import dump_manifest
 from fedcrm.spec.manifests import Federation, Participant, Resources
@@ -39,12 +40,13 @@ CONTAINER_UID = 65532  # "nonroot" in distroless images
 AGGREGATOR_CONFIG_KEY = "aggregator.json"
 PARTICIPANT_MANIFEST_KEY = "participant.yaml"
 FEDERATION_MANIFEST_KEY = "federation.yaml"
+# Node exit codes that fail the training Job at once instead of being retried.
+_FINAL_EXITS = [int(NodeExitCode.CONFIG), int(NodeExitCode.TERMS_REFUSED)]
 TLS_DIR = "/etc/fedcrm/tls"
 CONFIG_DIR = "/etc/fedcrm/config"
 CHECKPOINT_DIR = "/var/lib/fedcrm"
 DATA_DIR = "/var/run/fedcrm/data"
 #: Exit code of fedcrm-node when its manifest, data or certificate is wrong: retrying cannot help.
-NODE_CONFIG_ERROR_EXIT = 2
 
 
 def _b64(data: bytes) -> str:
@@ -371,6 +373,8 @@ def training_job(
         mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
         source += ["--data-root", DATA_DIR]
     train_args = manifest + source + [
+        # The node enforces its own copy of the terms (the ConfigMap), never the aggregator's word.
+        "--federation", f"{CONFIG_DIR}/{FEDERATION_MANIFEST_KEY}",
         "--aggregator", f"{names.aggregator_host(settings.cluster_domain)}:{settings.grpc_port}",
         "--ca", f"{TLS_DIR}/ca.crt",
         "--cert", f"{TLS_DIR}/tls.crt",
@@ -416,7 +420,8 @@ def training_job(
             "backoffLimit": settings.training_backoff_limit,
             "podFailurePolicy": {
                 "rules": [
-                    {"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": [NODE_CONFIG_ERROR_EXIT]}}
+                    # What a retry cannot fix: bad data or manifest, or an aggregator serving other terms.
+                    {"action": "FailJob", "onExitCodes": {"containerName": c, "operator": "In", "values": _FINAL_EXITS}}
                     for c in ("data-check", "node")
                 ] + [
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedcrm.errors import ManifestError
+from fedcrm.exit_codes import NodeExitCode
 from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
 from fedcrm_operator.admission import decide
 from fedcrm_operator.conditions import condition, set_condition
@@ -33,24 +34,36 @@ def _job_phase(job: dict[str, Any] | None) -> tuple[ParticipantPhase, str]:
     return ParticipantPhase.training, "training pod scheduled"
 
 
-def termination_message(pod: dict[str, Any], *, lines: int = 5) -> str:
-    """What a failed container said last (its termination message: the enrolment check's problems, or the
-    node's error line), joined on one line for a condition."""
+def _failed_container(pod: dict[str, Any]) -> tuple[str, int, str] | None:
+    """(container name, exit code, termination message) of the pod's first failed container."""
     status = pod.get("status") or {}
     for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         terminated = (cs.get("state") or {}).get("terminated") or {}
         if terminated.get("exitCode"):
-            said = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
-            return f"{cs.get('name')}: " + "; ".join(said[-lines:]) if said else f"{cs.get('name')} exited {terminated['exitCode']}"
-    return ""
+            return str(cs.get("name")), int(terminated["exitCode"]), terminated.get("message") or ""
+    return None
 
 
-def _failure_detail(kube: Kube, namespace: str, job_name: str) -> str:
+def termination_message(pod: dict[str, Any], *, lines: int = 5) -> str:
+    """What a failed container said last (its termination message: the enrolment check's problems, or the
+    node's error line), joined on one line for a condition."""
+    failed = _failed_container(pod)
+    if failed is None:
+        return ""
+    name, code, message = failed
+    said = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{name}: " + "; ".join(said[-lines:]) if said else f"{name} exited {code}"
+
+
+def _failure_detail(kube: Kube, namespace: str, job_name: str) -> tuple[str, str]:
+    """The Ready reason and the message of a failed training Job's pod."""
     for pod in kube.list("v1", "Pod", namespace=namespace, selector=f"job-name={job_name}"):
-        message = termination_message(pod)
-        if message:
-            return message
-    return ""
+        failed = _failed_container(pod)
+        if failed is not None:
+            # The node refused the aggregator's terms: the tenant (or the coordinator) must act, not retry.
+            reason = "TermsMismatch" if failed[1] == NodeExitCode.TERMS_REFUSED else ParticipantPhase.failed.value
+            return reason, termination_message(pod)
+    return ParticipantPhase.failed.value, ""
 
 
 def participant_status(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
@@ -87,10 +100,11 @@ def participant_status(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
         names = Names(ref.namespace, ref.name)
         job_name = names.training_job(participant.metadata.name)
         phase, message = _job_phase(kube.get("batch/v1", "Job", participant.metadata.namespace, job_name))
-        if phase is ParticipantPhase.failed:
-            detail = _failure_detail(kube, participant.metadata.namespace, job_name)
-            message = f"{message}: {detail}" if detail else message
+    reason = phase.value
+    if decision.admitted and phase is ParticipantPhase.failed:
+        reason, detail = _failure_detail(kube, participant.metadata.namespace, job_name)
+        message = f"{message}: {detail}" if detail else message
     ready = phase in (ParticipantPhase.training, ParticipantPhase.succeeded)
-    conditions = set_condition(conditions, condition("Ready", ready, phase.value, message))
+    conditions = set_condition(conditions, condition("Ready", ready, reason, message))
     return {**status, "phase": phase.value, "identity": participant.identity, "conditions": conditions,
             "observedGeneration": meta.get("generation", 0)}

@@ -29,6 +29,7 @@ from typing import Any
 from fedcrm.cli.children import Child, Warm, start_subprocess
 from fedcrm.data.credentials import Credentials
 from fedcrm.errors import DataError, FedcrmError, ManifestError
+from fedcrm.exit_codes import NodeExitCode
 from fedcrm.pki import CertificateAuthority, write_pem_files
 from fedcrm.reporting import read_report, write_report
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
@@ -383,8 +384,8 @@ def run_federation(
             offset = progress.feed_events(events, offset)
             for identity, p in procs.nodes.items():
                 code = p.poll()
-                # Exit code 3 is a node leaving because the federation stopped: not a crash of its own.
-                if code not in (None, 0, 3) and identity not in crashed:
+                # A node leaving because the federation stopped is not a crash of its own.
+                if code not in (None, NodeExitCode.SUCCEEDED, NodeExitCode.STOPPED) and identity not in crashed:
                     reason = _last_error_line(procs.log(_stem(identity)))
                     crashed[identity] = f"{_describe_exit(code)}" + (f": {reason}" if reason else "")
                     progress.participant_exited(identity, crashed[identity])

@@ -51,6 +51,16 @@ def client_noise_multiplier(spec: FederationSpec) -> float:
     return calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=1.0, steps=spec.training.rounds)
 
 
+def noise_participants(spec: FederationSpec, claimed: int) -> int:
+    """How many participants a participant sizes its share of client-level noise for.
+
+    The aggregator says how many the federation has; more would mean less noise from each. A participant
+    never takes more than its own Federation's allow-list admits (fewer only adds noise).
+    """
+    allowed = len(spec.participants.namespaces)
+    return min(claimed, allowed) if allowed else claimed
+
+
 def client_noise(spec: FederationSpec, *, participants: int, dimension: int) -> ClientNoise:
     dp = spec.privacy.differential_privacy
     return ClientNoise(

@@ -221,10 +221,14 @@ class SecAggResult(_message.Message):
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., stage: _Optional[_Union[Task.Kind, str]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., masked: _Optional[_Union[Vector, _Mapping]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("message",)
+    __slots__ = ("message", "budget_spent", "releases")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SPENT_FIELD_NUMBER: _ClassVar[int]
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
     message: str
-    def __init__(self, message: _Optional[str] = ...) -> None: ...
+    budget_spent: bool
+    releases: int
+    def __init__(self, message: _Optional[str] = ..., budget_spent: _Optional[bool] = ..., releases: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("accepted", "message")

@@ -1,0 +1,202 @@
+"""A participant enforces its own Federation terms, never the aggregator's word.
+
+Each test plays a deviating aggregator against real participant processes
+(``python -m fedcrm_node``, mutual TLS, their own copy of the Federation) and
+checks that the attack fails: nothing weaker than the participant's own terms
+is trained or sent.
+
+- an aggregator that serves weaker terms outright (secure aggregation off);
+- an aggregator that announces the agreed terms, then asks for unmasked updates;
+- an aggregator that announces the agreed terms, then runs more rounds than the
+  privacy budget was planned for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedcrm.cli.launcher import load_federation_inputs, run_federation
+from fedcrm.data.synthetic import SynthResult
+from fedcrm.exit_codes import NodeExitCode
+from fedcrm.pki import CertificateAuthority, write_pem_files
+from fedcrm.runconfig import AggregatorConfig, TlsPaths
+from fedcrm.spec.loading import load_federation
+from fedcrm.spec.manifests import Federation
+from fedcrm.spec.terms import terms_differences, terms_digest
+
+pytestmark = pytest.mark.slow
+
+
+def _edited(source: Path, out: Path, change: Any) -> Path:
+    doc = yaml.safe_load(source.read_text())
+    change(doc["spec"])
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def _secure(spec: dict[str, Any]) -> None:
+    spec.setdefault("privacy", {})["secureAggregation"] = {"enabled": True, "threshold": 0.6}
+
+
+class _Silent:
+    """A progress sink: these tests read the report and the logs."""
+
+    def feed_events(self, path: Path, offset: int) -> int:
+        return offset
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def test_terms_differences_name_every_weakened_field(small_federation: SynthResult, tmp_path: Path) -> None:
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", _secure)
+    own = load_federation(own_path)
+
+    def weaken(spec: dict[str, Any]) -> None:
+        spec["privacy"]["secureAggregation"]["enabled"] = False
+        spec["training"]["rounds"] = own.spec.training.rounds + 5
+        spec["participants"]["namespaces"].append("elsewhere")  # not a term: who joins is the coordinator's
+
+    weak = load_federation(_edited(own_path, tmp_path / "weak.yaml", weaken)).spec
+    assert terms_differences(own.spec, weak) == [
+        "spec.privacy.secureAggregation.enabled: own true, served false",
+        f"spec.training.rounds: own {own.spec.training.rounds}, served {own.spec.training.rounds + 5}",
+    ]
+    assert terms_differences(own.spec, load_federation(own_path).spec) == []
+    assert terms_digest(own.spec) != terms_digest(weak)
+
+
+def test_an_aggregator_serving_weaker_terms_gets_nothing(small_federation: SynthResult, tmp_path: Path) -> None:
+    """The aggregator runs with secure aggregation off; each participant's own manifest requires it."""
+    own = _edited(small_federation.federation_path, tmp_path / "own.yaml", _secure)
+    weak = _edited(own, tmp_path / "weak.yaml", lambda s: s["privacy"]["secureAggregation"].update(enabled=False))
+    served = load_federation_inputs(weak, small_federation.participant_paths)
+    inputs = dataclasses.replace(served, federation_path=own)  # the participants keep their own copy
+    result = run_federation(inputs, tmp_path / "out", test_data=None, progress=_Silent())
+
+    assert result.report["status"] == "failed" and result.report["rounds_completed"] == 0
+    events = (tmp_path / "out" / "events.jsonl").read_text()
+    assert '"event": "statistics"' not in events  # not even the statistics vector left a participant
+    for p in result.report["participants"]:
+        assert p["identity"] in result.crashed, result.crashed
+        assert result.crashed[p["identity"]].startswith(f"exit code {int(NodeExitCode.TERMS_REFUSED)}")
+    log = next((tmp_path / "out" / "logs").glob("tenant-01*.log")).read_text()
+    assert "spec.privacy.secureAggregation.enabled: own true, served false" in log
+
+
+# --------------------------------------------------------------------------- an aggregator that lies after WELCOME
+
+
+@pytest.fixture()
+def lying_aggregator(tmp_path: Path) -> Iterator[Any]:
+    """Start an in-process aggregator that announces ``announced`` but runs ``actual``; yield a starter."""
+    from fedcrm_aggregator.coordinator import Coordinator
+    from fedcrm_aggregator.server import start_server
+
+    started: list[tuple[Any, Any, threading.Thread]] = []
+
+    def start(announced: Federation, actual: Federation, participants: list[str]) -> tuple[Any, int, CertificateAuthority]:
+        ca = CertificateAuthority.create("test")
+        (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+        cert, key = write_pem_files(tmp_path, "server", ca.issue_server(["localhost", "127.0.0.1"]))
+        out = tmp_path / "aggregator"
+        out.mkdir()
+        config = AggregatorConfig(federation=actual, participants=participants, listen="127.0.0.1:0",
+                                  tls=TlsPaths(ca=tmp_path / "ca.crt", cert=cert, key=key), out_dir=out)
+        coordinator = Coordinator(actual, participants, out)
+        coordinator.federation = announced  # WELCOME carries the agreed terms; the rounds follow ``actual``
+        plain_fits: list[str] = []
+        receive = coordinator._receive_plain_fit
+
+        def spy(identity: str, message: Any) -> Any:
+            plain_fits.append(identity)
+            return receive(identity, message)
+
+        coordinator._receive_plain_fit = spy  # type: ignore[method-assign]
+        coordinator.plain_fits = plain_fits  # type: ignore[attr-defined]
+        server, port = start_server(config, coordinator)
+        thread = threading.Thread(target=coordinator.run, daemon=True)
+        thread.start()
+        started.append((server, coordinator, thread))
+        return coordinator, port, ca
+
+    yield start
+    for server, coordinator, thread in started:
+        thread.join(timeout=60)
+        server.stop(grace=0).wait()
+        coordinator.close()
+
+
+def _nodes(small_federation: SynthResult, own: Path, port: int, ca: CertificateAuthority, tmp_path: Path
+           ) -> list[subprocess.Popen[str]]:
+    procs = []
+    for i, participant in enumerate(small_federation.participant_paths):
+        identity = f"{yaml.safe_load(participant.read_text())['metadata']['namespace']}/" \
+                   f"{yaml.safe_load(participant.read_text())['metadata']['name']}"
+        cert, key = write_pem_files(tmp_path / f"p{i}", "client", ca.issue_client(identity))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fedcrm_node", "--participant", str(participant), "--federation", str(own),
+             "--aggregator", f"127.0.0.1:{port}", "--server-name", "localhost", "--ca", str(tmp_path / "ca.crt"),
+             "--cert", str(cert), "--key", str(key), "--connect-timeout", "20"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    return procs
+
+
+def _identities(small_federation: SynthResult) -> list[str]:
+    docs = [yaml.safe_load(p.read_text())["metadata"] for p in small_federation.participant_paths]
+    return [f"{d['namespace']}/{d['name']}" for d in docs]
+
+
+def _finish(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=300)
+        out.append((p.returncode, stdout))
+    return out
+
+
+def test_an_aggregator_that_asks_for_unmasked_updates_gets_none(small_federation: SynthResult, tmp_path: Path,
+                                                                lying_aggregator: Any) -> None:
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", _secure)
+    own = load_federation(own_path)
+    actual = load_federation(_edited(own_path, tmp_path / "actual.yaml",
+                                     lambda s: s["privacy"]["secureAggregation"].update(enabled=False)))
+    coordinator, port, ca = lying_aggregator(own, actual, _identities(small_federation))
+    results = _finish(_nodes(small_federation, own_path, port, ca, tmp_path))
+
+    assert coordinator.plain_fits == []  # the spy on the aggregator's receiver of plain updates saw nothing
+    for code, log in results:
+        assert code == NodeExitCode.TERMS_REFUSED, log[-2000:]
+        assert "an unmasked training result was asked for, but this participant's Federation requires secure " \
+               "aggregation" in log
+
+
+def test_an_aggregator_running_more_rounds_than_the_budget_planned_is_refused(
+        small_federation: SynthResult, tmp_path: Path, lying_aggregator: Any) -> None:
+    def private(spec: dict[str, Any]) -> None:
+        _secure(spec)
+        spec["training"]["rounds"] = 2
+        spec["privacy"]["differentialPrivacy"] = {"mode": "sample", "epsilon": 8, "delta": 1e-5}
+
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", private)
+    own = load_federation(own_path)
+    # Two more releases than each participant's epsilon was planned for.
+    actual = load_federation(_edited(own_path, tmp_path / "actual.yaml", lambda s: s["training"].update(rounds=4)))
+    coordinator, port, ca = lying_aggregator(own, actual, _identities(small_federation))
+    results = _finish(_nodes(small_federation, own_path, port, ca, tmp_path))
+
+    assert len(coordinator.history) == 2  # the planned rounds completed; the third was never trained
+    for code, log in results:
+        assert code == NodeExitCode.TERMS_REFUSED, log[-2000:]
+        assert "round 3: this participant has already released 2 training results" in log
+        assert "trained on" in log and log.count("trained on") == 2
