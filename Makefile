@@ -16,14 +16,14 @@ STAMP := $(VENV)/.installed-$(LOCK_HASH)
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
 
-test: $(STAMP) system-packages  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
+test: $(STAMP) system-packages .venv-bench/.installed  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
 	$(BIN)/lint-imports
 	$(BIN)/python tools/protos.py --check
 	$(BIN)/python tools/crds.py --check
 	e2e/build-control-plane >/dev/null  # Go-built kube-apiserver & co, cached under ~/.cache/fedcrm/k8s
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) system-packages  ## the inner-loop subset (no whole federations, no control plane), under 2 minutes
+test-fast: $(STAMP) system-packages .venv-bench/.installed  ## the inner-loop subset (no whole federations, no control plane), under 2 minutes
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)

@@ -104,8 +104,7 @@ def test_no_script_folder_shadows_a_module_the_scripts_import(folder: Path, take
 
 def test_the_flower_script_loads_in_its_environment() -> None:
     python = ROOT / ".venv-bench" / "bin" / "python"
-    if not python.exists():
-        pytest.skip("no .venv-bench (`make .venv-bench/.installed` creates it)")
+    assert python.exists(), "no .venv-bench: `make .venv-bench/.installed` creates it (make test does)"
     proc = subprocess.run([str(python), str(BENCH / "flower_secaggplus.py"), "--help"], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,8 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import Any
 
 import pytest
 import yaml
-from controlplane import die_with_parent
 from operator_harness import (
     ROOT,
     Kubectl,
@@ -36,6 +33,7 @@ from operator_harness import (
     service_account_kubeconfig,
     wait_for,
 )
+from prometheus_server import prometheus
 
 from fedcrm.data.synthetic import generate_federation
 from fedcrm_aggregator.status_http import StatusServer
@@ -203,17 +201,6 @@ def test_chart_ships_the_dashboard_as_a_configmap_for_grafanas_sidecar_when_enab
 COORD, TENANTS = "dash-coord", ["dash-a", "dash-b"]
 
 
-def _api(port: int, path: str, **params: Any) -> Any:
-    url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as err:  # a query Prometheus cannot parse: say which and why
-        raise AssertionError(f"{params}: HTTP {err.code} {err.read().decode(errors='replace')}") from None
-    assert body["status"] == "success", body
-    return body["data"]
-
-
 def _operator_reconciles_something(kubectl: Kubectl) -> None:
     """A Federation with one of its two tenants enrolled, then deleted: ok passes, a retry (children still
     being deleted), and phases for both gauges."""
@@ -241,8 +228,6 @@ def _operator_reconciles_something(kubectl: Kubectl) -> None:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_every_panel_query_returns_data_from_a_real_prometheus(control_plane: Any, tmp_path: Path) -> None:
-    prometheus = shutil.which("prometheus") or "/usr/bin/prometheus"
-    assert Path(prometheus).exists(), "Prometheus is missing: tools/install-system-packages installs it (make test does)"
     kubectl = Kubectl(control_plane.bin_dir / "kubectl", control_plane.kubeconfig)
     install_chart(control_plane.bin_dir / "helm", control_plane.kubeconfig)
     kubectl("create", "namespace", "fedcrm-system", check=False)
@@ -256,28 +241,9 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(control_plane: An
     synth.federation_path.write_text(yaml.safe_dump(doc))
     key = f"{doc['metadata']['namespace']}/{doc['metadata']['name']}"
 
-    aggregator_port, prom_port = free_port(), free_port()
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "250ms", "scrape_timeout": "200ms"},
-        "scrape_configs": [
-            {"job_name": "fedcrm-aggregator", "static_configs": [{"targets": [f"127.0.0.1:{aggregator_port}"]}]},
-            {"job_name": "fedcrm-operator", "static_configs": [{"targets": [f"127.0.0.1:{operator.metrics_port}"]}]},
-        ],
-    }))
-    server = subprocess.Popen(
-        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-    )
-    try:
-        def ready() -> bool:
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/-/ready", timeout=1).status == 200
-            except OSError:
-                assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-                return False
-
-        wait_for("Prometheus ready", ready)
+    aggregator_port = free_port()
+    scraped = {"fedcrm-aggregator": aggregator_port, "fedcrm-operator": operator.metrics_port}
+    with prometheus(tmp_path, scraped) as prom:
         start = time.time()
         operator.start()
         try:
@@ -295,26 +261,23 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(control_plane: An
             board = dashboard()
             variable = next(v for v in board["templating"]["list"] if v["name"] == "federation")
             assert variable["definition"] == "label_values(fedcrm_round, federation)"
-            values = _api(prom_port, "label/federation/values", **{"match[]": "fedcrm_round", "start": start, "end": end})
+            values = prom.api("label/federation/values", **{"match[]": "fedcrm_round", "start": start, "end": end})
             assert key in values, f"the federation variable's query offers {values}, not {key}"
 
             checked = []
             for title, expr in targets(board):
                 # The one federation selected, and "All" (the variable's allValue).
                 for query in sorted({expand(expr, grafana_regex_escape(key)), expand(expr, variable["allValue"])}):
-                    result = _api(prom_port, "query_range", query=query, start=start, end=end, step="1s")["result"]
+                    result = prom.api("query_range", query=query, start=start, end=end, step="1s")["result"]
                     finite = [v for series in result for _, v in series["values"] if math.isfinite(float(v))]
                     assert finite, f"panel {title!r}: {expr!r} (as {query!r}) returned no data from Prometheus"
                 checked.append(title)
             assert len(checked) == sum(len(p["targets"]) for p in board["panels"])
             # The run was seen through: the budget and a spend within it, and the planned rounds.
-            budget = _api(prom_port, "query", query=f'max_over_time(fedcrm_epsilon_budget{{federation="{key}"}}[10m])', time=end)
-            assert float(budget["result"][0]["value"][1]) == 8.0
-            spent = _api(prom_port, "query", query=f'max_over_time(fedcrm_epsilon_spent{{federation="{key}"}}[10m])', time=end)
-            assert 0 < float(spent["result"][0]["value"][1]) <= 8.0
+            budget = prom.query(f'max_over_time(fedcrm_epsilon_budget{{federation="{key}"}}[10m])', time=end)
+            assert float(budget[0]["value"][1]) == 8.0
+            spent = prom.query(f'max_over_time(fedcrm_epsilon_spent{{federation="{key}"}}[10m])', time=end)
+            assert 0 < float(spent[0]["value"][1]) <= 8.0
         finally:
             operator.stop()
             kubectl("delete", "participant", "crm", "-n", TENANTS[0], "--wait=false", check=False)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
