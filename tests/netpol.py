@@ -11,12 +11,15 @@ for the policies as stored by the API server:
 
 Peers: ``podSelector`` alone means pods in the policy's own namespace,
 ``namespaceSelector`` alone all pods of the matching namespaces, both together
-the matching pods in the matching namespaces. ``ipBlock`` peers are not
-evaluated (the operator writes none), and a test that meets one fails loudly.
+the matching pods in the matching namespaces. ``ipBlock`` matches by the
+peer's address (``Pod.ip``: an address outside the cluster is a Pod with a
+namespace of its own and no labels): inside ``cidr`` and in no ``except``
+range; a peer without an address never matches an ipBlock.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +32,7 @@ class Pod:
     namespace: str
     labels: dict[str, str] = field(default_factory=dict)
     namespace_labels: dict[str, str] = field(default_factory=dict)
+    ip: str | None = None
 
     def __hash__(self) -> int:
         return hash((self.namespace, self.name))
@@ -60,7 +64,16 @@ def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
 
 def _peer_matches(peer: dict[str, Any], policy_namespace: str, other: Pod) -> bool:
     if "ipBlock" in peer:
-        raise AssertionError("ipBlock peers are not evaluated by this helper")
+        if other.ip is None:
+            return False
+        address = ipaddress.ip_address(other.ip)
+        block = peer["ipBlock"]
+
+        def inside(cidr: str) -> bool:
+            network = ipaddress.ip_network(cidr)
+            return network.version == address.version and address in network
+
+        return inside(block["cidr"]) and not any(inside(c) for c in block.get("except") or [])
     has_ns, has_pod = "namespaceSelector" in peer, "podSelector" in peer
     if has_ns and not selects(peer["namespaceSelector"], other.ns_labels):
         return False

@@ -255,6 +255,65 @@ def test_network_policies_allow_exactly_the_federation_paths() -> None:
             )
 
 
+def test_training_pods_reach_exactly_their_own_declared_data_source() -> None:
+    """A tenant reading PostgreSQL running beside it and a tenant reading Salesforce: each training pod reaches its
+    own source on its port, and nothing else outside the federation paths (once, both were denied: an enforcing
+    network plugin would have failed their data check)."""
+    fed = federation()
+    sql = participant("tenant-a", data={
+        "sql": {"query": "SELECT * FROM leads", "secretRef": {"name": "crm-db"},
+                "egress": [{"podSelector": {"app": "crm-postgres"}, "ports": [5432]}]},
+        "mapping": {"converted": "Converted"}})
+    salesforce = participant("tenant-b", data={
+        "salesforce": {"object": "Lead", "fields": ["Id", "IsConverted"], "secretRef": {"name": "sf"}},
+        "mapping": {"converted": "IsConverted"}})
+    policies = [builders.participant_network_policy(NAMES, p, SETTINGS) for p in (sql, salesforce)]
+    sql_pod, sf_pod = (Pod(f"{p.metadata.namespace}-job", p.metadata.namespace,
+                           _job(fed, p)["spec"]["template"]["metadata"]["labels"]) for p in (sql, salesforce))
+    postgres = Pod("postgres-0", "tenant-a", {"app": "crm-postgres"}, ip="10.244.1.7")
+    others_postgres = Pod("postgres-0", "tenant-b", {"app": "crm-postgres"}, ip="10.244.2.7")  # another tenant's
+    web = Pod("web", "tenant-a", {"app": "web"}, ip="10.244.1.8")
+    salesforce_api = Pod("na1.salesforce.com", "internet", ip="203.0.113.10")
+    salesforce_v6 = Pod("na1.salesforce.com-v6", "internet", ip="2001:db8::10")
+    private_host = Pod("db.corp", "internet", ip="10.20.0.15")
+    for src, dst, port, ok in [
+        (sql_pod, postgres, 5432, True), (sql_pod, postgres, 22, False), (sql_pod, others_postgres, 5432, False),
+        (sql_pod, web, 5432, False), (sql_pod, salesforce_api, 443, False),
+        (sf_pod, salesforce_api, 443, True), (sf_pod, salesforce_v6, 443, True), (sf_pod, salesforce_api, 80, False),
+        (sf_pod, private_host, 443, False), (sf_pod, postgres, 443, False), (sf_pod, others_postgres, 5432, False),
+    ]:
+        assert allowed(policies, src, dst, port) == ok, f"{src.name} -> {dst.namespace}/{dst.name}:{port}"
+
+
+def test_a_sql_participant_must_say_where_its_database_is() -> None:
+    data = {"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db"}}, "mapping": {"converted": "Converted"}}
+    d = decide(participant(data=data), federation(), phase=Phase.enrolling, training=[])
+    assert (d.admitted, d.reason) == (False, "EgressMissing")
+    assert "spec.data.sql.egress is empty" in d.message and "cidr" in d.message and "podSelector" in d.message
+    data["sql"]["egress"] = [{"cidr": "10.20.0.15/32", "ports": [5432]}]
+    assert decide(participant(data=data), federation(), phase=Phase.enrolling, training=[]).admitted
+
+
+@pytest.mark.parametrize(
+    ("rule", "error"),
+    [
+        ({"ports": [5432]}, "give either 'cidr' or 'podSelector'"),
+        ({"cidr": "10.20.0.15/24", "ports": [5432]}, "'10.20.0.15/24' is not a CIDR"),
+        ({"podSelector": {}, "ports": [5432]}, "podSelector needs at least one label"),
+        ({"podSelector": {"app": "db"}, "except": ["10.0.0.0/8"], "ports": [5432]}, "'except' goes with 'cidr'"),
+        ({"cidr": "10.0.0.0/8", "ports": []}, "ports"),
+        ({"cidr": "10.0.0.0/8", "ports": [5432], "namespace": "tenant-b"}, "unknown field"),
+    ],
+)
+def test_bad_egress_rules_are_refused_with_what_to_fix(rule: dict[str, Any], error: str) -> None:
+    from fedcrm.errors import ManifestError
+
+    data = {"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db"}, "egress": [rule]}, "mapping": {}}
+    with pytest.raises(ManifestError) as info:
+        participant(data=data)
+    assert error in str(info.value) and "spec.data.sql.egress" in str(info.value)
+
+
 def test_policy_evaluator_semantics() -> None:
     a, b = Pod("a", "ns1", {"app": "a"}), Pod("b", "ns2", {"app": "b"})
     deny_in = {"metadata": {"namespace": "ns2"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}}

@@ -164,6 +164,17 @@ def test_participant_referencing_another_namespace_is_refused_at_apply(operator:
     escape["spec"]["data"]["pvc"]["path"] = "../../etc/shadow"
     proc = kubectl.apply(escape, check=False)
     assert proc.returncode != 0 and "inside the claim" in proc.stderr
+    # Egress is a CIDR or pods of the tenant's own namespace, never both, never another namespace.
+    both = participant("tenant-a", "f1", name="both")
+    both["spec"]["data"] = {"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db"}, "egress": [
+        {"cidr": "10.0.0.0/8", "podSelector": {"app": "db"}, "ports": [5432]}]}, "mapping": {}}
+    proc = kubectl.apply(both, check=False)
+    assert proc.returncode != 0 and "give either cidr or podSelector" in proc.stderr
+    elsewhere = participant("tenant-a", "f1", name="elsewhere")
+    elsewhere["spec"]["data"] = {"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db"}, "egress": [
+        {"podSelector": {"app": "db"}, "namespaceSelector": {"name": "tenant-b"}, "ports": [5432]}]}, "mapping": {}}
+    proc = kubectl.apply(elsewhere, check=False)
+    assert proc.returncode != 0 and 'unknown field "spec.data.sql.egress[0].namespaceSelector"' in proc.stderr
 
 
 def test_federation_and_three_participants_get_every_child_with_the_right_spec(operator: OperatorProcess, kubectl: Kubectl) -> None:

@@ -46,4 +46,13 @@ def decide(participant: Participant, federation: Federation | None, *, phase: Ph
             f"Federation {where} closed enrollment when it started training ({len(training)} participants); "
             "this Participant can join its next run",
         )
+    data = participant.spec.data
+    if data.sql is not None and not data.network_egress():
+        return Decision(
+            False,
+            "EgressMissing",
+            "spec.data.sql.egress is empty: the training pod's NetworkPolicy lets it reach only what the Participant "
+            "declares; add the database's address (cidr, e.g. 10.20.0.15/32) or its pods in this namespace "
+            "(podSelector), with its port (e.g. ports: [5432])",
+        )
     return Decision(True, "Admitted", f"admitted to Federation {where} as {participant.identity}")

@@ -15,7 +15,7 @@ from fedcrm.data.credentials import MOUNT_PATH as CREDENTIALS_DIR
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import dump_manifest
-from fedcrm.spec.manifests import Federation, Participant, Resources
+from fedcrm.spec.manifests import EgressRule, Federation, Participant, Resources
 from fedcrm_operator.naming import FEDERATION_LABEL, FEDERATION_NAMESPACE_LABEL, ROLE_LABEL, Names
 from fedcrm_operator.settings import OperatorSettings, label_pair
 
@@ -441,8 +441,20 @@ def _threads(cpu: str) -> str:
     return str(max(1, int(cores)))
 
 
+def _egress_rule(rule: EgressRule) -> dict[str, Any]:
+    if rule.cidr is not None:
+        block: dict[str, Any] = {"cidr": rule.cidr}
+        if rule.except_:
+            block["except"] = list(rule.except_)
+        peer: dict[str, Any] = {"ipBlock": block}
+    else:
+        peer = {"podSelector": {"matchLabels": dict(rule.pod_selector or {})}}  # this namespace only
+    return {"to": [peer], "ports": [{"protocol": "TCP", "port": port} for port in rule.ports]}
+
+
 def participant_network_policy(names: Names, participant: Participant, settings: OperatorSettings) -> dict[str, Any]:
-    """The training pod talks to the aggregator's gRPC port and to DNS; nothing talks to it."""
+    """The training pod talks to the aggregator's gRPC port, to DNS and to its own data source as the Participant
+    declares it (``spec.data.<source>.egress``); nothing talks to it."""
     p = participant.metadata
     labels = names.labels("training", p.name)
     dns_key, dns_value = label_pair(settings.dns_pod_label)
@@ -474,6 +486,7 @@ def participant_network_policy(names: Names, participant: Participant, settings:
                     ],
                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
                 },
+                *(_egress_rule(rule) for rule in participant.spec.data.network_egress()),
             ],
         },
     }

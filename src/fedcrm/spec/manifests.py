@@ -641,6 +641,60 @@ class PvcSource(_Source):
         return v
 
 
+class EgressRule(_Model):
+    """Where a training pod may connect to read its data: in a cluster, one rule of its NetworkPolicy.
+
+    Either ``cidr`` (addresses outside the cluster, e.g. a database host or a
+    SaaS range) or ``podSelector`` (pods in the Participant's own namespace,
+    e.g. a database running beside it), with the TCP ports. Another namespace
+    cannot be expressed.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "has(self.cidr) != has(self.podSelector)",
+        "message": "give either cidr or podSelector (pods in this namespace), not both and not neither",
+    }]})
+
+    cidr: Annotated[
+        str | None, Field(description="Destination addresses, e.g. 10.20.0.15/32 or 0.0.0.0/0 (IPv4 or IPv6 CIDR).")
+    ] = None
+    except_: Annotated[
+        list[str],
+        Field(alias="except", description="With cidr: ranges inside it to leave out (e.g. the cluster's own)."),
+    ] = Field(default_factory=list)
+    pod_selector: Annotated[
+        dict[str, str] | None,
+        Field(description="Labels of pods in the Participant's own namespace (e.g. app: crm-postgres)."),
+    ] = None
+    ports: Annotated[
+        list[Annotated[int, Field(ge=1, le=65535)]],
+        Field(min_length=1, description="TCP ports on the destination, e.g. [5432] or [443]."),
+    ]
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> EgressRule:
+        import ipaddress
+
+        if (self.cidr is None) == (self.pod_selector is None):
+            raise ValueError("give either 'cidr' or 'podSelector' (pods in this namespace), not both and not neither")
+        if self.pod_selector is not None and not self.pod_selector:
+            raise ValueError("podSelector needs at least one label, or it would select every pod of the namespace")
+        if self.cidr is None and self.except_:
+            raise ValueError("'except' goes with 'cidr'")
+        for value in ([self.cidr] if self.cidr else []) + self.except_:
+            try:
+                ipaddress.ip_network(value, strict=True)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a CIDR such as 10.20.0.0/16 (host bits must be zero)") from None
+        return self
+
+
+_EGRESS_DESCRIPTION = (
+    "In a cluster, where the training pod may connect to read this source (its NetworkPolicy denies everything "
+    "else but the aggregator and DNS). "
+)
+
+
 _SOQL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*$")
 
 
@@ -671,6 +725,11 @@ class SalesforceSource(_Source):
         int | None,
         Field(ge=200, le=2000, description="Records per page (Sforce-Query-Options batchSize); Salesforce's default when unset."),
     ] = None
+    egress: Annotated[
+        list[EgressRule],
+        Field(description=_EGRESS_DESCRIPTION + "Unset: HTTPS (TCP 443) to addresses outside the cluster's "
+              "private ranges; narrow it to Salesforce's published ranges here."),
+    ] = Field(default_factory=list)
 
     @field_validator("api_version")
     @classmethod
@@ -716,6 +775,11 @@ class SqlSource(_Source):
     chunk_rows: Annotated[
         int, Field(ge=1, le=1_000_000, description="Rows fetched per round trip (a server-side cursor streams the rest).")
     ] = 10_000
+    egress: Annotated[
+        list[EgressRule],
+        Field(description=_EGRESS_DESCRIPTION + "Required in a cluster: the database's address (cidr) or its pods "
+              "in this namespace (podSelector), with its port; unused by fedcrm run."),
+    ] = Field(default_factory=list)
 
 
 class ValueTransform(_Model):
@@ -796,6 +860,17 @@ class DataSource(_Model):
     @property
     def source(self) -> _Source:
         return getattr(self, _attribute(type(self), self.kind))
+
+    def network_egress(self) -> list[EgressRule]:
+        """Where a training pod must be able to connect to read this source (empty for a file or a claim)."""
+        declared = list(getattr(self.source, "egress", []) or [])
+        if declared or self.salesforce is None:
+            return declared
+        # Salesforce's addresses are many and change: HTTPS to anything outside the private ranges.
+        return [
+            EgressRule(cidr="0.0.0.0/0", except_=["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"], ports=[443]),
+            EgressRule(cidr="::/0", except_=["fc00::/7"], ports=[443]),
+        ]
 
     def secret_ref(self) -> SecretRef | None:
         """The Secret holding this source's credentials, if the source needs one."""
