@@ -331,6 +331,22 @@ def test_deleting_a_participant_mid_training_is_a_dropout(operator: OperatorProc
     assert len(kubectl.items("jobs", selector="fedcrm.io/federation=f2")) == 2
 
 
+def test_a_deleted_aggregator_statefulset_comes_back_and_keeps_its_checkpoint_claim(
+        operator: OperatorProcess, kubectl: Kubectl) -> None:
+    """The claim holds the privacy ledger: deleting the StatefulSet must neither lose it nor stall the Federation."""
+    wait_for("f2 training", lambda: phase_of(kubectl, "federation", "f2", COORD) == "Training", timeout=90)
+    sts = kubectl.get("statefulset", "f2-aggregator", COORD)
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    claims = wait_for("the checkpoint claim", lambda: kubectl.items("persistentvolumeclaims", namespace=COORD,
+                                                                     selector="fedcrm.io/federation=f2"), timeout=60)
+    kubectl("delete", "statefulset", "f2-aggregator", "-n", COORD, "--wait=true")
+    back = wait_for("the StatefulSet back", lambda: kubectl.get("statefulset", "f2-aggregator", COORD), timeout=90)
+    assert back["metadata"]["uid"] != sts["metadata"]["uid"]
+    kept = kubectl.items("persistentvolumeclaims", namespace=COORD, selector="fedcrm.io/federation=f2")
+    assert [c["metadata"]["uid"] for c in kept] == [c["metadata"]["uid"] for c in claims]  # the same volume
+    assert phase_of(kubectl, "federation", "f2", COORD) == "Training"
+
+
 def test_deleting_a_federation_leaves_no_child_in_any_namespace(operator: OperatorProcess, kubectl: Kubectl) -> None:
     for fed in ["f1", "f2"]:
         kubectl("delete", "federation", fed, "-n", COORD, "--wait=true", "--timeout=90s")

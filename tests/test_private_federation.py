@@ -181,3 +181,19 @@ def test_a_crash_before_the_first_checkpoint_is_counted_like_the_participants_co
         own[log.stem] = spends[-1]
     assert own and report["privacy"]["epsilon_spent"] >= max(own.values()) * 0.99, (report["privacy"], own)
     assert report["privacy"]["epsilon_spent"] <= 1.0 + 1e-9 and max(own.values()) <= 1.0 * 1.01
+
+
+def test_an_aggregator_without_its_privacy_ledger_refuses_to_resume(small_federation: SynthResult, tmp_path: Path) -> None:
+    """The checkpoint volume lost privacy.json (say, a claim restored without it): resuming would restart the spend
+    at zero, so the aggregator refuses and says why, as the Federation's status would show it."""
+    fed = _federation(small_federation, tmp_path, {"mode": "client", "epsilon": 4.0, "delta": 1e-5}, secure=False)
+    out = tmp_path / "out"
+    assert _run(fed, small_federation, out).returncode == 0
+    (out / "checkpoint" / "privacy.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "fedcrm_aggregator", "--config", str(out / "aggregator.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert "the privacy ledger checkpoint/privacy.json is missing" in report["message"]
+    assert not (out / "checkpoint" / "privacy.json").exists()  # nothing pretended to start from zero

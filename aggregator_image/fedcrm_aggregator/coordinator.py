@@ -382,6 +382,13 @@ class Coordinator:
             raise FederationFailed(f"cannot resume from the checkpoint: {err}") from None
         if cp is None:
             return False
+        if self.privacy.mode != "none" and not self.privacy.path.exists():
+            # Resuming would restart the spend at zero: the rounds already released would be forgotten.
+            raise FederationFailed(
+                f"cannot resume differentially private training after round {cp.rounds_completed}: the privacy "
+                f"ledger {self.privacy.path.relative_to(self.out_dir)} is missing from the checkpoint volume, so the "
+                "budget already spent is unknown. Restore it from a backup, or start a new Federation"
+            )
         self.preprocessing, self.layout, self.weights = cp.preprocessing, cp.layout, cp.weights
         self.version = cp.rounds_completed
         self.history = cp.history

@@ -179,7 +179,9 @@ def aggregator_stateful_set(names: Names, settings: OperatorSettings, *, config_
             "serviceName": names.aggregator,
             "selector": {"matchLabels": _selector(labels)},
             "podManagementPolicy": "OrderedReady",
-            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
+            # The claim holds checkpoint/privacy.json, the only durable privacy ledger: a deleted StatefulSet
+            # must not take it along (it comes back and resumes); the Federation's finalizer removes the claim.
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
             "template": {
                 "metadata": {"labels": labels, "annotations": {"fedcrm.io/config-digest": config_digest}},
                 "spec": {

@@ -230,17 +230,26 @@ def reconcile(
         start, conditions, message = _enrollment_closes(federation, admitted, conditions)
         if start:
             training_ids = [p.identity for p in admitted]
-            config = builders.aggregator_config_map(names, federation, training_ids, settings)
-            digest = hashlib.sha256(config["data"][builders.AGGREGATOR_CONFIG_KEY].encode()).hexdigest()[:16]
-            kube.ensure("v1", "ConfigMap", names.namespace, names.aggregator_config, lambda: config)
-            kube.ensure("apps/v1", "StatefulSet", names.namespace, names.aggregator,
-                        lambda: builders.aggregator_stateful_set(names, settings, config_digest=digest))
             phase = Phase.training
             status["trainingSpecDigest"] = frozen_digest(federation)
             message = f"training with {len(training_ids)} participants"
 
     aggregator: AggregatorStatus | None = None
     if phase is Phase.training:
+        # Every pass while training, not once: a deleted StatefulSet (or its ConfigMap) comes back and the
+        # aggregator resumes from its retained checkpoint volume. The ConfigMap is rebuilt only from the spec
+        # training started with (a refused change never reaches the aggregator).
+        if status.get("trainingSpecDigest") == frozen_digest(federation) or _started_with(kube, names) is not None:
+            held = kube.ensure("v1", "ConfigMap", names.namespace, names.aggregator_config,
+                               lambda: builders.aggregator_config_map(names, federation, training_ids, settings))
+            digest = hashlib.sha256(held["data"][builders.AGGREGATOR_CONFIG_KEY].encode()).hexdigest()[:16]
+            kube.ensure("apps/v1", "StatefulSet", names.namespace, names.aggregator,
+                        lambda: builders.aggregator_stateful_set(names, settings, config_digest=digest))
+        else:
+            conditions = set_condition(conditions, condition(
+                "AggregatorReachable", False, "ConfigLost",
+                "the aggregator's ConfigMap was deleted and the spec changed since training started; revert the "
+                "spec to recreate it"))
         started = _started_with(kube, names)
         changed = changed_sections(federation, started.federation.spec.model_dump(mode="json", by_alias=True) if started else None)
         if changed:
