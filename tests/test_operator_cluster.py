@@ -347,6 +347,33 @@ def test_a_deleted_aggregator_statefulset_comes_back_and_keeps_its_checkpoint_cl
     assert phase_of(kubectl, "federation", "f2", COORD) == "Training"
 
 
+def test_one_tenant_refused_by_the_api_does_not_stall_the_others(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    """A ResourceQuota forbids Jobs in one tenant namespace (a 403 from the API server): that tenant's Participant
+    says so, and the Federation trains with the other tenant."""
+    open_ns, quota_ns = "quota-open", "quota-full"
+    for ns in (open_ns, quota_ns):
+        kubectl("create", "namespace", ns, check=False)
+        provide_claim(kubectl, ns)
+    kubectl.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs", "namespace": quota_ns},
+                   "spec": {"hard": {"count/jobs.batch": "0"}}})
+    fed = federation("f5", namespaces=[open_ns, quota_ns])
+    fed["spec"]["training"]["minParticipants"] = 1
+    fed["spec"]["participants"] = {"namespaces": [open_ns, quota_ns], "enrollmentTimeoutSeconds": 3}
+    kubectl.apply(fed, participant(open_ns, "f5"), participant(quota_ns, "f5"))
+    wait_for("f5 training", lambda: phase_of(kubectl, "federation", "f5", COORD) == "Training", timeout=90)
+    assert kubectl.get("federation", "f5", COORD)["status"]["participants"] == [f"{open_ns}/crm"]
+    assert kubectl.items("jobs", namespace=open_ns, selector="fedcrm.io/federation=f5")
+
+    def refused() -> dict[str, Any] | None:
+        ready = condition(kubectl.get("participant", "crm", quota_ns), "Ready")
+        return ready if ready["reason"] == "ApiError" else None
+
+    ready = wait_for("the quota tenant's reason", refused, timeout=60)
+    assert ready["status"] == "False" and "exceeded quota" in ready["message"], ready
+    assert "goes on with the other tenants" in ready["message"]
+    kubectl("delete", "federation", "f5", "-n", COORD, "--wait=true", "--timeout=90s")
+
+
 def test_deleting_a_federation_leaves_no_child_in_any_namespace(operator: OperatorProcess, kubectl: Kubectl) -> None:
     for fed in ["f1", "f2"]:
         kubectl("delete", "federation", fed, "-n", COORD, "--wait=true", "--timeout=90s")

@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import kopf
+
 from fedcrm.errors import ManifestError
 from fedcrm.pki import CertificateAuthority
 from fedcrm.runconfig import AggregatorConfig
@@ -27,7 +29,7 @@ from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
 from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
-from fedcrm_operator.resources import changed_sections, frozen_digest, parse_federation, parse_participant
+from fedcrm_operator.resources import API, changed_sections, frozen_digest, parse_federation, parse_participant
 from fedcrm_operator.settings import OperatorSettings
 
 __all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "Outcome", "cleanup", "fetch_aggregator", "progress_fields", "reconcile"]
@@ -119,7 +121,7 @@ def _with_owner(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, 
 def _tenant_children(
     kube: Kube, names: Names, federation: Federation, participant: Participant, body: dict[str, Any] | None,
     ca: CertificateAuthority, settings: OperatorSettings, *, finished: bool,
-) -> set[tuple[str, str, str]]:
+) -> None:
     """The participant's certificate, config, policy and training Job (the Job only while the federation runs:
     a Job deleted after the federation finished is not brought back to dial a finished aggregator)."""
     ns, name = participant.metadata.namespace, participant.metadata.name
@@ -139,12 +141,37 @@ def _tenant_children(
     kube.apply(_with_owner(builders.participant_network_policy(names, participant, settings), owner))
     if not finished:
         kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
+
+
+def _tenant_keys(names: Names, participant: Participant) -> set[tuple[str, str, str]]:
+    """(kind, namespace, name) of every child of one tenant, kept by the sweep even while some fail to apply."""
+    ns, name = participant.metadata.namespace, participant.metadata.name
     return {
         ("Secret", ns, names.client_secret(name)),
         ("ConfigMap", ns, names.participant_config(name)),
         ("NetworkPolicy", ns, names.participant_policy(name)),
         ("Job", ns, names.training_job(name)),
     }
+
+
+CHILDREN_CONDITION = "ChildrenCreated"
+
+
+def _report_children(kube: Kube, body: dict[str, Any] | None, problem: str | None) -> None:
+    """The tenant's own Participant says whether its children could be created; patched only on a change."""
+    if body is None:
+        return
+    meta = body["metadata"]
+    conditions = (body.get("status") or {}).get("conditions") or []
+    wanted = (condition(CHILDREN_CONDITION, True, "Created", "certificate, config, NetworkPolicy and Job exist")
+              if problem is None else condition(CHILDREN_CONDITION, False, "ApiError", problem))
+    current = find(conditions, CHILDREN_CONDITION)
+    if current is None and problem is None:
+        return  # nothing to correct: absence means no problem was ever seen
+    if current and (current.get("status"), current.get("message")) == (wanted["status"], wanted["message"]):
+        return
+    kube.patch_status(API, "Participant", meta["namespace"], meta["name"],
+                      {"conditions": set_condition(conditions, wanted)})
 
 
 def _started_with(kube: Kube, names: Names) -> AggregatorConfig | None:
@@ -217,19 +244,29 @@ def reconcile(
         kube.apply(builders.service_monitor(names))
 
     # Tenant side: children of admitted participants; everything else of ours in tenant namespaces goes.
+    # The API refusing one tenant's child (a quota, a policy, a webhook) is that tenant's problem: it is
+    # written on its Participant and the other tenants go on.
     keep: set[tuple[str, str, str]] = set()
+    failed: dict[str, str] = {}
     for p in admitted:
-        keep |= _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings,
-                                 finished=phase in (Phase.succeeded, Phase.failed))
+        keep |= _tenant_keys(names, p)
+        try:
+            _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings,
+                             finished=phase in (Phase.succeeded, Phase.failed))
+        except kopf.PermanentError as err:
+            failed[p.identity] = str(err)
+            log.warning("federation %s/%s: children of %s: %s", names.namespace, names.federation, p.identity, err)
+        _report_children(kube, by_identity.get(p.identity), failed.get(p.identity))
+    ready = [p for p in admitted if p.identity not in failed]
     # Pods are left to their Jobs' garbage collection.
     kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], names.selector() + ",fedcrm.io/role=training", keep=keep)
 
     # Enrollment -> training.
     message = ""
     if phase is Phase.enrolling:
-        start, conditions, message = _enrollment_closes(federation, admitted, conditions)
+        start, conditions, message = _enrollment_closes(federation, ready, conditions)
         if start:
-            training_ids = [p.identity for p in admitted]
+            training_ids = [p.identity for p in ready]
             phase = Phase.training
             status["trainingSpecDigest"] = frozen_digest(federation)
             message = f"training with {len(training_ids)} participants"

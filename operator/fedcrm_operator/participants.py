@@ -13,7 +13,7 @@ from fedcrm.errors import ManifestError
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
 from fedcrm_operator.admission import decide
-from fedcrm_operator.conditions import condition, set_condition
+from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, parse_federation, parse_participant
@@ -105,6 +105,13 @@ def participant_status(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
         reason, detail = _failure_detail(kube, participant.metadata.namespace, job_name)
         message = f"{message}: {detail}" if detail else message
     ready = phase in (ParticipantPhase.training, ParticipantPhase.succeeded)
+    children = find(conditions, "ChildrenCreated")  # written by the Federation's pass
+    # The API refused this tenant's training objects: that is why it is not training (and, once the others
+    # started, why enrollment looks closed to it).
+    if not ready and children is not None and children.get("status") == "False":
+        ready, reason = False, str(children.get("reason") or "ApiError")
+        message = ("the operator could not create this Participant's training objects: "
+                   f"{children.get('message')}; its Federation goes on with the other tenants")
     conditions = set_condition(conditions, condition("Ready", ready, reason, message))
     return {**status, "phase": phase.value, "identity": participant.identity, "conditions": conditions,
             "observedGeneration": meta.get("generation", 0)}
