@@ -132,6 +132,16 @@ def test_an_unreadable_data_file_and_a_missing_manifest(small_federation: SynthR
     _assert_clean_error(proc, "nope.yaml: no such file")
 
 
+def test_a_tenant_takes_part_once(small_federation: SynthResult, tmp_path: Path) -> None:
+    fed, parts = _copy(small_federation, tmp_path)
+    doc = yaml.safe_load(parts[0].read_text())
+    doc["metadata"]["name"] = "second-account"
+    twin = tmp_path / "twin.yaml"
+    twin.write_text(yaml.safe_dump(doc))
+    proc = _fedcrm("run", "--federation", fed, "--participant", *parts, twin, "--out", tmp_path / "out")
+    _assert_clean_error(proc, f"is in namespace {doc['metadata']['namespace']!r} like", "a tenant takes part once")
+
+
 def test_too_few_participants_for_min_participants(small_federation: SynthResult, tmp_path: Path) -> None:
     fed, parts = _copy(small_federation, tmp_path)
     proc = _fedcrm("run", "--federation", fed, "--participant", parts[0], "--out", tmp_path / "out")

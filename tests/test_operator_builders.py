@@ -285,6 +285,27 @@ def test_training_pods_reach_exactly_their_own_declared_data_source() -> None:
         assert allowed(policies, src, dst, port) == ok, f"{src.name} -> {dst.namespace}/{dst.name}:{port}"
 
 
+def test_a_namespace_joins_a_federation_once() -> None:
+    """A tenant with several Participants could meet minParticipants alone and subtract its own updates from the
+    sum: the oldest (or the one already training) is the namespace's, the others are refused and told why."""
+    from fedcrm_operator.admission import Sibling
+
+    first, second = participant("tenant-a", "crm"), participant("tenant-a", "crm-2")
+    siblings = [Sibling("tenant-a/crm-2", "2026-11-30T10:00:05Z"), Sibling("tenant-a/crm", "2026-11-30T10:00:00Z")]
+    enrolling = {"phase": Phase.enrolling, "training": [], "siblings": siblings}
+    assert decide(first, federation(), **enrolling).admitted
+    d = decide(second, federation(), **enrolling)
+    assert (d.admitted, d.reason) == (False, "OneParticipantPerNamespace")
+    assert "through Participant tenant-a/crm" in d.message and "Delete one of them" in d.message
+    # Already training wins over age: a restart of the operator never swaps a tenant's representative.
+    training = {"phase": Phase.training, "training": ["tenant-a/crm-2"], "siblings": siblings}
+    assert decide(second, federation(), **training).admitted
+    assert decide(first, federation(), **training).reason == "OneParticipantPerNamespace"
+    other = participant("tenant-b", "crm")
+    assert decide(other, federation(), phase=Phase.enrolling, training=[],
+                  siblings=[Sibling("tenant-b/crm", "2026-11-30T11:00:00Z")]).admitted
+
+
 def test_a_sql_participant_must_say_where_its_database_is() -> None:
     data = {"sql": {"query": "SELECT 1", "secretRef": {"name": "crm-db"}}, "mapping": {"converted": "Converted"}}
     d = decide(participant(data=data), federation(), phase=Phase.enrolling, training=[])

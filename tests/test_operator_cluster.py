@@ -374,6 +374,21 @@ def test_one_tenant_refused_by_the_api_does_not_stall_the_others(operator: Opera
     kubectl("delete", "federation", "f5", "-n", COORD, "--wait=true", "--timeout=90s")
 
 
+def test_a_second_participant_in_the_same_namespace_is_refused(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    kubectl.apply(participant("tenant-a", "f1", name="crm-again"))
+
+    def refused() -> dict[str, Any] | None:
+        obj = kubectl.get("participant", "crm-again", "tenant-a")
+        admitted = condition(obj, "Admitted") if (obj or {}).get("status") else None
+        return admitted if admitted and admitted["reason"] == "OneParticipantPerNamespace" else None
+
+    admitted = wait_for("the second Participant refused", refused, timeout=60)
+    assert "through Participant tenant-a/crm" in admitted["message"]
+    assert not kubectl.items("jobs", namespace="tenant-a", selector="fedcrm.io/participant=crm-again")
+    assert phase_of(kubectl, "participant", "crm", "tenant-a") in ("Training", "Succeeded")  # the first goes on
+    kubectl("delete", "participant", "crm-again", "-n", "tenant-a", "--wait=true")
+
+
 def test_deleting_a_federation_leaves_no_child_in_any_namespace(operator: OperatorProcess, kubectl: Kubectl) -> None:
     for fed in ["f1", "f2"]:
         kubectl("delete", "federation", fed, "-n", COORD, "--wait=true", "--timeout=90s")

@@ -7,11 +7,21 @@ valid. Every refusal carries a reason and a message that says who must do what.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fedcrm.spec.manifests import Federation, Participant, Phase
 
-__all__ = ["Decision", "decide"]
+__all__ = ["Decision", "Sibling", "decide", "siblings_by_namespace"]
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """A Participant of the same namespace naming the same Federation (the one being decided included)."""
+
+    identity: str
+    created: str  # metadata.creationTimestamp (RFC 3339 sorts as text)
 
 
 @dataclass(frozen=True)
@@ -21,8 +31,34 @@ class Decision:
     message: str
 
 
-def decide(participant: Participant, federation: Federation | None, *, phase: Phase, training: list[str]) -> Decision:
-    """Whether ``participant`` takes part; ``training`` lists who the running training already counts."""
+def siblings_by_namespace(bodies: Iterable[dict[str, Any]]) -> dict[str, list[Sibling]]:
+    """Per namespace, the Participant objects (all naming one Federation) it holds."""
+    out: dict[str, list[Sibling]] = {}
+    for body in bodies:
+        meta = body["metadata"]
+        out.setdefault(meta["namespace"], []).append(
+            Sibling(f"{meta['namespace']}/{meta['name']}", meta.get("creationTimestamp") or ""))
+    return out
+
+
+def _namespace_representative(siblings: Sequence[Sibling], training: list[str]) -> str | None:
+    """The one Participant a namespace joins with: the one already training, else the oldest (then by name)."""
+    if not siblings:
+        return None
+    in_training = [s.identity for s in siblings if s.identity in training]
+    if in_training:
+        return min(in_training)
+    return min(siblings, key=lambda s: (s.created, s.identity)).identity
+
+
+def decide(participant: Participant, federation: Federation | None, *, phase: Phase, training: list[str],
+           siblings: Sequence[Sibling] = ()) -> Decision:
+    """Whether ``participant`` takes part; ``training`` lists who the running training already counts.
+
+    ``siblings``: the Participants of its namespace that name the same Federation. A namespace is one tenant
+    and joins once: minParticipants and the secure-aggregation threshold count tenants, and a tenant with
+    several Participants could otherwise meet them alone, then subtract its own updates from the sum.
+    """
     ref = participant.spec.federation_ref
     where = f"{ref.namespace}/{ref.name}"
     if federation is None:
@@ -38,6 +74,14 @@ def decide(participant: Participant, federation: Federation | None, *, phase: Ph
             "NamespaceNotAllowed",
             f"Federation {where} does not allow namespace {namespace!r}; ask its owner to add it to "
             "spec.participants.namespaces",
+        )
+    representative = _namespace_representative(siblings, training)
+    if representative is not None and representative != participant.identity:
+        return Decision(
+            False,
+            "OneParticipantPerNamespace",
+            f"namespace {namespace!r} already joins Federation {where} through Participant {representative}; a "
+            "tenant takes part once (minParticipants and secure aggregation count tenants). Delete one of them",
         )
     if phase in (Phase.training, Phase.succeeded, Phase.failed) and participant.identity not in training:
         return Decision(

@@ -24,7 +24,7 @@ from fedcrm.pki import CertificateAuthority
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm_operator import builders
-from fedcrm_operator.admission import Decision, decide
+from fedcrm_operator.admission import Decision, decide, siblings_by_namespace
 from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
 from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
@@ -226,7 +226,10 @@ def reconcile(
 
     by_identity = {f"{b['metadata']['namespace']}/{b['metadata']['name']}": b for b in participant_bodies}
     candidates = _candidates(participant_bodies)
-    decisions = {p.identity: decide(p, federation, phase=phase, training=training_ids) for p in candidates}
+    siblings = siblings_by_namespace(participant_bodies)
+    decisions = {p.identity: decide(p, federation, phase=phase, training=training_ids,
+                                    siblings=siblings.get(p.metadata.namespace, []))
+                 for p in candidates}
     admitted = [p for p in candidates if decisions[p.identity].admitted]
 
     # Coordinator side.

@@ -130,9 +130,13 @@ def federation_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> 
     metrics.count_phases(metrics.FEDERATIONS, memo.federation_phases, [p.value for p in Phase])
 
 
-def _participant_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+def _participant_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, participants_by_federation: kopf.Index,
+                      **_: Any) -> None:
+    ref = (body.get("spec") or {}).get("federationRef") or {}
+    key = f"{ref.get('namespace', 'default')}/{ref.get('name')}"
+    same_federation = [dict(b) for b in participants_by_federation.get(key, [])]  # the index: no list call
     with metrics.reconciling("participant"):
-        status = participant_status(memo.kube, dict(body))
+        status = participant_status(memo.kube, dict(body), same_federation)
     _record(patch, body, status, memo.participant_phases, metrics.PARTICIPANTS, ParticipantPhase)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from fedcrm.errors import ManifestError
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
-from fedcrm_operator.admission import decide
+from fedcrm_operator.admission import decide, siblings_by_namespace
 from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
@@ -66,7 +66,8 @@ def _failure_detail(kube: Kube, namespace: str, job_name: str) -> tuple[str, str
     return ParticipantPhase.failed.value, ""
 
 
-def participant_status(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
+def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[dict[str, Any]]) -> dict[str, Any]:
+    """``same_federation``: every Participant (any namespace) naming the same Federation, from the operator's index."""
     status: dict[str, Any] = dict(body.get("status") or {})
     meta = body["metadata"]
     conditions = status.get("conditions", [])
@@ -89,7 +90,8 @@ def participant_status(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
             federation = parse_federation(fed_body)
         except ManifestError:
             federation = None
-    decision = decide(participant, federation, phase=fed_phase, training=training)
+    siblings = siblings_by_namespace(same_federation).get(participant.metadata.namespace, [])
+    decision = decide(participant, federation, phase=fed_phase, training=training, siblings=siblings)
     if fed_body is not None and federation is None:
         decision = type(decision)(False, "FederationInvalid",
                                   f"Federation {ref.namespace}/{ref.name} has an invalid spec; its owner must fix it")

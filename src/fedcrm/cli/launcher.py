@@ -80,6 +80,7 @@ def load_federation_inputs(federation_path: Path, participant_paths: list[Path])
     loaded: list[tuple[Participant, Path]] = []
     credentials: dict[str, Credentials] = {}
     seen: dict[str, Path] = {}
+    tenants: dict[str, str] = {}  # namespace -> the participant it joins with
     for participant, path in manifests.participants:
         try:
             check_membership(federation, participant)
@@ -90,7 +91,15 @@ def load_federation_inputs(federation_path: Path, participant_paths: list[Path])
         if participant.identity in seen:
             problems.append(f"{path}: participant {participant.identity} is also defined in {seen[participant.identity]}")
             continue
+        namespace = participant.metadata.namespace
+        if namespace in tenants:
+            problems.append(
+                f"{path}: participant {participant.identity} is in namespace {namespace!r} like {tenants[namespace]}; "
+                "a tenant takes part once (minParticipants and secure aggregation count tenants)"
+            )
+            continue
         seen[participant.identity] = path
+        tenants[namespace] = participant.identity
         loaded.append((participant, path))
         if creds is not None:
             credentials[participant.identity] = creds
