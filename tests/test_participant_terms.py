@@ -200,3 +200,26 @@ def test_an_aggregator_running_more_rounds_than_the_budget_planned_is_refused(
         assert code == NodeExitCode.TERMS_REFUSED, log[-2000:]
         assert "round 3: this participant has already released 2 training results" in log
         assert "trained on" in log and log.count("trained on") == 2
+
+
+def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants(
+        small_federation: SynthResult, tmp_path: Path, lying_aggregator: Any) -> None:
+    """Five participants planned (t_min = 4 at threshold 0.8), three show up: secure aggregation alone would unmask
+    their sum (its threshold comes from who advertised keys), carrying 3/4 of the noise the epsilon assumes. The
+    aggregator stops before asking for any unmasking share."""
+    def planned_five(spec: dict[str, Any]) -> None:
+        spec["participants"]["namespaces"] += ["tenant-98", "tenant-99"]  # two tenants that never come
+        spec["training"].update(rounds=2, minParticipants=2, roundTimeoutSeconds=5)
+        spec["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 4, "delta": 1e-5},
+                           "secureAggregation": {"enabled": True, "threshold": 0.8, "neighbours": "complete"}}
+
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", planned_five)
+    own = load_federation(own_path)
+    expected = _identities(small_federation) + ["tenant-98/absent", "tenant-99/absent"]
+    coordinator, port, ca = lying_aggregator(own, own, expected)  # an honest aggregator this time
+    results = _finish(_nodes(small_federation, own_path, port, ca, tmp_path))
+
+    assert coordinator.history == []  # no round's sum was released
+    events = (tmp_path / "aggregator" / "events.jsonl").read_text()
+    assert "only 3 noised updates survived" in events and "t_min = 4" in events
+    assert all(code == NodeExitCode.STOPPED for code, _ in results), [log[-500:] for _, log in results]

@@ -168,6 +168,13 @@ class SecureSums:
 
         c.run_stage(pb.Task.SECAGG_MASKED_INPUT, round_, receive_masked, cohort=shared.keys(), customize=inbox)
         dropped, survivors = server.close_masked_input()
+        noise = c.privacy.noise
+        if kind == pb.Task.FIT and noise is not None and len(survivors) < noise.survivors_min:
+            # Each survivor added only 1/t_min of the noise: fewer than t_min would release a sum with less
+            # noise than the guarantee was planned with. Stop before any unmasking share is asked for.
+            raise BelowThreshold(
+                f"only {len(survivors)} noised updates survived, client-level differential privacy needs at least "
+                f"t_min = {noise.survivors_min} (each carries 1/t_min of the noise)")
 
         # 4. Unmasking: each survivor hears only about its own neighbourhood.
         def unmask_request(session: Session, task: pb.Task) -> None:

@@ -283,6 +283,22 @@ class ParticipantNode:
         if task.kind == pb.Task.FIT:
             self._check_budget(stub, task.round)
 
+    def _check_noised_survivors(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> None:
+        """With client-level DP and a complete graph, the unmasking request lists every survivor: refuse to unmask
+        a sum of fewer than t_min noised updates (each carries only 1/t_min of the noise). A sparse graph shows a
+        participant only its neighbourhood; there the aggregator's own check is what holds."""
+        assert self.federation is not None
+        spec = self.federation.spec
+        if spec.privacy.differential_privacy.mode != "client" or spec.privacy.secure_aggregation.neighbours != "complete":
+            return
+        from fedcrm.privacy.plans import survivors_min
+
+        need = survivors_min(spec, self.participants)
+        survivors = len(task.secagg.survivors)
+        if survivors < need:
+            raise self._refuse(stub, f"round {task.round}: unmasking a sum of {survivors} noised updates; client-level "
+                               f"differential privacy needs at least t_min = {need}")
+
     def _check_budget(self, stub: rpc.FederatedTrainingStub, round_: int) -> None:
         """With differential privacy, at most spec.training.rounds releases: the budget was planned for that many."""
         assert self.federation is not None
@@ -437,6 +453,7 @@ class ParticipantNode:
         unmasks_update = task.kind == pb.Task.SECAGG_UNMASK and task.secagg.phase == pb.SecAggTask.FIT
         if unmasks_update:
             self._check_budget(stub, task.round)  # these shares let the round's sum of updates out
+            self._check_noised_survivors(stub, task)
         try:
             answer = self.contribution.answer(task)
         except ValueError as err:
