@@ -31,6 +31,7 @@ from fedcrm.protocol import from_vector, pb, to_vector
 from fedcrm.reporting import RoundRecord, build_report, write_report
 from fedcrm.spec.manifests import Federation
 from fedcrm.training.fedavg import fedavg_step, ordered_sum
+from fedcrm.training.health import model_warnings
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
 from fedcrm.training.secure_vectors import client_dp_fit_vector, fit_vector
@@ -589,6 +590,7 @@ class Coordinator:
             "epsilon_budget": self.privacy.dp.epsilon,  # None unless differential privacy is on (the spec insists)
             "model_digest": self.model_digest,
             "message": self.outcome_message,
+            "warnings": model_warnings(self.last_metrics, [r.loss for r in self.history]),
         }
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ class AggregatorStatus:
     metrics: dict[str, float] = field(default_factory=dict)
     model_digest: str | None = None
     message: str = ""
+    warnings: tuple[str, ...] = ()  # a model that learned nothing (fedcrm.training.health)
 
     @property
     def finished(self) -> bool:
@@ -47,6 +48,7 @@ class AggregatorStatus:
             metrics={k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))},
             model_digest=data.get("model_digest"),
             message=str(data.get("message", "")),
+            warnings=tuple(str(w) for w in (data.get("warnings") or [])[:5]),
         )
 
 

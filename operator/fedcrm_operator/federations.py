@@ -32,7 +32,8 @@ from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, changed_sections, frozen_digest, parse_federation, parse_participant
 from fedcrm_operator.settings import OperatorSettings
 
-__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "Outcome", "cleanup", "fetch_aggregator", "progress_fields", "reconcile"]
+__all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "Outcome", "cleanup", "fetch_aggregator", "model_condition",
+           "progress_fields", "reconcile"]
 
 log = logging.getLogger("fedcrm.operator")
 
@@ -304,6 +305,8 @@ def reconcile(
                 "AggregatorReachable", None, "NoStatusYet", "waiting for the aggregator's status endpoint"))
         else:
             conditions = set_condition(conditions, condition("AggregatorReachable", True, "Reporting", "the aggregator reports progress"))
+            if aggregator.round:
+                conditions = set_condition(conditions, model_condition(aggregator.warnings))
             if aggregator.finished:
                 phase = Phase.succeeded if aggregator.succeeded else Phase.failed
             message = aggregator.message or message
@@ -326,6 +329,13 @@ def reconcile(
     if aggregator is not None:
         status.update(progress_fields(aggregator))
     return Outcome(status, decisions)
+
+
+def model_condition(warnings: tuple[str, ...]) -> dict[str, Any]:
+    """``ModelHealthy``: False when the model learned nothing (one class predicted, loss rising at the end)."""
+    if warnings:
+        return condition("ModelHealthy", False, "NoSignal", "; ".join(warnings))
+    return condition("ModelHealthy", True, "Learning", "the model predicts both classes on validation data")
 
 
 def fetch_aggregator(names: Names, settings: OperatorSettings) -> AggregatorStatus | None:

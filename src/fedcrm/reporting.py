@@ -13,7 +13,8 @@ Federated runs (written by the aggregator, completed by the CLI) and
   participant-round (serialized gRPC message sizes),
 - ``privacy`` {mode, epsilon_spent, delta, noise_multiplier, clipping_norm} (nulls when differential
   privacy is off), plus ``privacy_audit`` once ``fedcrm audit`` ran,
-- ``status`` (succeeded | failed), ``partial`` and ``message``.
+- ``status`` (succeeded | failed), ``partial`` and ``message``,
+- ``warnings``: a model that learned nothing (one class predicted, validation loss rising at the end).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcrm.models.artifacts import atomic_write
+from fedcrm.training.health import model_warnings
 
 __all__ = ["RoundRecord", "build_report", "read_report", "render_markdown", "write_report"]
 
@@ -87,6 +89,7 @@ def build_report(
         "privacy": privacy or dict(NO_PRIVACY),
         "model_digest": model_digest,
         "duration_s": duration_s,
+        "warnings": model_warnings(metrics, [r.loss for r in history]),
     }
 
 
@@ -146,6 +149,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("message"):
         lines.append(f"- {report['message']}")
+    for warning in report.get("warnings") or []:
+        lines.append(f"- **Warning:** {warning}")
     lines += [
         f"- Rounds: {report['rounds_completed']} of {report['rounds_planned']}",
         f"- Participants: {len(report['participants'])}",

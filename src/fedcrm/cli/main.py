@@ -238,6 +238,8 @@ def _run(options: RunOptions, console: Any) -> tuple[int, dict[str, Any]]:
     with RunProgress(console, fed.spec.training.rounds, len(inputs.participants), private=dp.enabled) as progress:
         result = run_federation(inputs, options.out, test_data=options.test_data, progress=progress,
                                 metrics_port=options.metrics_port)
+    for warning in result.report.get("warnings") or []:
+        console.print(f"[yellow]warning: {warning}[/]")
     return result.exit_code, result.report
 
 

@@ -60,4 +60,7 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, float | None]:
         "recall": None if recall is None else float(recall),
         "f1": None if f1 is None else float(f1),
         "auc": _auc(c[6 : 6 + BINS], c[6 + BINS :]),
+        # Sums only: how often the model says "converts", and how often records do (a collapse shows here).
+        "predicted_positive_rate": float((tp + fp) / n) if n else None,
+        "positive_rate": float((tp + fn) / n) if n else None,
     }
