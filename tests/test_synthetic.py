@@ -197,3 +197,16 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(FedcrmError):
         generate_federation(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_tenant_sizes_spread_from_min_rows_to_rows_and_leave_the_default_as_it_was(tmp_path: Path) -> None:
+    spread = synthetic._simulate(clients=10, rows=1600, min_rows=30, seed=0, test_rows=100)
+    sizes = [len(c.frame) for c in spread.clients]
+    assert min(sizes) >= 30 and max(sizes) <= 1600 and max(sizes) > 10 * min(sizes), sizes
+    assert sizes == [len(c.frame) for c in synthetic._simulate(clients=10, rows=1600, min_rows=30, seed=0,
+                                                               test_rows=100).clients]
+    same = synthetic._simulate(clients=3, rows=200, seed=4, test_rows=50)
+    again = synthetic._simulate(clients=3, rows=200, seed=4, test_rows=50, min_rows=None)
+    assert all(a.local.equals(b.local) for a, b in zip(same.clients, again.clients))
+    with pytest.raises(FedcrmError, match="min_rows must be from 20 to rows"):
+        synthetic._simulate(clients=3, rows=200, min_rows=500)

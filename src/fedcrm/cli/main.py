@@ -140,7 +140,11 @@ def _parser() -> argparse.ArgumentParser:
         "manifest and a canonical held-out test set. Clients are non-IID (label skew and feature shift).",
     )
     synth.add_argument("--clients", type=int, default=10, help="number of enterprises (default 10)")
-    synth.add_argument("--rows", type=int, default=2000, help="leads per enterprise (default 2000)")
+    synth.add_argument("--rows", type=int, default=2000,
+                       help="leads per enterprise, or the largest enterprise's with --min-rows (default 2000)")
+    synth.add_argument("--min-rows", type=int, default=None, metavar="N",
+                       help="spread enterprise sizes log-uniformly from N to --rows (e.g. --min-rows 30 --rows 1600: "
+                       "many small tenants, a few large); default: every enterprise has --rows")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
     synth.add_argument("--alpha", type=float, default=0.5,
                        help="Dirichlet concentration of the non-IID split: smaller is more skewed (default 0.5)")
@@ -338,9 +342,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     console = _console()
     result = generate_federation(
         args.out, clients=args.clients, rows=args.rows, seed=args.seed, alpha=args.alpha,
-        test_rows=args.test_rows, rounds=args.rounds,
+        test_rows=args.test_rows, rounds=args.rounds, min_rows=args.min_rows,
     )
-    console.print(f"wrote {args.clients} participants x {args.rows:,} rows, a Federation and a test set to {result.out_dir}")
+    sizes = f"{args.min_rows:,}-{args.rows:,}" if args.min_rows else f"{args.rows:,}"
+    console.print(f"wrote {args.clients} participants x {sizes} rows, a Federation and a test set to {result.out_dir}")
     command = (
         f"fedcrm run --federation {result.federation_path} --participant {result.out_dir / 'participants'}/*.yaml "
         f"--test-data {result.test_path} --out runs/{result.out_dir.name}"

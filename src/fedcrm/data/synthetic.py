@@ -586,8 +586,11 @@ class _Simulation:
     test_blank: pd.DataFrame  # True where test.csv has an empty cell
 
 
-def _check_arguments(clients: int, rows: int, seed: int, alpha: float, test_rows: int | None, rounds: int) -> None:
+def _check_arguments(clients: int, rows: int, seed: int, alpha: float, test_rows: int | None, rounds: int,
+                     min_rows: int | None = None) -> None:
     problems = []
+    if min_rows is not None and not 20 <= min_rows <= rows:
+        problems.append(f"min_rows must be from 20 to rows ({rows}) (got {min_rows}); tenant sizes spread between them")
     if clients < 1:
         problems.append(f"clients must be at least 1 (got {clients})")
     if rows < 20:
@@ -613,36 +616,47 @@ def _company(index: int, order: np.ndarray) -> str:
     return name if index < len(_COMPANIES) else f"{name}-{index + 1}"
 
 
+def _tenant_sizes(seed_sequence: np.random.SeedSequence, clients: int, rows: int, min_rows: int | None) -> list[int]:
+    """Rows per tenant: all ``rows``, or log-uniform from ``min_rows`` to ``rows`` (few large tenants, many small)."""
+    if min_rows is None:
+        return [rows] * clients
+    rng = np.random.Generator(np.random.PCG64(seed_sequence))
+    sizes = np.exp(rng.uniform(math.log(min_rows), math.log(rows), size=clients))
+    return [int(v) for v in np.clip(np.round(sizes), min_rows, rows)]
+
+
 def _simulate(*, clients: int, rows: int, seed: int = 0, alpha: float = 0.5,
-              test_rows: int | None = None) -> _Simulation:
+              test_rows: int | None = None, min_rows: int | None = None) -> _Simulation:
     """Everything ``generate_federation`` writes, in memory, plus the pre-blank truth tests need."""
-    _check_arguments(clients, rows, seed, alpha, test_rows, 1)
-    n_test = _default_test_rows(clients, rows) if test_rows is None else test_rows
-    children = np.random.SeedSequence(seed).spawn(clients + 2)
+    _check_arguments(clients, rows, seed, alpha, test_rows, 1, min_rows)
+    # Children are indexed: spawning one more (for the sizes) leaves every other stream, and so every file, as it was.
+    children = np.random.SeedSequence(seed).spawn(clients + 3)
+    sizes = _tenant_sizes(children[clients + 2], clients, rows, min_rows)
+    n_test = _default_test_rows(len(sizes), sum(sizes) // len(sizes)) if test_rows is None else test_rows
     federation_rng = np.random.Generator(np.random.PCG64(children[0]))
     test_rng = np.random.Generator(np.random.PCG64(children[1]))
     offsets = federation_rng.integers(0, 60, size=7)
     order = federation_rng.permutation(len(_COMPANIES))
 
     client_rngs = []
-    for child in children[2:]:
+    for child in children[2 : clients + 2]:
         data_seed, format_seed = child.spawn(2)
         client_rngs.append((np.random.Generator(np.random.PCG64(data_seed)),
                             np.random.Generator(np.random.PCG64(format_seed))))
     profiles = [_calibrate(data_rng, _draw_profile(data_rng, alpha)) for data_rng, _ in client_rngs]
 
     out: list[_Client] = []
-    for i, ((data_rng, format_rng), profile) in enumerate(zip(client_rngs, profiles)):
-        frame = _draw_client_rows(data_rng, profile, rows)
+    for i, ((data_rng, format_rng), profile, size) in enumerate(zip(client_rngs, profiles, sizes)):
+        frame = _draw_client_rows(data_rng, profile, size)
         dialect = _choose_dialect(i, offsets, format_rng)
-        blank = _blank_mask(format_rng, rows, _FEATURES, float(format_rng.uniform(0.02, 0.04)))
+        blank = _blank_mask(format_rng, size, _FEATURES, float(format_rng.uniform(0.02, 0.04)))
         company = _company(i, order)
         out.append(_Client(
             namespace=f"tenant-{i + 1:02d}", name=company, profile=profile, dialect=dialect, frame=frame,
             blank=blank, local=_to_local(frame, blank, dialect, format_rng, company),
         ))
 
-    test = _draw_test(test_rng, profiles, [rows] * clients, n_test)
+    test = _draw_test(test_rng, profiles, sizes, n_test)
     test_blank = _blank_mask(test_rng, len(test), _FEATURES, 0.03)
     return _Simulation(clients=out, test=test, test_blank=test_blank)
 
@@ -723,17 +737,20 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 def generate_federation(out_dir: Path, *, clients: int, rows: int, seed: int = 0, alpha: float = 0.5,
-                        test_rows: int | None = None, rounds: int = 20) -> SynthResult:
+                        test_rows: int | None = None, rounds: int = 20, min_rows: int | None = None) -> SynthResult:
     """Write a ready-to-run federation of ``clients`` enterprises to ``out_dir``.
 
     Each client gets ``rows`` leads in its own dialect plus a Participant
     manifest that maps them back; ``test.csv`` holds canonical held-out rows
-    (default ``max(2000, min(20000, clients * rows // 5))``). Same arguments,
-    same bytes. Raises :class:`FedcrmError` for arguments that cannot work.
+    (default ``max(2000, min(20000, clients * mean rows // 5))``). With
+    ``min_rows``, tenant sizes spread log-uniformly from ``min_rows`` to
+    ``rows``: the small, skewed tenants real CRM federations have. Same
+    arguments, same bytes. Raises :class:`FedcrmError` for arguments that
+    cannot work.
     """
-    _check_arguments(clients, rows, seed, alpha, test_rows, rounds)
+    _check_arguments(clients, rows, seed, alpha, test_rows, rounds, min_rows)
     out_dir = Path(out_dir)
-    sim = _simulate(clients=clients, rows=rows, seed=seed, alpha=alpha, test_rows=test_rows)
+    sim = _simulate(clients=clients, rows=rows, seed=seed, alpha=alpha, test_rows=test_rows, min_rows=min_rows)
 
     federation_path = out_dir / "federation.yaml"
     _write_text(federation_path, dump_manifest(_federation([c.namespace for c in sim.clients], rounds, seed)))
