@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,29 +96,42 @@ def test_training_stops_before_the_round_that_would_overspend(small_federation: 
     assert "stopped before round 3" in proc.stdout
 
 
-def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResult, tmp_path: Path) -> None:
-    doc = yaml.safe_load(small_federation.federation_path.read_text())
-    doc["spec"]["training"].update(rounds=12, localEpochs=4, minParticipants=3, roundTimeoutSeconds=60)
-    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 1.0, "delta": 1e-5},
-                              "secureAggregation": {"enabled": False}}
+def _run_killing_the_aggregator(small: SynthResult, tmp_path: Path, training: dict[str, Any],
+                                privacy: dict[str, Any], when: Callable[[Path], bool]) -> tuple[Path, dict[str, Any]]:
+    """``fedcrm run`` whose aggregator is SIGKILLed once ``when(out)`` holds (fedcrm run restarts it); the report."""
+    doc = yaml.safe_load(small.federation_path.read_text())
+    doc["spec"]["training"].update(training)
+    doc["spec"]["privacy"] = privacy
     fed = tmp_path / "federation.yaml"
     fed.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small_federation.participant_paths),
+    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small.participant_paths),
             "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, killed = time.monotonic() + 300, False
     while not killed and time.monotonic() < deadline:
-        time.sleep(0.05)
-        events = out / "events.jsonl"
-        if events.exists() and events.read_text().count('"event": "round"') >= 3:
+        time.sleep(0.02)
+        if when(out):
             os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
             killed = True
         assert proc.poll() is None, "the run ended before the aggregator could be killed"
+    assert killed, "the moment to kill the aggregator never came"
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr + stdout
     report = json.loads((out / "report.json").read_text())
     assert report["aggregator_restarts"] == 1
+    return out, report
+
+
+def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResult, tmp_path: Path) -> None:
+    def after_round_3(out: Path) -> bool:
+        events = out / "events.jsonl"
+        return events.exists() and events.read_text().count('"event": "round"') >= 3
+
+    out, report = _run_killing_the_aggregator(
+        small_federation, tmp_path, {"rounds": 12, "localEpochs": 4, "minParticipants": 3, "roundTimeoutSeconds": 60},
+        {"differentialPrivacy": {"mode": "client", "epsilon": 1.0, "delta": 1e-5}, "secureAggregation": {"enabled": False}},
+        after_round_3)
     releases = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]["*"]["releases"]
     assert len(set(releases)) == len(releases)
     assert any(r.endswith("@1") for r in releases) and any(r.endswith("@2") for r in releases)
@@ -145,31 +159,19 @@ def test_a_crash_before_the_first_checkpoint_is_counted_like_the_participants_co
     had spent. Now the aggregator's spend and each participant's own accountant agree, and neither exceeds
     the budget.
     """
-    doc = yaml.safe_load(small_federation.federation_path.read_text())
-    doc["spec"]["training"].update(rounds=3, minParticipants=3, roundTimeoutSeconds=60)
-    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "sample", "epsilon": 1.0, "delta": 1e-5},
-                              "secureAggregation": {"enabled": True, "threshold": 0.6}}
-    fed = tmp_path / "federation.yaml"
-    fed.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "out"
-    args = [*FEDCRM, "run", "--federation", str(fed), "--participant", *map(str, small_federation.participant_paths),
-            "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, killed = time.monotonic() + 300, False
-    while not killed and time.monotonic() < deadline:
-        time.sleep(0.02)
+    def round_1_trained(out: Path) -> bool:
         logs = "".join(p.read_text(errors="replace") for p in (out / "logs").glob("tenant-*.log")) \
             if (out / "logs").is_dir() else ""
-        if "round 1: trained on" in logs:
-            assert not (out / "checkpoint" / "state.json").exists(), "too late: round 1 was already checkpointed"
-            os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
-            killed = True
-        assert proc.poll() is None, "the run ended before the aggregator could be killed"
-    assert killed, "no participant trained round 1 in time"
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr + stdout
-    report = json.loads((out / "report.json").read_text())
-    assert report["aggregator_restarts"] == 1
+        if "round 1: trained on" not in logs:
+            return False
+        assert not (out / "checkpoint" / "state.json").exists(), "too late: round 1 was already checkpointed"
+        return True
+
+    out, report = _run_killing_the_aggregator(
+        small_federation, tmp_path, {"rounds": 3, "minParticipants": 3, "roundTimeoutSeconds": 60},
+        {"differentialPrivacy": {"mode": "sample", "epsilon": 1.0, "delta": 1e-5},
+         "secureAggregation": {"enabled": True, "threshold": 0.6}},
+        round_1_trained)
     ledger = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]
     for identity, accountant in ledger.items():
         assert len(set(accountant["releases"])) == len(accountant["releases"]), identity
