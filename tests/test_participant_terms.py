@@ -14,23 +14,18 @@ is trained or sent.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from inprocess_aggregator import aggregators, finish, identities, start_nodes
 
 from fedcrm.cli.launcher import load_federation_inputs, run_federation
 from fedcrm.data.synthetic import SynthResult
 from fedcrm.exit_codes import NodeExitCode
-from fedcrm.pki import CertificateAuthority, write_pem_files
-from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import load_federation
-from fedcrm.spec.manifests import Federation
 from fedcrm.spec.terms import terms_differences, terms_digest
 
 pytestmark = pytest.mark.slow
@@ -99,70 +94,8 @@ def test_an_aggregator_serving_weaker_terms_gets_nothing(small_federation: Synth
 @pytest.fixture()
 def lying_aggregator(tmp_path: Path) -> Iterator[Any]:
     """Start an in-process aggregator that announces ``announced`` but runs ``actual``; yield a starter."""
-    from fedcrm_aggregator.coordinator import Coordinator
-    from fedcrm_aggregator.server import start_server
-
-    started: list[tuple[Any, Any, threading.Thread]] = []
-
-    def start(announced: Federation, actual: Federation, participants: list[str]) -> tuple[Any, int, CertificateAuthority]:
-        ca = CertificateAuthority.create("test")
-        (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
-        cert, key = write_pem_files(tmp_path, "server", ca.issue_server(["localhost", "127.0.0.1"]))
-        out = tmp_path / "aggregator"
-        out.mkdir()
-        config = AggregatorConfig(federation=actual, participants=participants, listen="127.0.0.1:0",
-                                  tls=TlsPaths(ca=tmp_path / "ca.crt", cert=cert, key=key), out_dir=out)
-        coordinator = Coordinator(actual, participants, out)
-        coordinator.federation = announced  # WELCOME carries the agreed terms; the rounds follow ``actual``
-        plain_fits: list[str] = []
-        receive = coordinator._receive_plain_fit
-
-        def spy(identity: str, message: Any) -> Any:
-            plain_fits.append(identity)
-            return receive(identity, message)
-
-        coordinator._receive_plain_fit = spy  # type: ignore[method-assign]
-        coordinator.plain_fits = plain_fits  # type: ignore[attr-defined]
-        server, port = start_server(config, coordinator)
-        thread = threading.Thread(target=coordinator.run, daemon=True)
-        thread.start()
-        started.append((server, coordinator, thread))
-        return coordinator, port, ca
-
-    yield start
-    for server, coordinator, thread in started:
-        thread.join(timeout=60)
-        server.stop(grace=0).wait()
-        coordinator.close()
-
-
-def _nodes(small_federation: SynthResult, own: Path, port: int, ca: CertificateAuthority, tmp_path: Path
-           ) -> list[subprocess.Popen[str]]:
-    procs = []
-    for i, participant in enumerate(small_federation.participant_paths):
-        identity = f"{yaml.safe_load(participant.read_text())['metadata']['namespace']}/" \
-                   f"{yaml.safe_load(participant.read_text())['metadata']['name']}"
-        cert, key = write_pem_files(tmp_path / f"p{i}", "client", ca.issue_client(identity))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fedcrm_node", "--participant", str(participant), "--federation", str(own),
-             "--aggregator", f"127.0.0.1:{port}", "--server-name", "localhost", "--ca", str(tmp_path / "ca.crt"),
-             "--cert", str(cert), "--key", str(key), "--connect-timeout", "20"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    return procs
-
-
-def _identities(small_federation: SynthResult) -> list[str]:
-    docs = [yaml.safe_load(p.read_text())["metadata"] for p in small_federation.participant_paths]
-    return [f"{d['namespace']}/{d['name']}" for d in docs]
-
-
-def _finish(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
-    out = []
-    for p in procs:
-        stdout, _ = p.communicate(timeout=300)
-        out.append((p.returncode, stdout))
-    return out
+    with aggregators(tmp_path) as start:
+        yield start
 
 
 def test_an_aggregator_that_asks_for_unmasked_updates_gets_none(small_federation: SynthResult, tmp_path: Path,
@@ -171,8 +104,8 @@ def test_an_aggregator_that_asks_for_unmasked_updates_gets_none(small_federation
     own = load_federation(own_path)
     actual = load_federation(_edited(own_path, tmp_path / "actual.yaml",
                                      lambda s: s["privacy"]["secureAggregation"].update(enabled=False)))
-    coordinator, port, ca = lying_aggregator(own, actual, _identities(small_federation))
-    results = _finish(_nodes(small_federation, own_path, port, ca, tmp_path))
+    coordinator, port, ca = lying_aggregator(own, actual, identities(small_federation))
+    results = finish(start_nodes(small_federation, own_path, port, ca, tmp_path))
 
     assert coordinator.plain_fits == []  # the spy on the aggregator's receiver of plain updates saw nothing
     for code, log in results:
@@ -192,8 +125,8 @@ def test_an_aggregator_running_more_rounds_than_the_budget_planned_is_refused(
     own = load_federation(own_path)
     # Two more releases than each participant's epsilon was planned for.
     actual = load_federation(_edited(own_path, tmp_path / "actual.yaml", lambda s: s["training"].update(rounds=4)))
-    coordinator, port, ca = lying_aggregator(own, actual, _identities(small_federation))
-    results = _finish(_nodes(small_federation, own_path, port, ca, tmp_path))
+    coordinator, port, ca = lying_aggregator(own, actual, identities(small_federation))
+    results = finish(start_nodes(small_federation, own_path, port, ca, tmp_path))
 
     assert len(coordinator.history) == 2  # the planned rounds completed; the third was never trained
     for code, log in results:
@@ -215,9 +148,9 @@ def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants
 
     own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", planned_five)
     own = load_federation(own_path)
-    expected = _identities(small_federation) + ["tenant-98/absent", "tenant-99/absent"]
+    expected = identities(small_federation) + ["tenant-98/absent", "tenant-99/absent"]
     coordinator, port, ca = lying_aggregator(own, own, expected)  # an honest aggregator this time
-    results = _finish(_nodes(small_federation, own_path, port, ca, tmp_path))
+    results = finish(start_nodes(small_federation, own_path, port, ca, tmp_path))
 
     assert coordinator.history == []  # no round's sum was released
     events = (tmp_path / "aggregator" / "events.jsonl").read_text()

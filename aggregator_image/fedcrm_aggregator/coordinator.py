@@ -76,6 +76,7 @@ class Coordinator:
         self._sessions: dict[str, Session] = {}
         self._stage: tuple[int, int] | None = None  # (task kind, round)
         self._results: dict[str, Any] = {}
+        self._refused: dict[str, str] = {}  # malformed answers in the stage in progress, with why
         self._cohort: set[str] = set()
         self._silent_this_round: set[str] = set()
         self._receiver: Receiver | None = None
@@ -179,14 +180,19 @@ class Coordinator:
                 assert self._receiver is not None
                 self._results[identity] = self._receiver(identity, message)
             except ValueError as err:
+                # Out of this round at once (the stage does not wait for it); asked again next round.
                 log.warning("refused a malformed %s result from %s: %s", STAGE_NAMES[kind], identity, err)
+                self._refused[identity] = f"sent a malformed {STAGE_NAMES[kind]} result: {err}"
+                self._cond.notify_all()
                 return pb.Ack(accepted=False, message=f"malformed result: {err}")
             self._cond.notify_all()
         return pb.Ack(accepted=True)
 
     # ----------------------------------------------------------------- receivers (called under the lock)
     def _receive_statistics(self, identity: str, message: pb.StatisticsResult) -> np.ndarray:
-        return from_vector(message.statistics, expected_length=self.stats_layout.size)
+        vector = from_vector(message.statistics, expected_length=self.stats_layout.size).astype(np.float64)
+        self.stats_layout.check(vector)
+        return vector
 
     def _receive_plain_fit(self, identity: str, message: pb.FitResult) -> np.ndarray:
         assert self.layout is not None
@@ -265,6 +271,7 @@ class Coordinator:
             ]
             self._stage = (kind, round_)
             self._results = {}
+            self._refused = {}
             self._cohort = {s.identity for s in members}
             self._receiver = receiver
             for s in members:
@@ -273,7 +280,8 @@ class Coordinator:
                     customize(s, task)
                 s.send(task)
             while True:
-                waiting = [s for s in members if s.identity not in self._results and s.usable]
+                waiting = [s for s in members
+                           if s.identity not in self._results and s.identity not in self._refused and s.usable]
                 remaining = deadline_mono - time.monotonic()
                 if not waiting or remaining <= 0:
                     break
@@ -282,7 +290,10 @@ class Coordinator:
             self._stage, self._receiver, self._cohort = None, None, set()
             missing = [s for s in members if s.identity not in results]
             for s in missing:
-                if s.failed:
+                if s.identity in self._refused:
+                    reason = self._refused[s.identity]
+                    self._silent_this_round.add(s.identity)
+                elif s.failed:
                     reason = f"failed: {s.failed}"
                 elif not s.connected:
                     reason = "disconnected"

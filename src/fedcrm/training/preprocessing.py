@@ -87,6 +87,11 @@ class Preprocessing:
         return cls(**raw)
 
 
+#: The most rows one participant may report: far beyond any CRM export, small enough that the secure sums'
+#: weight bounds (twice the pooled rows) keep their precision.
+MAX_PARTICIPANT_ROWS = 100_000_000
+
+
 class StatisticsLayout:
     """The fixed layout of a participant's statistics vector for one task.
 
@@ -125,6 +130,33 @@ class StatisticsLayout:
                 for i, cat in enumerate(self.task.feature(name).categories or []):
                     out[off + i] = float(counts.get(cat, 0))
         return out
+
+    def check(self, vector: np.ndarray) -> None:
+        """Refuse (ValueError) a participant's statistics no honest :meth:`local` could produce.
+
+        Summed in the clear, they set every participant's preprocessing: one NaN, a negative count or a
+        billion-row claim would otherwise poison the means, the vocabularies or the quantization bounds of
+        the whole federation.
+        """
+        if vector.shape != (self.size,) or not np.all(np.isfinite(vector)):
+            raise ValueError("statistics must be finite numbers, one per slot of the task's layout")
+        rows, positives = vector[0], vector[1]
+        if not 1 <= rows <= MAX_PARTICIPANT_ROWS or rows != round(rows):
+            raise ValueError(f"a participant's row count must be a whole number from 1 to {MAX_PARTICIPANT_ROWS:,} "
+                             f"(got {rows:g})")
+        if not 0 <= positives <= rows:
+            raise ValueError(f"positives ({positives:g}) must be between 0 and the rows ({rows:g})")
+        for name, kind, off, width in self.slots:
+            counts = [vector[off]] if kind is not FeatureType.categorical else list(vector[off : off + width])
+            if any(c < 0 or c != round(c) for c in counts) or sum(counts) > rows:
+                raise ValueError(f"{name}: counts must be whole, non-negative and at most the rows ({rows:g})")
+            if kind is FeatureType.numeric:
+                n, total, squares = vector[off : off + 3]
+                # Cauchy-Schwarz: (sum v)^2 <= n * sum v^2, with room for rounding.
+                if squares < 0 or total * total > n * squares * (1 + 1e-9) + 1e-6:
+                    raise ValueError(f"{name}: the sum and the sum of squares of {n:g} values are inconsistent")
+            elif kind is FeatureType.boolean and not 0 <= vector[off + 1] <= vector[off]:
+                raise ValueError(f"{name}: trues ({vector[off + 1]:g}) must be between 0 and present ({vector[off]:g})")
 
     def preprocessing(self, total: np.ndarray) -> Preprocessing:
         """Global statistics from the sum of every participant's :meth:`local` vector."""
