@@ -89,3 +89,40 @@ def test_a_participant_with_poisoned_statistics_is_dropped_and_the_others_train(
     assert len(coordinator.history) == 2 and coordinator.preprocessing.rows < 10_000
     events = (tmp_path / "aggregator" / "events.jsonl").read_text()
     assert f'"identity": "{hostile_id}"' in events and "sent a malformed statistics result" in events
+
+
+def test_an_oversized_result_is_refused_before_it_is_read(small_federation: SynthResult, tmp_path: Path) -> None:
+    """The receive limit follows the largest model this Federation can have (here about 1 MiB), not gRPC's
+    256 MiB: four concurrent 248 MB updates once took the aggregator from 74 MiB to 1.6 GiB."""
+    from fedcrm.models.layout import ModelLayout
+    from fedcrm.pki import CertificateAuthority, write_pem_files
+    from fedcrm.protocol import max_result_bytes
+    from fedcrm.runconfig import AggregatorConfig, TlsPaths
+    from fedcrm_aggregator.coordinator import Coordinator
+    from fedcrm_aggregator.server import start_server
+
+    federation = load_federation(small_federation.federation_path)
+    who = identities(small_federation)
+    limit = max_result_bytes(ModelLayout.largest(federation.spec).size, len(who))
+    assert limit < 2 * 1024 * 1024
+    ca = CertificateAuthority.create("test")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    cert, key = write_pem_files(tmp_path, "server", ca.issue_server(["localhost", "127.0.0.1"]))
+    config = AggregatorConfig(federation=federation, participants=who, listen="127.0.0.1:0",
+                              tls=TlsPaths(ca=tmp_path / "ca.crt", cert=cert, key=key), out_dir=tmp_path)
+    coordinator = Coordinator(federation, who, tmp_path)
+    server, port = start_server(config, coordinator)
+    try:
+        c_cert, c_key = client_tls(ca, who[0], tmp_path / "hostile")
+        with client_channel(f"127.0.0.1:{port}", TlsFiles(tmp_path / "ca.crt", c_cert, c_key),
+                            server_name="localhost") as channel:
+            stub = rpc.FederatedTrainingStub(channel)
+            huge = pb.FitResult(round=1, delta=to_vector(np.zeros(2 * limit // 8, dtype=np.float64)))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.SubmitFit(huge, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            fits = pb.FitResult(round=1, delta=to_vector(np.zeros(limit // 16, dtype=np.float64)))
+            assert not stub.SubmitFit(fits, timeout=30).accepted  # read, then refused: no stage is running
+    finally:
+        server.stop(grace=0).wait()
+        coordinator.close()

@@ -10,7 +10,17 @@ from typing import Any
 
 import grpc
 
-from fedcrm.protocol import GRPC_OPTIONS, PROTOCOL_VERSION, TlsFiles, pb, peer_identity, rpc, server_credentials
+from fedcrm.models.layout import ModelLayout
+from fedcrm.protocol import (
+    PROTOCOL_VERSION,
+    TlsFiles,
+    max_result_bytes,
+    pb,
+    peer_identity,
+    rpc,
+    server_credentials,
+    server_options,
+)
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm_aggregator.coordinator import Coordinator
 
@@ -105,7 +115,10 @@ def start_server(config: AggregatorConfig, coordinator: Coordinator) -> tuple[gr
     """Start serving on ``config.listen``; returns the server and the bound port."""
     # Each open task stream holds a worker thread; leave room for the unary calls.
     workers = 2 * len(config.participants) + 8
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
+    # No result larger than the biggest model this Federation can have is read into memory (M7: four 248 MB
+    # updates once took the aggregator to 1.6 GiB).
+    limit = max_result_bytes(ModelLayout.largest(config.federation.spec).size, len(config.participants))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(limit))
     rpc.add_FederatedTrainingServicer_to_server(FederatedTrainingService(coordinator, set(config.participants)), server)
     creds = server_credentials(TlsFiles(config.tls.ca, config.tls.cert, config.tls.key))
     port = server.add_secure_port(config.listen, creds)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcrm.spec.manifests import ModelSpec
+from fedcrm.spec.manifests import FederationSpec, ModelSpec
 from fedcrm.training.preprocessing import Preprocessing
 
 __all__ = ["ModelLayout", "embedding_width"]
@@ -45,6 +45,15 @@ class ModelLayout:
             embedding_widths=tuple(embedding_width(v - 1, spec.embedding_dim) for v in vocab),
             hidden=tuple(spec.hidden),
         )
+
+    @classmethod
+    def largest(cls, spec: FederationSpec) -> ModelLayout:
+        """The layout if every allowed category of every feature turns up: an upper bound on the model's size,
+        known from the Federation alone, before any participant has sent statistics."""
+        from fedcrm.training.preprocessing import StatisticsLayout
+
+        stats = StatisticsLayout(spec.task)
+        return cls.build(spec.model, stats.preprocessing(np.ones(stats.size)))
 
     @property
     def input_width(self) -> int:

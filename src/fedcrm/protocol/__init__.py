@@ -10,8 +10,10 @@ from fedcrm.protocol.transport import (
     PROTOCOL_VERSION,
     TlsFiles,
     client_channel,
+    max_result_bytes,
     peer_identity,
     server_credentials,
+    server_options,
 )
 from fedcrm.protocol.vectors import from_vector, to_vector
 
@@ -21,9 +23,11 @@ __all__ = [
     "TlsFiles",
     "client_channel",
     "from_vector",
+    "max_result_bytes",
     "pb",
     "peer_identity",
     "rpc",
     "server_credentials",
+    "server_options",
     "to_vector",
 ]

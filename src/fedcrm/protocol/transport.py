@@ -14,6 +14,8 @@ import grpc
 
 __all__ = [
     "GRPC_OPTIONS",
+    "max_result_bytes",
+    "server_options",
     "PROTOCOL_VERSION",
     "TlsFiles",
     "client_channel",
@@ -33,6 +35,21 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def max_result_bytes(parameters: int, participants: int) -> int:
+    """The largest result a participant can honestly send, for a model of ``parameters`` values.
+
+    A plain update or a masked vector is at most 8 bytes per value (float64 or uint64) plus a few counters;
+    secure-aggregation key and share messages grow with the neighbourhood, a few hundred bytes a peer.
+    Everything beyond is refused by gRPC before it is read into memory.
+    """
+    return 8 * (parameters + 1024) + 512 * participants + 1024 * 1024
+
+
+def server_options(max_receive: int) -> list[tuple[str, int]]:
+    """The aggregator's server options: :data:`GRPC_OPTIONS` with a receive limit of ``max_receive`` bytes."""
+    return [(k, max_receive if k == "grpc.max_receive_message_length" else v) for k, v in GRPC_OPTIONS]
 
 
 @dataclass(frozen=True)
