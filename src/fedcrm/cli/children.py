@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["Child", "Warm", "forkserver_context", "run_module", "start_subprocess"]
+__all__ = ["Child", "Warm", "run_module", "start_subprocess"]
 
-# Threads per child process: many children share the machine, one thread each avoids oversubscription.
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Every child's defaults: many children share the machine (one thread each avoids oversubscription), and
+# their logs are read while they run (unbuffered).
+_CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 class Child(Protocol):
@@ -45,11 +46,7 @@ class Child(Protocol):
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in _THREAD_ENV.items():
-        env.setdefault(key, value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**_CHILD_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def start_subprocess(module: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -110,10 +107,10 @@ class Warm:
     """
 
     def __init__(self, preload: list[str]) -> None:
-        for key, value in {**_THREAD_ENV, "PYTHONUNBUFFERED": "1"}.items():
+        for key, value in _CHILD_ENV.items():
             # The forkserver inherits this process's environment when it boots.
             os.environ.setdefault(key, value)
-        self._ctx = forkserver_context()
+        self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(preload)
 
     def start(self) -> None:
@@ -134,7 +131,3 @@ class Warm:
         process = self._ctx.Process(target=target, args=args, daemon=True)
         process.start()
         return _Forked(process)
-
-
-def forkserver_context() -> multiprocessing.context.BaseContext:
-    return multiprocessing.get_context("forkserver")
