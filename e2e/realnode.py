@@ -75,6 +75,7 @@ HOST_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kern
                 "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes")
 CONTAINERD_ROOT = Path.home() / ".cache" / "fedcrm" / "node" / "containerd-root"
 SANDBOX_IMAGE = "localhost/fedcrm/pause:1"
+COREDNS_IMAGE = "localhost/fedcrm/coredns:1"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 CLONE_NEWNET = 0x40000000
 
@@ -154,6 +155,9 @@ class RealNodeCluster(ControlPlane):
             self._step("KWOK GPU nodes", self._start_gpu_nodes)
             self._wait("kube-controller-manager", lambda: self.kubectl(
                 "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, timeout=60)
+            self._step("cluster DNS ready", lambda: self.wait_for("CoreDNS pod Ready", lambda: self.kubectl(
+                "wait", "--for=condition=Ready", "pod", "-l", "k8s-app=kube-dns", "-n", "kube-system", "--timeout=5s",
+                check=False).returncode == 0, timeout=90))
         except BaseException:
             self.stop()
             raise
@@ -308,7 +312,7 @@ class RealNodeCluster(ControlPlane):
         leaf("kubelet-client", f"system:node:{NODE_NAME}", "system:nodes")
         leaf("kubelet-serving", f"system:node:{NODE_NAME}", "system:nodes", ips=(NODE_IP,), dns=(NODE_NAME,))
         leaf("kube-proxy", "system:kube-proxy")
-        for user in ("admin", "coredns", "netpol", "prometheus"):
+        for user in ("admin", "netpol", "prometheus"):
             leaf(user, f"fedcrm-e2e-{user}", "system:masters")
         sa_key = ec.generate_private_key(ec.SECP256R1())
         files["sa.key"] = _key_pem(sa_key)
@@ -316,7 +320,7 @@ class RealNodeCluster(ControlPlane):
         for name, data in files.items():
             (d / name).write_bytes(data)
             (d / name).chmod(0o600)
-        for user in ("admin", "kubelet-client", "kube-proxy", "coredns", "netpol"):
+        for user in ("admin", "kubelet-client", "kube-proxy", "netpol", "prometheus"):
             (d / f"{user}.kubeconfig").write_text(self._kubeconfig_for(user))
         shutil.copy(d / "admin.kubeconfig", self.kubeconfig)
         self.kubeconfig.chmod(0o600)
@@ -455,6 +459,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _import_images(self) -> None:
         self.images.setdefault(self._pause_archive(), SANDBOX_IMAGE)
+        self.images.setdefault(self._binary_image("coredns", COREDNS_IMAGE, user="65532:65532"), COREDNS_IMAGE)
         present = set(self.ctr("images", "ls", "-q").stdout.split())
         for archive, ref in self.images.items():
             if ref in present:
@@ -465,18 +470,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _pause_archive(self) -> Path:
         """The pod sandbox image: our own pause binary in an otherwise empty image (never pulled)."""
-        cache = self.node_bin.parent / "pause-image.oci.tar"
+        return self._binary_image("pause", SANDBOX_IMAGE, user="65535:65535")
+
+    def _binary_image(self, binary: str, ref: str, *, user: str) -> Path:
+        """An image holding one static Go binary of ours as its entrypoint, cached beside the binaries."""
+        cache = self.node_bin.parent / f"{binary}-image.oci.tar"
         if cache.exists():
             return cache
-        out = _run("buildah", "from", "scratch").stdout.strip()
+        container = _run("buildah", "from", "scratch").stdout.strip()
         try:
-            _run("buildah", "copy", out, str(self.node_bin / "pause"), "/pause")
-            _run("buildah", "config", "--entrypoint", '["/pause"]', "--cmd", "[]", "--user", "65535:65535", out)
-            _run("buildah", "commit", "--format", "oci", out, SANDBOX_IMAGE)
+            _run("buildah", "copy", container, str(self.node_bin / binary), f"/{binary}")
+            _run("buildah", "config", "--entrypoint", f'["/{binary}"]', "--cmd", "[]", "--user", user, container)
+            _run("buildah", "commit", "--format", "oci", container, ref)
         finally:
-            _run("buildah", "rm", out, check=False)
+            _run("buildah", "rm", container, check=False)
         tmp = cache.with_suffix(".tmp")
-        _run("buildah", "push", SANDBOX_IMAGE, f"oci-archive:{tmp}:{SANDBOX_IMAGE}")
+        _run("buildah", "push", ref, f"oci-archive:{tmp}:{ref}")
         tmp.rename(cache)
         return cache
 
@@ -526,40 +535,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         }))
         self._spawn("kube-proxy", [f"--config={self.dir / 'kube-proxy.yaml'}"], binary=self.node_bin / "kube-proxy")
-        (self.dir / "Corefile").write_text(f""".:53 {{
-    bind {NODE_IP}
-    errors
-    health 127.0.0.1:8080
-    ready 127.0.0.1:8181
-    kubernetes cluster.local in-addr.arpa ip6.arpa {{
-        kubeconfig {pki / 'coredns.kubeconfig'}
-        pods insecure
-        fallthrough in-addr.arpa ip6.arpa
-    }}
-    cache 30
-    loop
-    loadbalance
-}}
-""")
-        self._spawn("coredns", ["-conf", str(self.dir / "Corefile")], binary=self.node_bin / "coredns")
-        # Cluster DNS is a host process of the node: a Service without selector and a hand-made EndpointSlice.
-        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "v1", "kind": "Service",
-             "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
-             "spec": {"clusterIP": DNS_IP, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
-                                                     {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": "kube-dns-node", "namespace": "kube-system",
-                          "labels": {"kubernetes.io/service-name": "kube-dns"}},
-             "addressType": "IPv4", "endpoints": [{"addresses": [NODE_IP]}],
-             "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]},
-        ]}))
+        # Cluster DNS runs as pods labelled k8s-app=kube-dns in kube-system, as in every distribution: the
+        # NetworkPolicies fedcrm writes allow DNS to exactly those pods, and a host process would not match.
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": _cluster_dns()}))
         self._spawn("kube-router", [
             "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
             f"--kubeconfig={pki / 'netpol.kubeconfig'}", f"--hostname-override={NODE_NAME}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--health-port=20244", "--metrics-port=0", "--v=1",
         ], binary=self.node_bin / "kube-router")
-        self._wait("coredns", lambda: in_netns(lambda: urllib.request.urlopen("http://127.0.0.1:8181/ready", timeout=2).status == 200))
         self._wait("kube-proxy", lambda: in_netns(lambda: urllib.request.urlopen("http://127.0.0.1:10256/healthz", timeout=2).status == 200))
         self._wait("kube-router", lambda: in_netns(lambda: urllib.request.urlopen("http://127.0.0.1:20244/healthz", timeout=2).status == 200))
 
@@ -600,6 +583,59 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         cluster.bin_dir, cluster.node_bin = Path(state["bin_dir"]), Path(state["node_bin"])
         cluster._sysctls_saved = True
         return cluster
+
+
+def _cluster_dns() -> list[dict[str, Any]]:
+    """CoreDNS as a kube-system Deployment with the read-only RBAC its kubernetes plugin needs."""
+    labels = {"k8s-app": "kube-dns"}
+    corefile = """.:53 {
+    errors
+    health :8080
+    ready :8181
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }
+    cache 30
+    loop
+    loadbalance
+}
+"""
+    meta = {"name": "coredns", "namespace": "kube-system", "labels": labels}
+    pod_spec = {
+        "serviceAccountName": "coredns", "dnsPolicy": "Default", "priorityClassName": "system-cluster-critical",
+        # Port 53 as a non-root user: a namespaced sysctl instead of a capability (no RUN step sets file caps).
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532,
+                            "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}]},
+        "containers": [{
+            "name": "coredns", "image": COREDNS_IMAGE, "imagePullPolicy": "Never", "args": ["-conf", "/etc/coredns/Corefile"],
+            "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                      {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 2},
+            "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10},
+            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "170Mi"}},
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
+        }],
+        "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", "namespace": "kube-system"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "fedcrm-e2e:coredns"},
+         "rules": [{"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "fedcrm-e2e:coredns"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fedcrm-e2e:coredns"},
+         "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"Corefile": corefile}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+         "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                  "template": {"metadata": {"labels": labels}, "spec": pod_spec}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+         "spec": {"selector": labels, "clusterIP": DNS_IP,
+                  "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}},
+    ]
 
 
 # ---------------------------------------------------------------------- machine-wide cleanup
