@@ -39,7 +39,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import re
 import shutil
 import subprocess
 import threading
@@ -69,6 +68,8 @@ DNS_IP = "10.96.0.10"
 APISERVER_PORT = 6443
 STATE_ROOT = Path("/run/fedcrm-e2e")  # lock and saved sysctls: outlive a killed run, not a reboot
 LOCK_FILE = STATE_ROOT / "lock"
+WORKDIR_RECORD = STATE_ROOT / "workdir"  # the running cluster's folder, for the cleanup after a killed run
+CONTAINERD_STATE = STATE_ROOT / "containerd"
 SAVED_SYSCTLS = STATE_ROOT / "sysctl.orig"
 # The host-wide sysctls kubelet sets at start (no option turns that off).
 HOST_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
@@ -197,7 +198,9 @@ class RealNodeCluster(ControlPlane):
 
     @property
     def containerd_socket(self) -> Path:
-        return self.dir / "containerd" / "containerd.sock"
+        """Under the machine-wide state folder: a short path (sockets have a 108-byte limit) that a later run
+        recognises in the command lines of shims a killed run left behind."""
+        return CONTAINERD_STATE / "containerd.sock"
 
     def _netns_argv(self, binary: Path | str, *args: str) -> list[str]:
         return ["nsenter", f"--net={NETNS_PATH}", "--", str(binary), *args]
@@ -260,7 +263,8 @@ class RealNodeCluster(ControlPlane):
             raise ControlPlaneError(f"another real-node cluster runs on this machine (lock {LOCK_FILE}); "
                                     "stop it first (e2e/cluster down)") from None
         self._lock_fd = fd
-        _clean_machine(None)
+        _clean_machine(Path(WORKDIR_RECORD.read_text()) if WORKDIR_RECORD.exists() else None)
+        WORKDIR_RECORD.write_text(str(self.dir))
         self._save_sysctls()
 
     def _release_machine(self) -> None:
@@ -405,8 +409,9 @@ class RealNodeCluster(ControlPlane):
 
     def _start_containerd(self) -> None:
         d = self.dir / "containerd"
-        for sub in ("state", "certs.d", "opt"):
+        for sub in ("certs.d", "opt"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        (CONTAINERD_STATE / "state").mkdir(parents=True, exist_ok=True)
         CONTAINERD_ROOT.mkdir(parents=True, exist_ok=True)
         cni = self.dir / "cni"
         (cni / "net.d").mkdir(parents=True, exist_ok=True)
@@ -421,7 +426,7 @@ class RealNodeCluster(ControlPlane):
             ]}, indent=2))
         config = f"""version = 2
 root = "{CONTAINERD_ROOT}"
-state = "{d / 'state'}"
+state = "{CONTAINERD_STATE / 'state'}"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
                     "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
 [grpc]
@@ -665,7 +670,7 @@ def _clean_machine(workdir: Path | None) -> None:
         pids = _run("ip", "netns", "pids", NETNS, check=False).stdout.split()
         for pid in pids:
             _terminate(int(pid), timeout=5)
-    ours = [str(CONTAINERD_ROOT)] + ([str(workdir)] if workdir else [])
+    ours = [str(CONTAINERD_ROOT), str(CONTAINERD_STATE)] + ([str(workdir)] if workdir else [])
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -673,10 +678,10 @@ def _clean_machine(workdir: Path | None) -> None:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
         except OSError:
             continue
-        if "containerd-shim" in cmdline and re.search(r"fedcrm-(k8s|e2e)|/\.cache/fedcrm/", cmdline):
+        if "containerd-shim" in cmdline and str(CONTAINERD_STATE) in cmdline:
             _terminate(int(proc.name), timeout=2)
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    prefixes = ours + ["/run/netns/cni-", "/tmp/fedcrm-k8s-"]
+    prefixes = ours + ["/run/netns/cni-"]
     for mountpoint in sorted((m for m in mounts if any(m.startswith(p) for p in prefixes)), key=len, reverse=True):
         _run("umount", "-l", mountpoint, check=False)
     for netns in Path("/run/netns").glob("cni-*") if Path("/run/netns").exists() else []:
@@ -698,4 +703,6 @@ def _clean_machine(workdir: Path | None) -> None:
                 pass
     if NETNS_PATH.exists():
         _run("ip", "netns", "del", NETNS, check=False)
+    shutil.rmtree(CONTAINERD_STATE, ignore_errors=True)
+    WORKDIR_RECORD.unlink(missing_ok=True)
     _restore_sysctls()
