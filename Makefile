@@ -11,7 +11,7 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-startup clean
+.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-startup images clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
@@ -70,6 +70,12 @@ bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (sample
 bench-startup: $(STAMP)  ## time outside the rounds and launcher memory of `fedcrm run` (COMPARE=REF runs a git revision side by side)
 	@mkdir -p $(BENCH_OUT)
 	$(BIN)/python bench/startup.py $(BENCH_QUICK) $(if $(COMPARE),--compare $(COMPARE)) --json $(BENCH_OUT)/startup.json
+
+# Container images as OCI archives under ~/.cache/fedcrm/images, tagged by content hash; a rerun with nothing
+# changed returns in about a second. IMAGE_TOOL=docker builds with a Docker engine instead (docs/images.md).
+IMAGE_TOOL ?= buildah
+images: $(STAMP) $(if $(filter buildah,$(IMAGE_TOOL)),system-packages)  ## operator, node and aggregator images as OCI archives, daemonless (refs in ~/.cache/fedcrm/images/current.json)
+	$(BIN)/python tools/build-images --tool $(IMAGE_TOOL) >/dev/null
 
 $(STAMP): pyproject.toml constraints.txt tools/requirements.py tools/setup-venv
 	@mkdir -p $(VENV) && $(PYTHON) tools/requirements.py dev > $(VENV)/requirements.txt
