@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 
 import kopf
 
@@ -48,8 +49,18 @@ def main(argv: list[str] | None = None) -> None:
             namespaces=namespaces,
             standalone=True,
             liveness_endpoint=args.liveness or None,
+            identity=operator_identity(),
         )
     )
+
+
+def operator_identity() -> str:
+    """Who this operator is in kopf's records: the pod's name in a cluster.
+
+    kopf's own default asks the password database for the user's name, and the
+    image's non-root user 65532 has no entry there: the operator would crash at
+    start in every pod (seen on a real node)."""
+    return os.environ.get("FEDCRM_OPERATOR_IDENTITY") or socket.gethostname() or f"uid-{os.getuid()}"
 
 
 if __name__ == "__main__":
