@@ -12,7 +12,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,23 @@ from operator_harness import free_port, wait_for
 __all__ = ["Prometheus", "prometheus"]
 
 
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return bytes(response.read())
+
+
 class Prometheus:
-    def __init__(self, port: int) -> None:
-        self.port = port
+    """A Prometheus's HTTP API. ``fetch`` GETs a URL: directly by default, or from inside another network
+    namespace (the real-node cluster's)."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", fetch: Callable[[str], bytes] = _get) -> None:
+        self.port, self.host, self.fetch = port, host, fetch
 
     def api(self, path: str, **params: Any) -> Any:
         """``/api/v1/<path>``'s data; a query Prometheus cannot parse fails the test with its reason."""
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
+        url = f"http://{self.host}:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                body = json.loads(response.read())
+            body = json.loads(self.fetch(url))
         except urllib.error.HTTPError as err:
             raise AssertionError(f"{params}: HTTP {err.code} {err.read().decode(errors='replace')}") from None
         assert body["status"] == "success", body

@@ -10,21 +10,27 @@ HTTP API. Grafana itself is not run: the queries are proven, not the rendering.
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from dashboard_queries import (
+    CHART,
+    DATASOURCE,
+    EXPORTERS,
+    assert_every_panel_has_data,
+    dashboard,
+    exported_metrics,
+    metric_names,
+    targets,
+)
 from operator_harness import (
-    ROOT,
     Kubectl,
     OperatorProcess,
     free_port,
@@ -37,65 +43,6 @@ from prometheus_server import prometheus
 
 from fedcrm.data.synthetic import generate_federation
 from fedcrm_aggregator.status_http import StatusServer
-
-CHART = ROOT / "charts" / "fedcrm-operator"
-DASHBOARD = CHART / "dashboards" / "fedcrm.json"
-EXPORTERS = [ROOT / "aggregator_image" / "fedcrm_aggregator" / "status_http.py",
-             ROOT / "operator" / "fedcrm_operator" / "metrics.py"]
-DATASOURCE = "${datasource}"
-# What Grafana puts in place of its variables; the federation is filled in per run.
-RATE_INTERVAL = "1m"
-PROMQL_WORDS = {
-    "sum", "min", "max", "avg", "count", "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-    "unless", "bool", "offset", "rate", "irate", "increase", "delta", "histogram_quantile", "max_over_time",
-    "min_over_time", "avg_over_time", "last_over_time", "clamp_min", "clamp_max", "vector", "scalar", "abs",
-}
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def targets(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(panel title, expr) for every query of every panel."""
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            yield panel.get("title", f"panel {panel.get('id')}"), target.get("expr", "")
-
-
-def exported_metrics() -> set[str]:
-    """Sample names the aggregator and the operator expose, read from where they are defined."""
-    names: set[str] = set()
-    for path in EXPORTERS:
-        source = path.read_text()
-        names |= set(re.findall(r'"(fedcrm_[a-z_]+)"', source))
-        for histogram in re.findall(r'Histogram\(\s*"(fedcrm_[a-z_]+)"', source):
-            names |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
-    return names
-
-
-def metric_names(expr: str) -> set[str]:
-    """The identifiers of a PromQL expression that are neither functions nor keywords: its metric names."""
-    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # strings
-    bare = re.sub(r"\{[^}]*\}", "", bare)  # label matchers
-    bare = re.sub(r"\[[^\]]*\]", "", bare)  # range selectors
-    bare = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r"\1", bare)  # label lists
-    return {word for word in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", bare) if word not in PROMQL_WORDS}
-
-
-def grafana_regex_escape(value: str) -> str:
-    """A selected value of a multi-value variable as Grafana's Prometheus data source writes it into a query
-    (``prometheusSpecialRegexEscape``): regex characters escaped inside a PromQL string."""
-    return re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), value.replace("\\", "\\\\\\\\"))
-
-
-def expand(expr: str, federation: str) -> str:
-    """Fill in the template variables as Grafana does; ``federation`` is the variable's value, already escaped."""
-    values = {"federation": federation, "__rate_interval": RATE_INTERVAL, "__interval": "15s", "__range": "10m"}
-    out = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], expr)
-    assert "$" not in out, out
-    return out
-
 
 # ----------------------------------------------------------------- fast
 
@@ -258,21 +205,7 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(control_plane: An
             time.sleep(1)  # a few more operator scrapes after the aggregator exited
             end = time.time()
 
-            board = dashboard()
-            variable = next(v for v in board["templating"]["list"] if v["name"] == "federation")
-            assert variable["definition"] == "label_values(fedcrm_round, federation)"
-            values = prom.api("label/federation/values", **{"match[]": "fedcrm_round", "start": start, "end": end})
-            assert key in values, f"the federation variable's query offers {values}, not {key}"
-
-            checked = []
-            for title, expr in targets(board):
-                # The one federation selected, and "All" (the variable's allValue).
-                for query in sorted({expand(expr, grafana_regex_escape(key)), expand(expr, variable["allValue"])}):
-                    result = prom.api("query_range", query=query, start=start, end=end, step="1s")["result"]
-                    finite = [v for series in result for _, v in series["values"] if math.isfinite(float(v))]
-                    assert finite, f"panel {title!r}: {expr!r} (as {query!r}) returned no data from Prometheus"
-                checked.append(title)
-            assert len(checked) == sum(len(p["targets"]) for p in board["panels"])
+            assert_every_panel_has_data(prom.api, key, start, end)
             # The run was seen through: the budget and a spend within it, and the planned rounds.
             budget = prom.query(f'max_over_time(fedcrm_epsilon_budget{{federation="{key}"}}[10m])', time=end)
             assert float(budget[0]["value"][1]) == 8.0
