@@ -11,17 +11,25 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-startup images clean
+.PHONY: demo test e2e test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-startup bench-real-node images clean
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
 
-test: $(STAMP) system-packages .venv-bench/.installed  ## the whole suite: layering contracts, stub freshness, unit, property and integration tests
+test: $(STAMP) system-packages .venv-bench/.installed  ## the whole suite: layering contracts, stub freshness, unit, property, integration and real-node e2e tests
 	$(BIN)/lint-imports
 	$(BIN)/python tools/protos.py --check
 	$(BIN)/python tools/crds.py --check
 	e2e/build-control-plane >/dev/null  # Go-built kube-apiserver & co, cached under ~/.cache/fedcrm/k8s
+	e2e/build-node >/dev/null  # kubelet, kube-proxy, CoreDNS, kube-router, Prometheus, cached under ~/.cache/fedcrm/node
+	$(BIN)/python tools/build-images >/dev/null  # the three images the real-node e2e runs, cached by content hash
 	$(BIN)/python -m pytest
+
+e2e: $(STAMP) system-packages  ## the platform team's scenario on a real node: images, Helm charts, a Federation, NetworkPolicies, Prometheus (root)
+	e2e/build-control-plane >/dev/null
+	e2e/build-node >/dev/null
+	$(BIN)/python tools/build-images >/dev/null
+	$(BIN)/python -m pytest tests/test_real_node.py
 
 test-fast: $(STAMP) system-packages .venv-bench/.installed  ## the inner-loop subset (no whole federations, no control plane), under 2 minutes
 	$(BIN)/python -m pytest -m "not slow"
@@ -66,6 +74,12 @@ privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, m
 
 bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
 	$(BIN)/python bench/dp_cost.py $(or $(BENCH_QUICK),--rows 10000 --epochs 1 --repeats 2) --json $(BENCH_OUT)/dp_cost.json
+
+bench-real-node: $(STAMP) system-packages  ## the walkthrough on a real node against `fedcrm run`: start-up, apply -> Running, the Kubernetes overhead (root)
+	e2e/build-control-plane >/dev/null
+	e2e/build-node >/dev/null
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/real_node.py $(BENCH_QUICK) --json $(BENCH_OUT)/real_node.json
 
 bench-startup: $(STAMP)  ## time outside the rounds and launcher memory of `fedcrm run` (COMPARE=REF runs a git revision side by side)
 	@mkdir -p $(BENCH_OUT)

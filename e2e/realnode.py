@@ -77,6 +77,7 @@ HOST_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kern
 CONTAINERD_ROOT = Path.home() / ".cache" / "fedcrm" / "node" / "containerd-root"
 SANDBOX_IMAGE = "localhost/fedcrm/pause:1"
 COREDNS_IMAGE = "localhost/fedcrm/coredns:1"
+IMAGE_PREFIX = "localhost/fedcrm"  # fedcrm's images and the e2e's own (pause, CoreDNS, PostgreSQL)
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 CLONE_NEWNET = 0x40000000
 
@@ -218,6 +219,11 @@ class RealNodeCluster(ControlPlane):
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return _run("ctr", "-a", str(self.containerd_socket), "-n", "k8s.io", *args, check=check, timeout=timeout)
+
+    def start_process(self, name: str, binary: Path, args: list[str]) -> int:
+        """Start a host process of the node (a Prometheus, say) inside the namespace; :meth:`stop` stops it."""
+        self._spawn(name, args, binary=binary)
+        return self.pids[name]
 
     def http_get(self, url: str, timeout: float = 5) -> bytes:
         """GET a URL from inside the cluster's namespace (a Prometheus there, a pod IP, the node)."""
@@ -465,8 +471,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def _import_images(self) -> None:
         self.images.setdefault(self._pause_archive(), SANDBOX_IMAGE)
         self.images.setdefault(self._binary_image("coredns", COREDNS_IMAGE, user="65532:65532"), COREDNS_IMAGE)
+        # The store outlives runs: images of earlier builds go, or every source change would leave 6 GB behind.
+        wanted = set(self.images.values())
+        stale = [ref for ref in self.ctr("images", "ls", "-q").stdout.split()
+                 if ref.startswith(IMAGE_PREFIX) and ref not in wanted]
+        if stale:
+            self.ctr("images", "rm", "--sync", *stale, timeout=300)
+        self.import_images(self.images)
+
+    def import_images(self, images: dict[Path, str]) -> None:
+        """Import OCI archives (path → ref) into the node's containerd, skipping refs it already holds."""
         present = set(self.ctr("images", "ls", "-q").stdout.split())
-        for archive, ref in self.images.items():
+        for archive, ref in images.items():
             if ref in present:
                 continue
             self.ctr("images", "import", str(archive), timeout=900)
@@ -498,7 +514,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         cfg = self.dir / "kubelet"
         cfg.mkdir(parents=True, exist_ok=True)
         pki = self.dir / "pki"
-        (cfg / "resolv.conf").write_text(f"nameserver {NODE_IP}\nsearch fedcrm-e2e.invalid\n")
+        # No search domain of the node's own: pods would append it to every name they look up, and with no
+        # upstream resolver in the namespace CoreDNS answers it SERVFAIL, which ends c-ares's search (gRPC's
+        # resolver) before it tries the name itself. On a real node the upstream would answer NXDOMAIN.
+        (cfg / "resolv.conf").write_text(f"nameserver {NODE_IP}\n")
         (cfg / "config.yaml").write_text(json.dumps({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
             "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
