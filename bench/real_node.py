@@ -34,8 +34,6 @@ sys.path.insert(0, str(ROOT / "e2e"))
 from images import current_images  # noqa: E402
 from realnode import RealNodeCluster  # noqa: E402
 from scenario import (  # noqa: E402
-    FED_NS,
-    FEDERATION,
     TENANTS,
     apply_federation,
     install_operator,
@@ -57,14 +55,17 @@ def _local_run(synthetic: Path, in_cluster: dict[str, Any], out: Path) -> float:
     """``fedcrm run`` of the federation the cluster trained: same task, rounds and privacy; each tenant's rows
     from its CSV (the SQL tenant's database was loaded from the same file)."""
     fed = dict(in_cluster)
-    fed["metadata"] = {"name": FEDERATION, "namespace": FED_NS}
+    # The participants' manifests name the Federation as fedcrm synth wrote it.
+    fed["metadata"] = yaml.safe_load((synthetic / "federation.yaml").read_text())["metadata"]
     path = out / "federation.yaml"
     path.write_text(yaml.safe_dump(fed))
     participants = [synthetic / "participants" / f"{ns}.yaml" for ns in TENANTS]
     began = time.monotonic()
-    subprocess.run([str(ROOT / ".venv" / "bin" / "fedcrm"), "run", "--federation", str(path), "--participant",
-                    *map(str, participants), "--out", str(out / "run")], check=True, capture_output=True, text=True,
-                   timeout=1800)
+    run = subprocess.run([str(ROOT / ".venv" / "bin" / "fedcrm"), "run", "--federation", str(path), "--participant",
+                          *map(str, participants), "--out", str(out / "run")], capture_output=True, text=True,
+                         timeout=1800)
+    if run.returncode != 0:
+        raise SystemExit(f"fedcrm run failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
     return time.monotonic() - began
 
 

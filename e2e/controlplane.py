@@ -131,10 +131,13 @@ class ControlPlane:
     def stop(self) -> None:
         """Kill every component (reverse start order), then remove the working folder unless asked to keep it."""
         for name in reversed(list(self.pids)):
-            _terminate(self.pids[name])
-        self.pids.clear()
+            _terminate(self.pids.pop(name))
+        self._after_components_stopped()
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _after_components_stopped(self) -> None:
+        """What a subclass must undo on the machine once no component runs (nothing, on loopback)."""
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -145,9 +148,14 @@ class ControlPlane:
     def log_dir(self) -> Path:
         return self.dir / "logs"
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-                              input=input, capture_output=True, text=True, check=check, timeout=60)
+    def command_prefix(self) -> list[str]:
+        """What every component and client command is run under (a subclass enters a network namespace)."""
+        return []
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = [*self.command_prefix(), str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
+        return subprocess.run(argv, input=input, capture_output=True, text=True, check=check, timeout=timeout)
 
     def create_node(self, name: str, *, gpus: int = 0, cpu: str = "32", memory: str = "256Gi") -> None:
         """A KWOK node; with ``gpus`` it advertises ``nvidia.com/gpu`` (and the usual GPU-node labels)."""
@@ -195,10 +203,12 @@ class ControlPlane:
         }, indent=2))
         self.kubeconfig.chmod(0o600)
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        self.log_dir.mkdir(exist_ok=True)
+    def _spawn(self, name: str, args: list[str], *, binary: Path | None = None) -> None:
+        """Start a component with its own log file; its PID is kept for :meth:`stop` (the prefix execs it)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        exe = binary or self.bin_dir / name.split(":")[0]
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen([str(self.bin_dir / name.split(":")[0]), *args], stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([*self.command_prefix(), str(exe), *args], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=None if self.detached else die_with_parent)
         self.pids[name] = proc.pid

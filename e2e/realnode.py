@@ -52,8 +52,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane import (ROOT, ControlPlane, ControlPlaneError, _alive, _cert, _key_pem, _name, _terminate, build_binaries,
-                          die_with_parent)
+from controlplane import ROOT, ControlPlane, ControlPlaneError, _alive, _cert, _key_pem, _name, _terminate, build_binaries
 
 __all__ = ["NETNS", "NODE_IP", "NODE_NAME", "RealNodeCluster", "build_node_binaries", "in_netns"]
 
@@ -185,12 +184,11 @@ class RealNodeCluster(ControlPlane):
                 _terminate(self.pids.pop(name), timeout=10)
         if "containerd" in self.pids and _alive(self.pids["containerd"]):
             self._remove_containers()
-        for name in reversed(list(self.pids)):
-            _terminate(self.pids.pop(name), timeout=10)
+        super().stop()
+
+    def _after_components_stopped(self) -> None:
         _clean_machine(self.dir)
         self._release_machine()
-        if not self.keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers for tests
     @property
@@ -203,16 +201,13 @@ class RealNodeCluster(ControlPlane):
         recognises in the command lines of shims a killed run left behind."""
         return CONTAINERD_STATE / "containerd.sock"
 
-    def _netns_argv(self, binary: Path | str, *args: str) -> list[str]:
-        return ["nsenter", f"--net={NETNS_PATH}", "--", str(binary), *args]
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        argv = self._netns_argv(self.bin_dir / "kubectl", "--kubeconfig", str(self.kubeconfig), *args)
-        return subprocess.run(argv, input=input, capture_output=True, text=True, check=check, timeout=timeout)
+    def command_prefix(self) -> list[str]:
+        """``nsenter --net``: only the network namespace changes (``ip netns exec`` would remount /sys, hiding the
+        cgroups from kubelet and its mounts from containerd)."""
+        return ["nsenter", f"--net={NETNS_PATH}", "--"]
 
     def helm(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        argv = self._netns_argv(self.bin_dir / "helm", "--kubeconfig", str(self.kubeconfig), *args)
+        argv = [*self.command_prefix(), str(self.bin_dir / "helm"), "--kubeconfig", str(self.kubeconfig), *args]
         env = {**os.environ, "HELM_CACHE_HOME": str(self.dir / "helm" / "cache"),
                "HELM_CONFIG_HOME": str(self.dir / "helm" / "config"), "HELM_DATA_HOME": str(self.dir / "helm" / "data")}
         return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout, env=env)
@@ -297,7 +292,7 @@ class RealNodeCluster(ControlPlane):
         _run(*ip, "link", "set", "fedcrm0", "up")
         _run(*ip, "link", "set", "fedcrm1", "up")
         for key, value in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1")):
-            _run("nsenter", f"--net={NETNS_PATH}", "--", "sysctl", "-qw", f"{key}={value}")
+            _run(*self.command_prefix(), "sysctl", "-qw", f"{key}={value}")
 
     def _certificates(self) -> None:
         """One CA signs every identity: apiserver, node, kube-proxy, DNS, NetworkPolicy agent, admin."""
@@ -347,16 +342,6 @@ class RealNodeCluster(ControlPlane):
             "contexts": [{"name": "fedcrm-e2e", "context": {"cluster": "fedcrm-e2e", "user": user}}],
             "current-context": "fedcrm-e2e",
         }, indent=2)
-
-    def _spawn(self, name: str, args: list[str], *, binary: Path | None = None, env: dict[str, str] | None = None) -> None:
-        """Start a component inside the namespace; nsenter execs it, so the PID kept is the component's own."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        exe = binary or (self.bin_dir / name)
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(self._netns_argv(exe, *args), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                    preexec_fn=None if self.detached else die_with_parent)
-        self.pids[name] = proc.pid
 
     def _https_ok(self, port: int, path: str) -> bool:
         import ssl
