@@ -157,6 +157,16 @@ def test_an_expired_access_token_asks_for_a_fresh_one(org: FakeSalesforce) -> No
     assert len(load(participant(), creds)) == 450 and org.org.logins == 0
 
 
+def test_a_ca_bundle_in_the_secret_replaces_the_public_cas(org: FakeSalesforce, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")  # the org's certificate is then signed by a CA nobody trusts
+    creds = {"instanceUrl": f"https://{INSTANCE_HOST}", "accessToken": org.org.new_token()}
+    with pytest.raises(DataError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        load(participant(), creds)
+    assert len(load(participant(), {**creds, "caBundle": org.ca_path.read_text()})) == 450
+    with pytest.raises(DataError, match="key 'caBundle' holds no PEM certificate; put the CA certificate"):
+        load(participant(), {**creds, "caBundle": "not a certificate"})
+
+
 def test_a_wrong_password_names_the_secret_and_salesforce_code(org: FakeSalesforce) -> None:
     with pytest.raises(DataError, match=r"refused the password login from Secret tenant-a/sf-login \(INVALID_LOGIN: "):
         load(participant(), {**PASSWORD_LOGIN, "password": "wrong"})

@@ -12,10 +12,14 @@ manifest field or Secret to change. Rate limits (``REQUEST_LIMIT_EXCEEDED``,
 HTTP 429/503) are retried with bounded backoff. An expired session is renewed
 by logging in again when the Secret holds a password or JWT key; an access
 token cannot be renewed here, so that fails with a request to refresh it.
+An optional ``caBundle`` key in the Secret replaces the public CAs for the
+org's certificate (a private endpoint or a TLS-inspecting proxy).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,6 +27,7 @@ import jwt
 import pandas as pd
 import requests
 import simple_salesforce
+from cryptography import x509
 from simple_salesforce import exceptions as sf_errors
 
 from fedcrm.data.credentials import Credentials
@@ -30,7 +35,7 @@ from fedcrm.data.retries import Backoff, with_backoff
 from fedcrm.errors import DataError
 from fedcrm.spec.manifests import SalesforceSource
 
-__all__ = ["LOGIN_KINDS", "flatten_record", "login", "read_pages"]
+__all__ = ["CA_BUNDLE_KEY", "LOGIN_KINDS", "flatten_record", "login", "read_pages"]
 
 # Login kind -> the Secret keys it needs, in the order a person fills them in.
 LOGIN_KINDS: dict[str, tuple[str, ...]] = {
@@ -38,6 +43,8 @@ LOGIN_KINDS: dict[str, tuple[str, ...]] = {
     "password": ("username", "password", "securityToken"),
     "JWT bearer": ("username", "consumerKey", "privateKey"),
 }
+# Optional Secret key: PEM CA certificate(s) to trust instead of the public ones.
+CA_BUNDLE_KEY = "caBundle"
 _RATE_LIMIT_CODES = {"REQUEST_LIMIT_EXCEEDED", "TOO_MANY_REQUESTS", "SERVER_UNAVAILABLE"}
 
 
@@ -55,10 +62,48 @@ def _login_kind(creds: Mapping[str, str], origin: str) -> str:
     )
 
 
+def _session(creds: Credentials) -> requests.Session:
+    """An HTTPS session that trusts the public CAs, or only ``caBundle`` when the Secret has one.
+
+    A TLS-inspecting egress proxy, a private endpoint or a test org presents a
+    certificate of the company's own CA; without this the connector could only
+    fail certificate verification."""
+    if CA_BUNDLE_KEY not in creds:
+        return requests.Session()
+    session = _PinnedCaSession()
+    session.verify = _ca_bundle_file(creds[CA_BUNDLE_KEY], creds.origin)
+    return session
+
+
+class _PinnedCaSession(requests.Session):
+    """requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's own CA bundle; the Secret's wins here
+    (proxy variables still apply)."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        settings["verify"] = self.verify
+        return settings
+
+
+def _ca_bundle_file(pem: str, origin: str) -> str:
+    """``caBundle`` checked (PEM certificates) and written where requests can read it (the pod's /tmp)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise DataError(f"{origin}: key {CA_BUNDLE_KEY!r} holds no PEM certificate; put the CA certificate(s) that "
+                        "sign your Salesforce endpoint there, or remove the key to trust the public CAs")
+    handle, path = tempfile.mkstemp(prefix="fedcrm-salesforce-ca-", suffix=".pem")
+    with os.fdopen(handle, "w") as out:
+        out.write(pem)
+    return path
+
+
 def login(source: SalesforceSource, creds: Credentials) -> tuple[simple_salesforce.Salesforce, str]:
     """A logged-in client and the login kind used (for messages)."""
     kind = _login_kind(creds, creds.origin)
-    common: dict[str, Any] = {"version": source.api_version, "domain": source.domain, "session": requests.Session()}
+    common: dict[str, Any] = {"version": source.api_version, "domain": source.domain, "session": _session(creds)}
     try:
         if kind == "access token":
             client = simple_salesforce.Salesforce(instance_url=creds["instanceUrl"], session_id=creds["accessToken"], **common)
