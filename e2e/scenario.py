@@ -8,10 +8,14 @@ exactly the same thing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,17 @@ import yaml
 from images import image_refs, postgres_image
 from realnode import RealNodeCluster
 
+from fedcrm.pki import CertificateAuthority, write_pem_files
+
 ROOT = Path(__file__).resolve().parents[1]
 
 OPERATOR_NS = "fedcrm-system"
 FED_NS = "fedcrm"
 FEDERATION = "lead-conversion"
 TENANTS = ["tenant-01", "tenant-02", "tenant-03"]
-SQL_TENANT = "tenant-02"  # reads a PostgreSQL running as a pod in its own namespace; the others a CSV on a volume
+CSV_TENANT = "tenant-01"  # reads an export on a PersistentVolume the admin provided
+SQL_TENANT = "tenant-02"  # reads a PostgreSQL running as a pod in its own namespace
+SALESFORCE_TENANT = "tenant-03"  # reads a Salesforce stand-in behind a Service on 443, with its own CA
 DB_PASSWORD = "e2e-only-not-a-secret"
 ROUNDS = 6
 GRPC_PORT, METRICS_PORT = 8443, 9090
@@ -35,7 +43,12 @@ TRAINING_RESOURCES = {"cpu": "250m", "memory": "1536Mi"}
 
 
 def load(cluster: RealNodeCluster, *docs: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    """``kubectl apply`` server-side: a client-side apply copies each object into an annotation, which a
+    ConfigMap of a few hundred kB (the stand-in org's records) exceeds."""
+    proc = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(docs),
+                           check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"kubectl apply failed: {proc.stderr[-2000:]}")
 
 
 def get(cluster: RealNodeCluster, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
@@ -89,8 +102,8 @@ def install_operator(cluster: RealNodeCluster) -> dict[str, str]:
 
 
 def provide_tenants(cluster: RealNodeCluster, synthetic: Path) -> dict[str, dict[str, Any]]:
-    """Each tenant's CRM data where it lives (an export on a PersistentVolume the admin provided, or a PostgreSQL
-    in its namespace), then ``helm install`` of the tenant chart."""
+    """Each tenant's CRM data where it lives (an export on a PersistentVolume the admin provided, a PostgreSQL in
+    its namespace, a Salesforce org), then ``helm install`` of the tenant chart."""
     for ns in (FED_NS, "monitoring"):
         create_namespace(cluster, ns)
     participants: dict[str, dict[str, Any]] = {}
@@ -102,7 +115,7 @@ def provide_tenants(cluster: RealNodeCluster, synthetic: Path) -> dict[str, dict
         os.chmod(volume, 0o755)
         os.chmod(volume / "leads.csv", 0o644)
         create_namespace(cluster, ns)
-        if ns != SQL_TENANT:
+        if ns == CSV_TENANT:
             load(cluster,
               {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-crm-data"},
                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "tenant-data",
@@ -123,6 +136,15 @@ def provide_tenants(cluster: RealNodeCluster, synthetic: Path) -> dict[str, dict
             data["pvc"] = None  # the chart's default source is a claim: null removes it (Helm merges values)
             values["credentials"] = {"create": True, "name": "crm-credentials", "stringData": {
                 "url": f"postgresql+psycopg://crm:{DB_PASSWORD}@{host}:5432/crm"}}
+        elif ns == SALESFORCE_TENANT:
+            org = salesforce_with_leads(cluster, ns, volume / "leads.csv")
+            data["salesforce"] = {"object": "Lead", "fields": sorted(org.fields.values()),
+                                  "secretRef": {"name": "crm-credentials"},
+                                  "egress": [{"podSelector": {"app": "salesforce-standin"}, "ports": [443]}]}
+            data["mapping"] = {canonical: org.fields[column] for canonical, column in data["mapping"].items()}
+            data["pvc"] = None
+            values["credentials"] = {"create": True, "name": "crm-credentials", "stringData": {
+                "instanceUrl": org.url, "accessToken": org.token, "caBundle": org.ca_pem}}
         else:
             data["pvc"] = {"claimName": "crm-data", "path": "leads.csv"}
         values_file = cluster.dir / f"{ns}-values.yaml"
@@ -138,6 +160,82 @@ def provide_tenants(cluster: RealNodeCluster, synthetic: Path) -> dict[str, dict
                         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                                  "hostPath": {"path": str(path), "type": "Directory"}}})
     return participants
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInOrg:
+    url: str
+    token: str
+    ca_pem: str
+    fields: dict[str, str]  # CSV column -> Salesforce field name
+
+
+def salesforce_with_leads(cluster: RealNodeCluster, namespace: str, csv_path: Path) -> StandInOrg:
+    """tests/salesforce_server.py as a pod in the tenant's namespace (from the node image, which has its
+    dependencies), serving the tenant's leads as Lead records over HTTPS on 443 with a certificate of a CA of
+    its own, behind the Service ``salesforce``."""
+    host = f"salesforce.{namespace}.svc.cluster.local"
+    ca = CertificateAuthority.create(f"{namespace} Salesforce stand-in")
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = write_pem_files(Path(tmp), "salesforce", ca.issue_server([host, f"salesforce.{namespace}.svc"]))
+        tls = {"tls.crt": cert.read_text(), "tls.key": key.read_text()}
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows, columns = list(reader), list(reader.fieldnames or [])
+    fields = {c: re.sub(r"[^A-Za-z0-9]+", "_", c).strip("_") + "__c" for c in columns}
+    kinds = {c: _column_kind([r[c] for r in rows]) for c in columns}
+    records = [{"Id": f"00Q{i:015d}", **{fields[c]: _typed(r[c], kinds[c]) for c in columns}} for i, r in enumerate(rows)]
+    token = "00D000000000001!" + secrets.token_urlsafe(24)
+    labels = {"app": "salesforce-standin"}
+    load(cluster,
+         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "salesforce-standin", "namespace": namespace},
+          "stringData": {**tls, "tokens": token}},
+         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "salesforce-standin", "namespace": namespace},
+          "data": {"salesforce_server.py": (ROOT / "tests" / "salesforce_server.py").read_text(),
+                   "records.json": json.dumps({"Lead": records})}},
+         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "salesforce-standin", "namespace": namespace},
+          "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+              # Port 443 as the image's non-root user, as CoreDNS binds 53.
+              "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "443"}]},
+              "containers": [{
+                  "name": "salesforce", "image": image_refs()["node"], "imagePullPolicy": "IfNotPresent",
+                  "command": ["python3", "/standin/salesforce_server.py", "--records", "/standin/records.json",
+                              "--cert", "/tls/tls.crt", "--key", "/tls/tls.key", "--port", "443"],
+                  "env": [{"name": "SALESFORCE_TOKENS",
+                           "valueFrom": {"secretKeyRef": {"name": "salesforce-standin", "key": "tokens"}}}],
+                  "ports": [{"name": "https", "containerPort": 443}],
+                  "readinessProbe": {"tcpSocket": {"port": 443}, "periodSeconds": 2},
+                  "volumeMounts": [{"name": "code", "mountPath": "/standin", "readOnly": True},
+                                   {"name": "tls", "mountPath": "/tls", "readOnly": True}]}],
+              "volumes": [{"name": "code", "configMap": {"name": "salesforce-standin"}},
+                          {"name": "tls", "secret": {"secretName": "salesforce-standin", "defaultMode": 0o444}}]}}}},
+         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "salesforce", "namespace": namespace},
+          "spec": {"selector": labels, "ports": [{"name": "https", "port": 443}]}})
+    cluster.kubectl("rollout", "status", "deployment/salesforce-standin", "-n", namespace, "--timeout=180s", timeout=190)
+    return StandInOrg(url=f"https://{host}", token=token, ca_pem=ca.cert_pem.decode(), fields=fields)
+
+
+def _column_kind(values: list[str]) -> str:
+    present = {v for v in values if v != ""}
+    if present <= {"true", "false"}:
+        return "boolean"
+    try:
+        [float(v) for v in present]
+    except ValueError:
+        return "text"
+    return "number"
+
+
+def _typed(value: str, kind: str) -> Any:
+    """A CSV cell as Salesforce's JSON has it: null, a boolean, a number or text."""
+    if value == "":
+        return None
+    if kind == "boolean":
+        return value == "true"
+    if kind == "number":
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return value
 
 
 def postgres_with_leads(cluster: RealNodeCluster, namespace: str, csv_path: Path) -> str:
@@ -167,17 +265,8 @@ def postgres_with_leads(cluster: RealNodeCluster, namespace: str, csv_path: Path
         reader = csv.DictReader(f)
         rows, columns = list(reader), list(reader.fieldnames or [])
 
-    def sql_type(column: str) -> str:
-        values = {r[column] for r in rows if r[column] != ""}
-        if values <= {"true", "false"}:
-            return "boolean"
-        try:
-            [float(v) for v in values]
-        except ValueError:
-            return "text"
-        return "double precision"
-
-    ddl = ", ".join(f'"{c}" {sql_type(c)}' for c in columns)
+    sql_types = {"boolean": "boolean", "number": "double precision", "text": "text"}
+    ddl = ", ".join(f'"{c}" {sql_types[_column_kind([r[c] for r in rows])]}' for c in columns)
     script = (f"CREATE DATABASE crm;\n\\connect crm\nCREATE TABLE leads ({ddl});\n"
               "\\copy leads FROM STDIN WITH (FORMAT csv, HEADER true)\n" + csv_path.read_text() + "\\.\n")
     cluster.kubectl("exec", "-i", "deploy/crm-postgres", "-n", namespace, "--", "psql", "-h", "/tmp", "-U", "crm",

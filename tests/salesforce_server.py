@@ -286,3 +286,37 @@ class FakeSalesforce:
         for s in (self._proxy, self._https):
             s.shutdown()
             s.server_close()
+
+
+def serve(org: Org, cert: Path, key: Path, host: str = "0.0.0.0", port: int = 443) -> ThreadingHTTPServer:
+    """The org's HTTPS endpoint alone (no proxy): for a stand-in reached by its own name, e.g. a cluster Service."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = _Server((host, port), _Handler)
+    server.org = org
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python salesforce_server.py --records R.json --cert C --key K [--port 443]``: serve an org whose records
+    are R.json ({"Lead": [...]}) and whose valid access tokens are in $SALESFORCE_TOKENS (comma-separated)."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--records", type=Path, required=True)
+    parser.add_argument("--cert", type=Path, required=True)
+    parser.add_argument("--key", type=Path, required=True)
+    parser.add_argument("--port", type=int, default=443)
+    args = parser.parse_args(argv)
+    org = Org(objects=json.loads(args.records.read_text()),
+              tokens={t for t in os.environ.get("SALESFORCE_TOKENS", "").split(",") if t})
+    server = serve(org, args.cert, args.key, port=args.port)
+    print(f"Salesforce stand-in on :{args.port} with {', '.join(f'{len(v)} {k}' for k, v in org.objects.items())}",
+          flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

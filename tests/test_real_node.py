@@ -276,7 +276,10 @@ def test_network_policies_are_enforced_between_live_pods(cluster: RealNodeCluste
     assert _connects(cluster, TENANTS[0], "probe-training", "127.0.0.1", 8443)
     time.sleep(3)  # every probe's address is in the agent's sets by now (it lags about a second)
 
-    # A training pod reaches no other tenant, and nothing reaches it.
+    database = items(cluster, "pods", TENANTS[1], "app=crm-postgres")[0]["status"]["podIP"]
+    _eventually_connects(cluster, "monitoring", "probe-monitoring", database, 5432)
+    # A training pod reaches no other tenant (nor its data source), and nothing reaches it.
+    assert not _connects(cluster, TENANTS[0], "probe-training", database, 5432), "tenant → another tenant's database"
     assert not _connects(cluster, TENANTS[0], "probe-training", other_tenant, 8443), "tenant → other tenant allowed"
     assert not _connects(cluster, TENANTS[1], "probe-plain", trainer, 8443), "other tenant → training pod allowed"
     assert not _connects(cluster, "monitoring", "probe-monitoring", trainer, 8443), "anything → training pod allowed"
