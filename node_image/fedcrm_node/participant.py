@@ -134,15 +134,13 @@ class ParticipantNode:
             channel = client_channel(self.aggregator, self.tls, server_name=self.server_name)
         except FileNotFoundError as err:
             raise NodeExit(str(err), NodeExitCode.CONFIG) from None
-        try:
-            grpc.channel_ready_future(channel).result(timeout=self.connect_timeout)
-        except grpc.FutureTimeoutError:
+        if not _wait_until_ready(channel, self.aggregator, self.connect_timeout):
             channel.close()
             raise NodeExit(
                 f"cannot reach the aggregator at {self.aggregator} within {self.connect_timeout:g}s. Check the address, "
                 "that the aggregator runs, and that this participant's certificate was issued by the federation's CA",
                 NodeExitCode.UNREACHABLE,
-            ) from None
+            )
         log.info("%s the aggregator at %s", "connected to" if first else "reconnected to", self.aggregator)
         stub = rpc.FederatedTrainingStub(channel)
         request = pb.ConnectRequest(protocol_version=PROTOCOL_VERSION, federation=f"{ref.namespace}/{ref.name}")
@@ -462,3 +460,37 @@ class ParticipantNode:
         if unmasks_update:
             self.releases += 1
         return answer
+
+
+#: How often a node still waiting for its aggregator says so.
+WAITING_LOG_INTERVAL_S = 30.0
+
+
+def _wait_until_ready(channel: grpc.Channel, target: str, timeout: float, every: float = WAITING_LOG_INTERVAL_S) -> bool:
+    """Wait for the channel to connect; say every ``every`` seconds that it has not, with gRPC's state for it.
+
+    gRPC retries name resolution, TCP and TLS silently; without these lines a pod
+    whose aggregator name does not resolve, or whose NetworkPolicy drops the
+    connection, shows nothing in ``kubectl logs`` until the timeout (15 minutes
+    by default in a cluster)."""
+    states: list[grpc.ChannelConnectivity] = []
+    record = states.append
+    channel.subscribe(record, try_to_connect=True)
+    try:
+        began = time.monotonic()
+        while True:
+            left = timeout - (time.monotonic() - began)
+            if left <= 0:
+                return False
+            try:
+                grpc.channel_ready_future(channel).result(timeout=min(every, left))
+                return True
+            except grpc.FutureTimeoutError:
+                waited = time.monotonic() - began
+                if waited < timeout:
+                    state = states[-1].name if states else "IDLE"
+                    log.warning("still connecting to the aggregator at %s after %.0fs of %gs (gRPC state %s): check "
+                                "that the name resolves from this pod, that the aggregator runs, and that "
+                                "NetworkPolicies allow this pod to reach it", target, waited, timeout, state)
+    finally:
+        channel.unsubscribe(record)

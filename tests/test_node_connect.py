@@ -1,0 +1,48 @@
+"""A node waiting for its aggregator says so while it waits, not only when it gives up.
+
+gRPC retries name resolution, TCP and TLS in silence; on a real node a
+training pod whose aggregator name did not resolve showed nothing in ``kubectl
+logs`` for the whole connect timeout (15 minutes).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from concurrent import futures
+
+import grpc
+import pytest
+
+from fedcrm_node.participant import _wait_until_ready
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_node_waiting_for_an_absent_aggregator_logs_while_it_waits_then_gives_up(caplog: pytest.LogCaptureFixture) -> None:
+    target = f"127.0.0.1:{_closed_port()}"
+    channel = grpc.insecure_channel(target)
+    with caplog.at_level(logging.WARNING):
+        assert _wait_until_ready(channel, target, timeout=2.5, every=1.0) is False
+    waiting = [r.getMessage() for r in caplog.records if "still connecting to the aggregator" in r.getMessage()]
+    assert len(waiting) >= 2, caplog.text
+    assert target in waiting[0] and "gRPC state" in waiting[0] and "NetworkPolicies" in waiting[0]
+    channel.close()
+
+
+def test_a_reachable_aggregator_connects_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert _wait_until_ready(channel, f"127.0.0.1:{port}", timeout=10, every=1.0) is True
+        assert "still connecting" not in caplog.text
+    finally:
+        channel.close()
+        server.stop(None)
