@@ -457,22 +457,46 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.images.setdefault(self._pause_archive(), SANDBOX_IMAGE)
         self.images.setdefault(self._binary_image("coredns", COREDNS_IMAGE, user="65532:65532"), COREDNS_IMAGE)
         # The store outlives runs: images of earlier builds go, or every source change would leave 6 GB behind.
+        # The CRI plugin also names each image by its config digest (``sha256:...``); those names keep an old
+        # image's content alive after its own name is gone, so they go with it.
         wanted = set(self.images.values())
-        stale = [ref for ref in self.ctr("images", "ls", "-q").stdout.split()
-                 if ref.startswith(IMAGE_PREFIX) and ref not in wanted]
+        listed = self._listed_images()
+        stale = [ref for ref in listed if ref.startswith(IMAGE_PREFIX) and ref not in wanted]
+        kept_targets = {target for ref, target in listed.items() if ref not in stale and not ref.startswith("sha256:")}
+        stale += [ref for ref, target in listed.items() if ref.startswith("sha256:") and target not in kept_targets]
         if stale:
             self.ctr("images", "rm", "--sync", *stale, timeout=300)
         self.import_images(self.images)
 
+    def _listed_images(self) -> dict[str, str]:
+        """Every image name in the node's containerd → the digest of the manifest it names."""
+        rows = self.ctr("images", "ls").stdout.splitlines()[1:]
+        return {cols[0]: cols[2] for cols in (row.split() for row in rows) if len(cols) >= 3}
+
     def import_images(self, images: dict[Path, str]) -> None:
-        """Import OCI archives (path → ref) into the node's containerd, skipping refs it already holds."""
-        present = set(self.ctr("images", "ls", "-q").stdout.split())
+        """Import OCI archives (path → ref) into the node's containerd, skipping refs it already holds.
+
+        Once unpacked, an image's layer blobs are deleted from the content store (what the CRI plugin's
+        ``discard_unpacked_layers`` does for pulled images; ``ctr import`` has no such option): containers start
+        from the unpacked snapshots, and keeping the blobs would hold a second copy of the 6 GB node image."""
+        present = set(self._listed_images())
         for archive, ref in images.items():
             if ref in present:
                 continue
             self.ctr("images", "import", str(archive), timeout=900)
-            if ref not in set(self.ctr("images", "ls", "-q").stdout.split()):
+            target = self._listed_images().get(ref)
+            if target is None:
                 raise ControlPlaneError(f"importing {archive} did not register {ref}")
+            self._discard_layers(ref, target)
+
+    def _discard_layers(self, ref: str, manifest_digest: str) -> None:
+        rows = self.ctr("images", "check", f"name=={ref}").stdout.splitlines()[1:]
+        if not rows or rows[0].split()[-1] != "true":  # the last column: UNPACKED
+            raise ControlPlaneError(f"{ref} was imported but not unpacked: {rows}")
+        manifest = json.loads(self.ctr("content", "get", manifest_digest).stdout)
+        layers = [layer["digest"] for layer in manifest.get("layers", [])]
+        if layers:
+            self.ctr("content", "rm", *layers, check=False)
 
     def _pause_archive(self) -> Path:
         """The pod sandbox image: our own pause binary in an otherwise empty image (never pulled)."""

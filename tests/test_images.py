@@ -199,3 +199,29 @@ def test_entry_modules_start_from_the_image_files(images: dict[str, Image], unpa
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == "[]"
     assert sorted(p for p in (rootfs / "opt").rglob("*")) == before
+
+
+def _build_images_module():  # noqa: ANN202 - the script, loaded as a module for its pure parts
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("fedcrm_build_images", str(ROOT / "tools" / "build-images"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module  # dataclasses look their module up there
+    loader.exec_module(module)
+    return module
+
+
+def test_a_build_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path: Path) -> None:
+    build_images = _build_images_module()
+    plan = build_images.make_plan("buildah")
+    node = next(r for r in build_images.ROLES if r.name == "node")
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(build_images.BuildError) as refused:
+        build_images.check_free_space(tmp_path, plan, [node], {"node": free})  # needs at least 2× free
+    message = str(refused.value)
+    assert "building the node image(s) needs about" in message and "is free" in message
+    assert "--cache/--storage" in message  # says what to do about it
+    build_images.check_free_space(tmp_path, plan, [node], {"node": 1 << 20})  # a small image fits
