@@ -45,11 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcrm.pki import CertificateAuthority
 from fedcrm.protocol import to_vector
 from fedcrm.secagg.client import SecAggClient
+from fedcrm.secagg.graph import public_seed
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import choose_scale, quantize
 from fedcrm.secagg.server import SecAggServer
+from fedcrm.secagg.signing import PeerVerifier, Signer
 
 BITS = 32
 CLIP = 1.0
@@ -119,10 +122,10 @@ def configurations(quick: bool) -> list[Config]:
 def _params(cfg: Config) -> SecAggParams:
     """Our parameters for a configuration: same neighbourhood size and absolute threshold."""
     if cfg.neighbours == "logarithmic":
-        return SecAggParams(threshold=0.5, neighbours="logarithmic", bits=BITS)
+        return SecAggParams(threshold=0.51, neighbours="logarithmic", bits=BITS)
     k = cfg.n - 1 if cfg.neighbours == "complete" else int(cfg.neighbours)
-    # shares_needed(k) = ceil(threshold * (k + 1)); pick the fraction that yields cfg.threshold.
-    fraction = (cfg.threshold - 0.5) / (k + 1)
+    # shares_needed(k) = ceil(threshold * (k + 1)), a strict majority; pick the fraction that yields cfg.threshold.
+    fraction = max((cfg.threshold - 0.25) / (k + 1), 0.5 + 1e-9)
     params = SecAggParams(threshold=fraction, neighbours="complete" if cfg.neighbours == "complete" else k, bits=BITS)
     assert params.shares_needed(k) == cfg.threshold, (params.shares_needed(k), cfg.threshold)
     return params
@@ -164,7 +167,14 @@ def run_fedcrm(cfg: Config, seed: int = 0, *, trace_memory: bool = False) -> Row
         return out
 
     scale = choose_scale(clip=CLIP, weight_bound=cfg.n, bits=BITS)
-    clients = {i: SecAggClient(client_id=i, round_id=1, params=params, vector_length=cfg.d) for i in ids}
+    # Each participant signs with its own certificate and checks its neighbours' against the federation CA with
+    # a verifier of its own (an empty cache: this is a participant's first round, certificate checks included).
+    # Issuing the certificates is the PKI's work, outside the round, and not timed.
+    members, signers = _credentials(cfg.n)
+    seed = public_seed("bench/secagg", 1, 1, members)
+    clients = {i: SecAggClient(client_id=i, round_id=1, params=params, vector_length=cfg.d, signer=signers[i],
+                               verifier=PeerVerifier(_ca(cfg.n).cert_pem), members=members, public_seed=seed)
+               for i in ids}
     server_peak = 0
 
     class _Server:
@@ -196,7 +206,7 @@ def run_fedcrm(cfg: Config, seed: int = 0, *, trace_memory: bool = False) -> Row
     if trace_memory:
         tracemalloc.start()
     t = time.perf_counter()
-    server = _Server(SecAggServer(round_id=1, params=params, client_ids=ids, vector_length=cfg.d))
+    server = _Server(SecAggServer(round_id=1, params=params, client_ids=ids, vector_length=cfg.d, public_seed=seed))
     server_time += time.perf_counter() - t
     keys = {i: timed_client(i, clients[i].advertise_keys) for i in ids}
     for i, k in keys.items():
@@ -206,7 +216,7 @@ def run_fedcrm(cfg: Config, seed: int = 0, *, trace_memory: bool = False) -> Row
     dropped = _recoverable_dropouts(rng, {i: server.neighbours_of(i) for i in ids}, int(round(cfg.dropout * cfg.n)),
                                     params.shares_needed(params.neighbour_count(cfg.n)))
     for i in ids:
-        shares = timed_client(i, clients[i].share_keys, rosters[i], sorted(rosters[i]))
+        shares = timed_client(i, clients[i].share_keys, rosters[i])
         server.receive_shares(i, shares)
     server.close_share_keys()
     inboxes = {i: server.inbox_for(i) for i in ids if i not in dropped}
@@ -220,9 +230,13 @@ def run_fedcrm(cfg: Config, seed: int = 0, *, trace_memory: bool = False) -> Row
         upload.append(to_vector(masked).ByteSize())
         server.receive_masked(i, masked)
     gone, survivors = server.close_masked_input()
+    survivor_set = server.consistency_request()
     for i in survivors:
-        gone_i, alive_i = server.unmask_request_for(i)
-        reply = timed_client(i, lambda: clients[i].unmask(dropped=gone_i, survivors=alive_i))
+        server.receive_signature(i, timed_client(i, clients[i].sign_survivors, survivor_set))
+    server.close_consistency()
+    for i in survivors:
+        request = server.unmask_request_for(i)
+        reply = timed_client(i, lambda: clients[i].unmask(survivors=request.survivors, signatures=request.signatures))
         server.receive_unmask(i, reply)
     server.finish()
     if trace_memory:
@@ -231,6 +245,28 @@ def run_fedcrm(cfg: Config, seed: int = 0, *, trace_memory: bool = False) -> Row
     return Row("fedcrm", cfg.n, cfg.d, cfg.dropout, cfg.neighbours, params.shares_needed(params.neighbour_count(cfg.n)),
                float(np.mean(active)), server_time, float(np.mean(upload)),
                server_peak / 2**20 if trace_memory else None)
+
+
+_CAS: dict[int, CertificateAuthority] = {}
+_ISSUED: dict[int, tuple[dict[int, str], dict[int, Signer]]] = {}
+
+
+def _ca(n: int) -> CertificateAuthority:
+    if n not in _CAS:
+        _CAS[n] = CertificateAuthority.create(f"bench-{n}")
+    return _CAS[n]
+
+
+def _credentials(n: int) -> tuple[dict[int, str], dict[int, Signer]]:
+    """Member list and client certificates for ``n`` participants, issued once per size (not timed)."""
+    if n not in _ISSUED:
+        members = {i: f"tenant-{i:04d}/crm" for i in range(n)}
+        signers = {}
+        for i, identity in members.items():
+            issued = _ca(n).issue_client(identity)
+            signers[i] = Signer.from_pem(issued.cert_pem, issued.key_pem)
+        _ISSUED[n] = (members, signers)
+    return _ISSUED[n]
 
 
 def _flower_shape(cfg: Config) -> tuple[int, int]:

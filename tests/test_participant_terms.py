@@ -137,9 +137,11 @@ def test_an_aggregator_running_more_rounds_than_the_budget_planned_is_refused(
 
 def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants(
         small_federation: SynthResult, tmp_path: Path, lying_aggregator: Any) -> None:
-    """Five participants planned (t_min = 4 at threshold 0.8), three show up: secure aggregation alone would unmask
-    their sum (its threshold comes from who advertised keys), carrying 3/4 of the noise the epsilon assumes. The
-    aggregator stops before asking for any unmasking share."""
+    """Five participants planned (t_min = 4 at threshold 0.8), three show up: their sum would carry 3/4 of the
+    noise the epsilon assumes. No unmasking share is ever asked for: the secure sum's graph spans the whole member
+    list (absent members are holders that never answer), so it is abandoned when keys are advertised; the
+    aggregator's own t_min check before unmasking stands behind it for sparse graphs, whose neighbourhood
+    threshold is below t_min."""
     def planned_five(spec: dict[str, Any]) -> None:
         spec["participants"]["namespaces"] += ["tenant-98", "tenant-99"]  # two tenants that never come
         spec["training"].update(rounds=2, minParticipants=2, roundTimeoutSeconds=5)
@@ -154,5 +156,6 @@ def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants
 
     assert coordinator.history == []  # no round's sum was released
     events = (tmp_path / "aggregator" / "events.jsonl").read_text()
-    assert "only 3 noised updates survived" in events and "t_min = 4" in events
+    assert ("only 3 noised updates survived" in events and "t_min = 4" in events) or (
+        "stage advertise: participant 0 has 3 holders, 4 needed" in events)
     assert all(code == NodeExitCode.STOPPED for code, _ in results), [log[-500:] for _, log in results]

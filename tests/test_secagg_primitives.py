@@ -293,19 +293,28 @@ def test_params_neighbour_counts_and_thresholds() -> None:
     assert all(log.neighbour_count(n) % 2 == 0 or log.neighbour_count(n) == n - 1 for n in range(2, 300))
     assert SecAggParams(neighbours=3).neighbour_count(50) == 3
     assert SecAggParams(neighbours=30).neighbour_count(4) == 3
-    p = SecAggParams(threshold=0.5)
-    assert p.shares_needed(3) == 2  # 2 of 4
+    p = SecAggParams(threshold=0.51)
+    assert p.shares_needed(3) == 3  # 3 of 4: a strict majority
     assert p.shares_needed(1) == 2  # never 1: a single share would be the secret
-    assert SecAggParams(threshold=0.01).shares_needed(40) == 2
+    assert SecAggParams().threshold == 0.6 and SecAggParams().shares_needed(18) == 12  # n=50, logarithmic
     assert SecAggParams(threshold=1.0).shares_needed(5) == 6
     assert SecAggParams(threshold=0.7).shares_needed(9) == 7
+
+
+@given(threshold=st.floats(0.5, 1.0, exclude_min=True), k=st.integers(1, 2000))
+def test_shares_needed_is_always_a_strict_majority_of_the_holders(threshold: float, k: int) -> None:
+    """The bound the threat model rests on: 2t > k + 1, so two disjoint groups of honest holders cannot each
+    reach t (one revealing a self-mask, one the mask key; or each signing a different survivor set)."""
+    t = SecAggParams(threshold=threshold).shares_needed(k)
+    assert 2 * t > k + 1 and 2 <= t <= k + 1
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"threshold": 0.0}, r"threshold must be in \(0, 1\]"),
-        ({"threshold": 1.5}, r"threshold must be in \(0, 1\]"),
+        ({"threshold": 0.0}, r"threshold must be in \(0.5, 1\]"),
+        ({"threshold": 0.5}, r"threshold must be in \(0.5, 1\]"),
+        ({"threshold": 1.5}, r"threshold must be in \(0.5, 1\]"),
         ({"threshold": float("nan")}, "threshold"),
         ({"threshold": "half"}, "threshold must be a number"),
         ({"neighbours": "ring"}, "'complete', 'logarithmic' or a positive int"),

@@ -1,6 +1,7 @@
 """Whole secure-aggregation rounds in one process.
 
-Exact sums under dropouts, refusals, checkpoints, and what the aggregator sees.
+Exact sums under dropouts, refusals, checkpoints, and what the aggregator sees. The attacks of an
+aggregator that deviates from the protocol are in test_secagg_deviating_aggregator.py.
 """
 
 from __future__ import annotations
@@ -19,120 +20,38 @@ from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, SecAggClient
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import choose_scale, dequantize, quantize, vector_dtype
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
-
-# When a participant stops: it never advertises, or it stops right after the named stage,
-# or it computes its unmask reply but the reply never arrives.
-NEVER = "never"
-AFTER_ADVERTISE = "after_advertise"
-AFTER_SHARE_KEYS = "after_share_keys"
-AFTER_MASKED_INPUT = "after_masked_input"
-DURING_UNMASK = "during_unmask"
-DROP_STAGES = (NEVER, AFTER_ADVERTISE, AFTER_SHARE_KEYS, AFTER_MASKED_INPUT, DURING_UNMASK)
-
-
-class Round:
-    """One round driven step by step, with dropouts injected.
-
-    Ids are sparse (2, 5, 8, ...) so that an id is never confused with an index.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        d: int,
-        params: SecAggParams,
-        *,
-        seed: int = 0,
-        round_id: int = 5,
-        drop: Mapping[int, str] | None = None,
-        inputs: Mapping[int, np.ndarray] | None = None,
-    ) -> None:
-        rng = np.random.default_rng(seed)
-        self.ids = [3 * i + 2 for i in range(n)]
-        self.params, self.d, self.round_id = params, d, round_id
-        dtype = vector_dtype(params.bits)
-        self.inputs = dict(inputs) if inputs is not None else {
-            cid: rng.integers(0, 2**params.bits, d, dtype=np.uint64).astype(dtype) for cid in self.ids
-        }
-        self.drop = dict(drop or {})
-        self.server = SecAggServer(round_id=round_id, params=params, client_ids=self.ids, vector_length=d)
-        self.clients = {
-            cid: SecAggClient(client_id=cid, round_id=round_id, params=params, vector_length=d) for cid in self.ids
-        }
-        self.seen: dict[int, np.ndarray] = {}
-        self.shares_sent: dict[int, dict[int, bytes]] = {}
-        self.u1: list[int] = []
-        self.u2: list[int] = []
-
-    def _alive_after(self, cid: int, stage: str) -> bool:
-        stop = self.drop.get(cid)
-        return stop is None or DROP_STAGES.index(stop) > DROP_STAGES.index(stage)
-
-    def advertise(self) -> None:
-        for cid in self.ids:
-            if self._alive_after(cid, NEVER):
-                self.server.receive_keys(cid, self.clients[cid].advertise_keys())
-                self.u1.append(cid)
-        self.server.close_advertise()
-
-    def share_keys(self) -> None:
-        for cid in self.u1:
-            if self._alive_after(cid, AFTER_ADVERTISE):
-                cts = self.clients[cid].share_keys(self.server.roster_for(cid), self.server.neighbours_of(cid))
-                self.shares_sent[cid] = cts
-                self.server.receive_shares(cid, cts)
-                self.u2.append(cid)
-        self.server.close_share_keys()
-
-    def masked_input(self, *, only: list[int] | None = None, close: bool = True) -> tuple[list[int], list[int]] | None:
-        for cid in only if only is not None else self.u2:
-            if self._alive_after(cid, AFTER_SHARE_KEYS) and cid not in self.seen:
-                masked = self.clients[cid].masked_input(self.server.inbox_for(cid), self.inputs[cid])
-                self.seen[cid] = masked.copy()
-                self.server.receive_masked(cid, masked)
-        return self.server.close_masked_input() if close else None
-
-    def unmask(self, server: SecAggServer | None = None) -> None:
-        server = server or self.server
-        for cid in server.survivors:
-            if not self._alive_after(cid, AFTER_MASKED_INPUT):
-                continue
-            dropped, survivors = server.unmask_request_for(cid)
-            reply = self.clients[cid].unmask(dropped=dropped, survivors=survivors)
-            if self._alive_after(cid, DURING_UNMASK):
-                server.receive_unmask(cid, reply)
-
-    def run(self) -> np.ndarray:
-        self.advertise()
-        self.share_keys()
-        self.masked_input()
-        self.unmask()
-        return self.server.finish()
-
-    def expected(self, survivors: list[int]) -> np.ndarray:
-        total = np.zeros(self.d, dtype=np.uint64)
-        for cid in survivors:
-            total += self.inputs[cid].astype(np.uint64)
-        return (total & np.uint64(2**self.params.bits - 1)).astype(vector_dtype(self.params.bits))
-
+from secagg_harness import (
+    AFTER_ADVERTISE,
+    AFTER_MASKED_INPUT,
+    AFTER_SHARE_KEYS,
+    DROP_STAGES,
+    DURING_UNMASK,
+    NEVER,
+    Round,
+)
 
 def should_finish(r: Round, graph: Mapping[int, tuple[int, ...]] | None) -> bool:
-    """The oracle, from the protocol's definition: can every needed secret get its threshold of shares?"""
+    """The oracle, from the protocol's definition: can every needed secret get its threshold of shares?
+
+    ``graph`` is the public graph's neighbourhoods of the participants that advertised (absent members count
+    as holders that never answer).
+    """
     alive = lambda stage: {c for c in r.ids if r._alive_after(c, stage)}  # noqa: E731
     if graph is None:
         return False
     t = {c: r.params.shares_needed(len(graph[c])) for c in graph}
     u2, u3 = alive(AFTER_ADVERTISE), alive(AFTER_SHARE_KEYS)
-    replied = alive(DURING_UNMASK)
+    signers, replied = alive(AFTER_MASKED_INPUT), alive(DURING_UNMASK)
     if len(u2) < 2 or not u3:
         return False
     if any(len(set(graph[c]) & u2) + 1 < t[c] for c in u2):
         return False
-    for c in u3:  # self-masks of survivors, rebuilt from the survivors (itself included) that replied
-        if len(set(graph[c]) & u3) + 1 < t[c] or len((set(graph[c]) | {c}) & replied) < t[c]:
+    for c in u3:  # self-masks of survivors: signed by t of the neighbourhood, rebuilt from those that replied
+        whole = set(graph[c]) | {c}
+        if len(set(graph[c]) & u3) + 1 < t[c] or len(whole & signers) < t[c] or len(whole & replied) < t[c]:
             return False
     for c in u2 - u3:  # mask keys of dropped participants
-        if len(set(graph[c]) & u3) < t[c] or len(set(graph[c]) & replied) < t[c]:
+        if min(len(set(graph[c]) & u3), len(set(graph[c]) & signers), len(set(graph[c]) & replied)) < t[c]:
             return False
     return True
 
@@ -148,7 +67,7 @@ DROP_CHOICE = st.sampled_from([None] * 6 + list(DROP_STAGES))
     n=st.integers(3, 12),
     d=st.integers(1, 50),
     bits=st.integers(16, 32),
-    threshold=st.sampled_from([0.2, 0.5, 0.51, 0.67, 0.9, 1.0]),
+    threshold=st.sampled_from([0.51, 0.6, 0.67, 0.9, 1.0]),
     neighbours=NEIGHBOURS,
     drops=st.lists(DROP_CHOICE, min_size=12, max_size=12),
     seed=st.integers(0, 2**32 - 1),
@@ -165,6 +84,7 @@ def test_round_sums_survivors_exactly_or_refuses(
         graph = {c: r.server.neighbours_of(c) for c in r.u1}
         r.share_keys()
         r.masked_input()
+        r.consistency()
         r.unmask()
         total = r.server.finish()
     except BelowThreshold as exc:
@@ -207,7 +127,7 @@ def test_too_many_dropouts_raise_below_threshold_naming_the_stage() -> None:
     with pytest.raises(ProtocolViolation):
         r.server.receive_masked(5, r.inputs[5])
 
-    r = Round(5, 4, SecAggParams(threshold=0.5), drop={c: NEVER for c in (2, 5, 8, 11)})
+    r = Round(5, 4, SecAggParams(threshold=0.51), drop={c: NEVER for c in (2, 5, 8, 11)})
     with pytest.raises(BelowThreshold, match="stage advertise: 1 participant"):
         r.advertise()
 
@@ -216,6 +136,7 @@ def test_too_many_dropouts_raise_below_threshold_naming_the_stage() -> None:
     r.advertise()
     r.share_keys()
     r.masked_input()
+    r.consistency()
     r.unmask()
     with pytest.raises(BelowThreshold, match="stage unmask: 3 of 5 survivors answered"):
         r.server.finish()
@@ -230,37 +151,51 @@ def _at_unmask(n: int = 6, **kwargs: object) -> Round:
     r.advertise()
     r.share_keys()
     r.masked_input()
+    r.consistency()
     return r
 
 
-def test_client_refuses_to_reveal_both_shares_of_one_participant() -> None:
+def test_client_reveals_one_kind_of_share_per_peer_derived_from_the_signed_set() -> None:
     r = _at_unmask()
-    client = r.clients[5]
-    with pytest.raises(ProtocolViolation, match="both dropped and surviving"):
-        client.unmask(dropped=[8], survivors=[5, 8])
-    # A refusal is final: the aggregator does not get to ask again with another question.
-    with pytest.raises(ProtocolViolation, match="cannot reveal shares"):
-        client.unmask(dropped=[], survivors=[5])
-
-
-def test_client_answers_once_and_only_about_its_neighbourhood() -> None:
-    r = _at_unmask()
-    dropped, survivors = r.server.unmask_request_for(5)
-    assert dropped == [2]
-    reply = r.clients[5].unmask(dropped=dropped, survivors=survivors)
-    assert set(reply.key_shares) == {2} and set(reply.self_mask_shares) == set(survivors)
+    request = r.server.unmask_request_for(5)
+    reply = r.clients[5].unmask(survivors=request.survivors, signatures=request.signatures)
+    assert set(reply.key_shares) == {2} and set(reply.self_mask_shares) == {5, 8, 11, 14, 17}
     assert not set(reply.key_shares) & set(reply.self_mask_shares)
     with pytest.raises(ProtocolViolation, match="cannot reveal shares"):
-        r.clients[5].unmask(dropped=dropped, survivors=survivors)
+        r.clients[5].unmask(survivors=request.survivors, signatures=request.signatures)
 
-    r = _at_unmask(10, neighbours=2)
-    me = r.ids[-1]
-    strangers = [c for c in r.ids if c != me and c not in r.server.neighbours_of(me)]
-    with pytest.raises(ProtocolViolation, match="holds no shares"):
-        r.clients[me].unmask(dropped=[], survivors=[me, strangers[0]])
-    other = r.ids[-2]
-    with pytest.raises(ProtocolViolation, match="listed as dropped"):
-        r.clients[other].unmask(dropped=[other], survivors=[])
+
+def test_client_unmasks_only_the_set_it_signed_with_enough_signatures() -> None:
+    r = _at_unmask()
+    request = r.server.unmask_request_for(8)
+    # Another set than the one it signed (2 claimed alive: both of 2's shares would then be out).
+    with pytest.raises(ProtocolViolation, match="other than the one this participant signed"):
+        r.clients[8].unmask(survivors=sorted([*request.survivors, 2]), signatures=request.signatures)
+    # A refusal is final: the aggregator does not get to ask again with another question.
+    with pytest.raises(ProtocolViolation, match="cannot reveal shares"):
+        r.clients[8].unmask(survivors=request.survivors, signatures=request.signatures)
+    request = r.server.unmask_request_for(11)
+    few = dict(list(request.signatures.items())[:1])
+    with pytest.raises(ProtocolViolation, match="signed the same survivor set"):
+        r.clients[11].unmask(survivors=request.survivors, signatures=few)
+    request = r.server.unmask_request_for(14)
+    forged = {v: sig[:-2] + bytes([sig[-2] ^ 1, sig[-1]]) for v, sig in request.signatures.items()}
+    with pytest.raises(ProtocolViolation, match="signed the same survivor set"):
+        r.clients[14].unmask(survivors=request.survivors, signatures=forged)
+
+
+def test_client_signs_one_survivor_set_that_holds_itself() -> None:
+    r = Round(5, 8, SecAggParams())
+    r.advertise()
+    r.share_keys()
+    r.masked_input()
+    with pytest.raises(ProtocolViolation, match="leaves out this participant"):
+        r.clients[2].sign_survivors([5, 8, 11, 14])
+    with pytest.raises(ProtocolViolation, match="cannot sign the survivor set"):
+        r.clients[2].sign_survivors(r.ids)
+    with pytest.raises(ProtocolViolation, match="non-members"):
+        r.clients[5].sign_survivors([5, 99])
+    assert r.clients[8].sign_survivors(r.ids) != r.clients[11].sign_survivors(r.ids)
 
 
 def test_out_of_order_calls_are_protocol_violations() -> None:
@@ -277,8 +212,8 @@ def test_out_of_order_calls_are_protocol_violations() -> None:
     with pytest.raises(ProtocolViolation, match="cannot receive keys in stage 'share_keys'"):
         r.server.receive_keys(2, r.clients[2].advertise_keys())
     with pytest.raises(ProtocolViolation, match="cannot reveal shares"):
-        r.clients[2].unmask(dropped=[], survivors=[2])
-    cts = r.clients[2].share_keys(r.server.roster_for(2), r.server.neighbours_of(2))
+        r.clients[2].unmask(survivors=[2], signatures={})
+    cts = r.clients[2].share_keys(r.server.roster_for(2))
     with pytest.raises(ProtocolViolation, match="must send one ciphertext to each"):
         r.server.receive_shares(2, {v: ct for v, ct in list(cts.items())[1:]})
     r.server.receive_shares(2, cts)
@@ -314,9 +249,9 @@ def test_client_refuses_a_roster_with_a_repeated_key() -> None:
     mine = r.clients[2].advertise_keys()
     reflected = {**roster, 5: AdvertisedKeys(c_pk=mine.c_pk, s_pk=roster[5].s_pk)}
     with pytest.raises(ProtocolViolation, match="advertise the same public key"):
-        r.clients[2].share_keys(reflected, r.server.neighbours_of(2))
-    with pytest.raises(ProtocolViolation, match="no advertised keys"):
-        Round(4, 8, SecAggParams()).clients[2].share_keys({}, [5])
+        r.clients[2].share_keys(reflected)
+    with pytest.raises(ProtocolViolation, match="at least one neighbour"):
+        Round(4, 8, SecAggParams()).clients[2].share_keys({})
 
 
 def test_tampered_or_misdelivered_ciphertexts_are_rejected() -> None:
@@ -354,7 +289,8 @@ def test_ciphertexts_from_another_round_are_rejected() -> None:
 # Checkpoints -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("at", ["advertise", "share_keys", "masked_input", "mid_masked_input", "unmask", "mid_unmask"])
+@pytest.mark.parametrize(
+    "at", ["advertise", "share_keys", "masked_input", "mid_masked_input", "consistency", "unmask", "mid_unmask"])
 def test_checkpoint_and_restore_at_any_stage_finishes_with_the_same_sum(at: str) -> None:
     r = Round(8, 30, SecAggParams(neighbours=4, bits=24), drop={5: AFTER_SHARE_KEYS, 8: DURING_UNMASK}, seed=9)
 
@@ -373,14 +309,17 @@ def test_checkpoint_and_restore_at_any_stage_finishes_with_the_same_sum(at: str)
         r.masked_input(only=r.u2[:3], close=False)
         restore()
     r.masked_input()
+    if at == "consistency":
+        restore()
+    r.consistency()
     if at == "unmask":
         restore()
     if at == "mid_unmask":
-        first = r.server.survivors[0]
-        dq, sq = r.server.unmask_request_for(first)
-        r.server.receive_unmask(first, r.clients[first].unmask(dropped=dq, survivors=sq))
+        first = r.server.signers[0]
+        request = r.server.unmask_request_for(first)
+        r.server.receive_unmask(first, r.clients[first].unmask(survivors=request.survivors,
+                                                                signatures=request.signatures))
         restore()
-        r.drop[first] = AFTER_MASKED_INPUT  # already answered before the restart
     r.unmask()
     total = r.server.finish()
     assert np.array_equal(total, r.expected(r.server.survivors))
@@ -403,13 +342,14 @@ def test_checkpoint_after_masked_input_then_finish_gives_the_same_sum() -> None:
     r.advertise()
     r.share_keys()
     r.masked_input()
+    r.consistency()
     restored = SecAggServer.restore(r.server.checkpoint())
     assert restored.stage == "unmask" and restored.survivors == r.server.survivors
     assert restored.dropped == r.server.dropped == [8]
-    for cid in r.server.survivors:  # each client answers once; both servers get the same reply
+    for cid in r.server.signers:  # each client answers once; both servers get the same reply
         request = r.server.unmask_request_for(cid)
         assert restored.unmask_request_for(cid) == request
-        reply = r.clients[cid].unmask(dropped=request[0], survivors=request[1])
+        reply = r.clients[cid].unmask(survivors=request.survivors, signatures=request.signatures)
         r.server.receive_unmask(cid, reply)
         restored.receive_unmask(cid, reply)
     original = r.server.finish()
@@ -442,7 +382,7 @@ def test_what_the_aggregator_sees_is_uniform_but_the_sum_is_right(monkeypatch: p
     rng = np.random.default_rng(0)
     reals = {3 * i + 2: (np.zeros(d) if i < 3 else rng.normal(0, 0.1, d)) for i in range(n)}
     inputs = {cid: quantize(v, clip=clip, scale=scale, bits=32) for cid, v in reals.items()}
-    r = Round(n, d, SecAggParams(threshold=0.5, neighbours=4, bits=32), inputs=inputs, drop={11: AFTER_SHARE_KEYS})
+    r = Round(n, d, SecAggParams(threshold=0.6, neighbours=4, bits=32), inputs=inputs, drop={11: AFTER_SHARE_KEYS})
     total = r.run()
     assert len(r.seen) == n - 1
     for cid, masked in r.seen.items():

@@ -56,6 +56,7 @@ STAGE_NAMES = {
     pb.Task.EVALUATE: "evaluation",
     pb.Task.SECAGG_SHARE_KEYS: "secure aggregation (share keys)",
     pb.Task.SECAGG_MASKED_INPUT: "secure aggregation (masked input)",
+    pb.Task.SECAGG_CONSISTENCY: "secure aggregation (consistency check)",
     pb.Task.SECAGG_UNMASK: "secure aggregation (unmasking)",
 }
 

@@ -10,15 +10,18 @@ neighbourhoods) over the participants' task streams:
 3. MaskedInputCollection — each participant gets the shares addressed to it and
    sends its masked vector, which is added to a running sum at once; no
    individual vector is kept.
-4. Unmasking — survivors send shares of survivors' self-mask seeds and of
-   dropped participants' mask keys, never both for one participant.
+4. ConsistencyCheck — each survivor signs the survivor set, the same list
+   for all.
+5. Unmasking — each survivor gets its neighbours' signatures and, with at least
+   t of them over the set it signed, sends shares of surviving neighbours'
+   self-mask seeds and of dropped neighbours' mask keys, never both for one.
 
+Participants sign their keys with their certificate keys and recompute their
+neighbourhoods from the member list and the public seed
+(:func:`fedcrm.secagg.graph.public_seed`): none of what this module relays
+needs to be taken on trust, see docs/secure-aggregation.md (threat model).
 A stage that leaves a neighbourhood below its threshold abandons the round:
-no partial sum is ever released. The consistency-check stage of the paper
-(signatures over the survivor set, against an actively malicious aggregator)
-is not run: participants here authenticate with mutual TLS to an aggregator
-the federation's owner operates, and the check would add a round trip and a
-signature per participant per stage.
+no partial sum is ever released.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from fedcrm.errors import FederationFailed
 from fedcrm.protocol import from_vector, pb
 from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, UnmaskReply
+from fedcrm.secagg.graph import public_seed
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
@@ -106,6 +110,7 @@ class SecureSums:
         base = pb.SecAggTask(
             phase=phase, round_id=round_id, threshold=self.spec.threshold, neighbours=str(self.spec.neighbours),
             bits=self.spec.bits, weight_bound=self.bound(kind), clip=self.spec.clip,
+            members=[self.identities[i] for i in sorted(self.identities)],
         )
         name = "training" if kind == pb.Task.FIT else "evaluation"
         try:
@@ -124,19 +129,23 @@ class SecureSums:
             task.secagg.CopyFrom(base)
 
         def check(message: Any) -> None:
-            if message.secagg_keys is None or len(message.secagg_keys.c_pk) != 32 or len(message.secagg_keys.s_pk) != 32:
-                raise ValueError("secure aggregation is on: the answer must carry two 32-byte public keys")
+            k = message.secagg_keys
+            if k is None or len(k.c_pk) != 32 or len(k.s_pk) != 32 or not k.signature or not k.certificate:
+                raise ValueError("secure aggregation is on: the answer must carry two 32-byte public keys, signed, "
+                                 "with the signer's certificate")
 
         def receive_keys(identity: str, message: Any) -> AdvertisedKeys:
             if kind == pb.Task.FIT and message.model_version != c.version:
                 raise ValueError(f"keys are for model version {message.model_version}, current is {c.version}")
             check(message)
-            return AdvertisedKeys(c_pk=message.secagg_keys.c_pk, s_pk=message.secagg_keys.s_pk)
+            k = message.secagg_keys
+            return AdvertisedKeys(c_pk=k.c_pk, s_pk=k.s_pk, signature=k.signature, certificate=k.certificate)
 
         # 1. AdvertiseKeys (the FIT / EVALUATE task itself)
         keys = c.run_stage(kind, round_, receive_keys, customize=with_base)
-        server = SecAggServer(round_id=round_id, params=self.params, client_ids=sorted(self.ids[i] for i in keys),
-                              vector_length=quantizer.size)
+        seed = public_seed(c.federation.key, round_, phase, self.identities)
+        server = SecAggServer(round_id=round_id, params=self.params, client_ids=sorted(self.identities),
+                              vector_length=quantizer.size, public_seed=seed)
         for identity, k in keys.items():
             server.receive_keys(self.ids[identity], k)
         server.close_advertise()
@@ -145,7 +154,8 @@ class SecureSums:
         def roster(session: Session, task: pb.Task) -> None:
             with_base(session, task)
             for peer, k in server.roster_for(self.ids[session.identity]).items():
-                task.secagg.roster[peer].CopyFrom(pb.SecAggKeys(c_pk=k.c_pk, s_pk=k.s_pk))
+                task.secagg.roster[peer].CopyFrom(
+                    pb.SecAggKeys(c_pk=k.c_pk, s_pk=k.s_pk, signature=k.signature, certificate=k.certificate))
 
         def receive_shares(identity: str, message: pb.SecAggResult) -> bool:
             self._check_result(message, phase, round_id, pb.Task.SECAGG_SHARE_KEYS)
@@ -176,12 +186,27 @@ class SecureSums:
                 f"only {len(survivors)} noised updates survived, client-level differential privacy needs at least "
                 f"t_min = {noise.survivors_min} (each carries 1/t_min of the noise)")
 
-        # 4. Unmasking: each survivor hears only about its own neighbourhood.
+        # 4. ConsistencyCheck: every survivor signs the same survivor set.
+        def survivor_set(session: Session, task: pb.Task) -> None:
+            with_base(session, task)
+            task.secagg.survivors.extend(server.consistency_request())
+
+        def receive_signature(identity: str, message: pb.SecAggResult) -> bool:
+            self._check_result(message, phase, round_id, pb.Task.SECAGG_CONSISTENCY)
+            server.receive_signature(self.ids[identity], message.survivors_signature)
+            return True
+
+        signed = c.run_stage(pb.Task.SECAGG_CONSISTENCY, round_, receive_signature,
+                             cohort={self.identities[i] for i in survivors}, customize=survivor_set)
+        server.close_consistency()
+
+        # 5. Unmasking: each signer gets the survivor set and its neighbours' signatures over it.
         def unmask_request(session: Session, task: pb.Task) -> None:
             with_base(session, task)
-            gone, alive = server.unmask_request_for(self.ids[session.identity])
-            task.secagg.dropped.extend(gone)
-            task.secagg.survivors.extend(alive)
+            request = server.unmask_request_for(self.ids[session.identity])
+            task.secagg.survivors.extend(request.survivors)
+            for signer, signature in request.signatures.items():
+                task.secagg.signatures[signer] = signature
 
         def receive_unmask(identity: str, message: pb.SecAggResult) -> bool:
             self._check_result(message, phase, round_id, pb.Task.SECAGG_UNMASK)
@@ -191,8 +216,7 @@ class SecureSums:
 
         if kind == pb.Task.FIT:
             c.count_exposure()  # the shares asked for next let the round's noised sum out
-        c.run_stage(pb.Task.SECAGG_UNMASK, round_, receive_unmask,
-                    cohort={self.identities[i] for i in survivors}, customize=unmask_request)
+        c.run_stage(pb.Task.SECAGG_UNMASK, round_, receive_unmask, cohort=signed.keys(), customize=unmask_request)
         total = server.finish()
         if dropped:
             log.info("round %d: secure aggregation recovered %d dropped participant(s)", round_, len(dropped))

@@ -24,6 +24,7 @@ from fedcrm.errors import DataError, FedcrmError, ManifestError
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.privacy.plans import noise_participants
 from fedcrm.protocol import PROTOCOL_VERSION, TlsFiles, client_channel, from_vector, pb, rpc, to_vector
+from fedcrm.secagg.signing import PeerVerifier, Signer
 from fedcrm.spec.loading import check_membership, parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
 from fedcrm.spec.terms import terms_differences, terms_digest
@@ -90,6 +91,7 @@ class ParticipantNode:
         self.version: int | None = None
         self.secagg_id = 0
         self.contribution = None  # the secure sum in progress, if any
+        self._signing: tuple[Signer, PeerVerifier] | None = None  # (Signer, PeerVerifier) for secure aggregation
         self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
         # Training results this process let out: a plain update sent, or the shares that unmask a secure sum of
@@ -186,7 +188,8 @@ class ParticipantNode:
             self._check_task(stub, task)
             self._receive_model(task)
             self._ack(stub.SubmitEvaluation(self._evaluate(task)), task)
-        elif kind in (pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_MASKED_INPUT, pb.Task.SECAGG_UNMASK):
+        elif kind in (pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_MASKED_INPUT, pb.Task.SECAGG_CONSISTENCY,
+                      pb.Task.SECAGG_UNMASK):
             self._ack(stub.SubmitSecAgg(self._secure_answer(stub, task)), task)
         elif kind == pb.Task.FINISH:
             if task.succeeded:
@@ -440,10 +443,24 @@ class ParticipantNode:
     def _start_secure_sum(self, task: pb.Task, quantizer: object, values: np.ndarray) -> pb.SecAggKeys:
         from fedcrm_node.secure_sums import SecureContribution
 
-        self.contribution = SecureContribution(
-            client_id=self.secagg_id, round_=task.round, secagg=task.secagg, quantizer=quantizer, values=values,  # type: ignore[arg-type]
-        )
+        assert self.federation is not None
+        signer, verifier = self._secagg_credentials()
+        try:
+            self.contribution = SecureContribution(
+                client_id=self.secagg_id, round_=task.round, secagg=task.secagg, quantizer=quantizer, values=values,  # type: ignore[arg-type]
+                federation=self.federation.key, signer=signer, verifier=verifier,
+            )
+        except ValueError as err:  # ProtocolViolation: a member list that does not give this participant its id
+            raise NodeExit(f"round {task.round}: refusing a secure-aggregation request: {err}", NodeExitCode.UNREACHABLE) from None
         return self.contribution.keys()
+
+    def _secagg_credentials(self) -> tuple[Signer, PeerVerifier]:
+        """This participant's signer (its mutual-TLS certificate and key) and a verifier of peers against the
+        federation CA, made once: the verifier caches each peer's checked certificate across rounds."""
+        if self._signing is None:
+            ca, cert, key = self.tls.read()
+            self._signing = (Signer.from_pem(cert, key), PeerVerifier(ca))
+        return self._signing
 
     def _secure_answer(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> pb.SecAggResult:
         if self.contribution is None or not self.contribution.matches(task):

@@ -50,6 +50,7 @@ class Task(_message.Message):
         SECAGG_SHARE_KEYS: _ClassVar[Task.Kind]
         SECAGG_MASKED_INPUT: _ClassVar[Task.Kind]
         SECAGG_UNMASK: _ClassVar[Task.Kind]
+        SECAGG_CONSISTENCY: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WELCOME: Task.Kind
     STATISTICS: Task.Kind
@@ -59,6 +60,7 @@ class Task(_message.Message):
     SECAGG_SHARE_KEYS: Task.Kind
     SECAGG_MASKED_INPUT: Task.Kind
     SECAGG_UNMASK: Task.Kind
+    SECAGG_CONSISTENCY: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -86,7 +88,7 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., federation_json: _Optional[str] = ..., identity: _Optional[str] = ..., model_version: _Optional[int] = ..., model: _Optional[_Union[Vector, _Mapping]] = ..., preprocessing_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., succeeded: _Optional[bool] = ..., message: _Optional[str] = ..., secagg_id: _Optional[int] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ...) -> None: ...
 
 class SecAggTask(_message.Message):
-    __slots__ = ("phase", "round_id", "threshold", "neighbours", "bits", "weight_bound", "clip", "roster", "inbox", "dropped", "survivors")
+    __slots__ = ("phase", "round_id", "threshold", "neighbours", "bits", "weight_bound", "clip", "roster", "inbox", "dropped", "survivors", "members", "signatures")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[SecAggTask.Phase]
@@ -109,6 +111,13 @@ class SecAggTask(_message.Message):
         key: int
         value: bytes
         def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class SignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +129,8 @@ class SecAggTask(_message.Message):
     INBOX_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     phase: SecAggTask.Phase
     round_id: int
     threshold: float
@@ -131,15 +142,21 @@ class SecAggTask(_message.Message):
     inbox: _containers.ScalarMap[int, bytes]
     dropped: _containers.RepeatedScalarFieldContainer[int]
     survivors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., threshold: _Optional[float] = ..., neighbours: _Optional[str] = ..., bits: _Optional[int] = ..., weight_bound: _Optional[float] = ..., clip: _Optional[float] = ..., roster: _Optional[_Mapping[int, SecAggKeys]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., dropped: _Optional[_Iterable[int]] = ..., survivors: _Optional[_Iterable[int]] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    signatures: _containers.ScalarMap[int, bytes]
+    def __init__(self, phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., threshold: _Optional[float] = ..., neighbours: _Optional[str] = ..., bits: _Optional[int] = ..., weight_bound: _Optional[float] = ..., clip: _Optional[float] = ..., roster: _Optional[_Mapping[int, SecAggKeys]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., dropped: _Optional[_Iterable[int]] = ..., survivors: _Optional[_Iterable[int]] = ..., members: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("c_pk", "s_pk")
+    __slots__ = ("c_pk", "s_pk", "signature", "certificate")
     C_PK_FIELD_NUMBER: _ClassVar[int]
     S_PK_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     c_pk: bytes
     s_pk: bytes
-    def __init__(self, c_pk: _Optional[bytes] = ..., s_pk: _Optional[bytes] = ...) -> None: ...
+    signature: bytes
+    certificate: bytes
+    def __init__(self, c_pk: _Optional[bytes] = ..., s_pk: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class StatisticsResult(_message.Message):
     __slots__ = ("round", "statistics")
@@ -180,7 +197,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., counts: _Optional[_Union[Vector, _Mapping]] = ..., secagg_keys: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
 
 class SecAggResult(_message.Message):
-    __slots__ = ("round", "phase", "round_id", "stage", "shares", "masked", "self_mask_shares", "key_shares")
+    __slots__ = ("round", "phase", "round_id", "stage", "shares", "masked", "self_mask_shares", "key_shares", "survivors_signature")
     class SharesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +227,7 @@ class SecAggResult(_message.Message):
     MASKED_FIELD_NUMBER: _ClassVar[int]
     SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: SecAggTask.Phase
     round_id: int
@@ -218,7 +236,8 @@ class SecAggResult(_message.Message):
     masked: Vector
     self_mask_shares: _containers.ScalarMap[int, bytes]
     key_shares: _containers.ScalarMap[int, bytes]
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., stage: _Optional[_Union[Task.Kind, str]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., masked: _Optional[_Union[Vector, _Mapping]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+    survivors_signature: bytes
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., stage: _Optional[_Union[Task.Kind, str]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., masked: _Optional[_Union[Vector, _Mapping]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ..., survivors_signature: _Optional[bytes] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("message", "budget_spent", "releases")

@@ -10,6 +10,7 @@ Modules: :mod:`~fedcrm.secagg.params` (the knobs), :mod:`~fedcrm.secagg.quantiza
 (reals <-> integers modulo ``2**bits``), :mod:`~fedcrm.secagg.graph` (who
 neighbours whom), :mod:`~fedcrm.secagg.shamir` (secret sharing),
 :mod:`~fedcrm.secagg.crypto` (X25519, AES-GCM, AES-CTR masks),
+:mod:`~fedcrm.secagg.signing` (certificate signatures over keys and survivor sets),
 :mod:`~fedcrm.secagg.client` and :mod:`~fedcrm.secagg.server` (the two sides).
 """
 
@@ -19,19 +20,24 @@ from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, SecAggClient
 from fedcrm.secagg.crypto import TamperedCiphertext
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import choose_scale, dequantize, quantize
-from fedcrm.secagg.server import BelowThreshold, SecAggServer
+from fedcrm.secagg.server import BelowThreshold, SecAggServer, UnmaskRequest
 from fedcrm.secagg.shamir import NotEnoughShares
+from fedcrm.secagg.signing import PeerVerifier, Signer, UntrustedPeer
 
 __all__ = [
     "AdvertisedKeys",
     "BelowThreshold",
     "NotEnoughShares",
+    "PeerVerifier",
     "ProtocolViolation",
     "SecAggClient",
     "SecAggParams",
     "SecAggServer",
+    "Signer",
     "TamperedCiphertext",
     "UnmaskReply",
+    "UnmaskRequest",
+    "UntrustedPeer",
     "choose_scale",
     "dequantize",
     "quantize",

@@ -11,6 +11,18 @@ that hashes the round id and the whole roster of advertised keys
 aggregator nor a participant can steer it except by grinding keys, and every
 party can recompute it.
 
+Against an aggregator that deviates from the protocol the seed must also be
+one that every participant can recompute without trusting the aggregator's
+word and without verifying every other participant's keys (which would cost
+each participant O(n) signature checks per round, and SecAgg+ exists to keep
+that O(log n)). :func:`public_seed` is that seed: a hash of the federation, the
+round number, the phase and the member list (ids and identities), nothing the
+aggregator picks at run time. Both sides compute each participant's
+neighbourhood from it; the member list and the seed are bound into every
+signature (:mod:`fedcrm.secagg.signing`), so neighbours that sign the same
+survivor set agree on the graph. :func:`graph_seed` (a hash of every advertised
+key) is kept for callers that still derive the graph from keys.
+
 The graph is the Harary-style ring over a pseudorandom permutation of the
 participants: each connects to the ``k // 2`` nearest on each side, and for odd
 ``k`` to the participant diametrically opposite. That is exactly ``k``-regular
@@ -25,10 +37,29 @@ import hmac
 import struct
 from collections.abc import Mapping, Sequence
 
-__all__ = ["graph_seed", "neighbourhoods"]
+__all__ = ["graph_seed", "neighbourhoods", "public_seed"]
 
 _PERMUTATION_LABEL = b"fedcrm-secagg/graph-permutation/v1"
 _SEED_LABEL = b"fedcrm-secagg/graph-seed/v1"
+_PUBLIC_SEED_LABEL = b"fedcrm-secagg/public-graph-seed/v2"
+
+
+def public_seed(federation: str, round_: int, phase: int, members: Mapping[int, str]) -> bytes:
+    """SHA-256 over the federation key, round number, phase and the member list (id and identity, in id order).
+
+    Nothing in it is chosen by the aggregator during the round: a restarted
+    aggregator re-running a round gets the same graph (it cannot re-roll it),
+    and a participant recomputes it from its own Federation's key and the
+    round it is asked to take part in.
+    """
+    h = hashlib.sha256(_PUBLIC_SEED_LABEL)
+    name = federation.encode("utf-8")
+    h.update(struct.pack(">H", len(name)) + name)
+    h.update(struct.pack(">QQQ", round_, phase, len(members)))
+    for cid in sorted(members):
+        identity = members[cid].encode("utf-8")
+        h.update(struct.pack(">QH", cid, len(identity)) + identity)
+    return h.digest()
 
 
 def graph_seed(round_id: int, keys: Mapping[int, tuple[bytes, bytes]]) -> bytes:

@@ -26,12 +26,18 @@ class SecAggParams:
     ----------
     threshold
         Fraction of each neighbourhood (the participant itself included) whose
-        shares are needed to rebuild one of its secrets; ``0 < threshold <= 1``.
+        shares (and, in the consistency check, signatures over the survivor
+        set) are needed to rebuild one of its secrets; ``0.5 < threshold <= 1``.
         Robustness falls as it rises (more of a neighbourhood must stay online
-        until the end); against an aggregator that lies about who dropped out
-        it must exceed 0.5, so that the set of neighbours that reveals a
-        participant's self-mask and the set that reveals its mask key must
-        overlap in an honest neighbour (who never reveals both).
+        until the end). It must exceed 0.5 against an aggregator that lies
+        about who dropped out: then the neighbours that reveal a participant's
+        self-mask and those that reveal its mask key overlap in an honest
+        neighbour (who never reveals both), and two different survivor sets
+        cannot each gather ``t`` signatures in one neighbourhood, nor can a
+        neighbour's mask key be rebuilt only from the ``k/2`` holders of a
+        ring neighbourhood that lie outside the victim's
+        (docs/secure-aggregation.md, threat model). The default 0.6 leaves a
+        margin above that bound.
     neighbours
         ``"complete"`` (classic SecAgg: everyone is everyone's neighbour),
         ``"logarithmic"`` (SecAgg+: ``k = O(log n)``) or a fixed ``int`` k.
@@ -40,16 +46,17 @@ class SecAggParams:
         vectors are ``uint32`` (half the traffic of ``uint64``).
     """
 
-    threshold: float = 0.5
+    threshold: float = 0.6
     neighbours: str | int = "complete"
     bits: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise ValueError(f"threshold must be a number in (0, 1], got {self.threshold!r}")
-        if not (0.0 < float(self.threshold) <= 1.0) or math.isnan(self.threshold):
+        if math.isnan(self.threshold) or not (0.5 < float(self.threshold) <= 1.0):
             raise ValueError(
-                f"threshold must be in (0, 1] (the fraction of a neighbourhood needed to unmask), got {self.threshold}"
+                f"threshold must be in (0.5, 1] (the fraction of a neighbourhood needed to unmask; a strict majority, "
+                f"or an aggregator that lies about dropouts could unmask one participant), got {self.threshold}"
             )
         if isinstance(self.neighbours, bool):
             raise ValueError("neighbours must be 'complete', 'logarithmic' or a positive int, got a bool")
@@ -89,8 +96,9 @@ class SecAggParams:
     def shares_needed(self, neighbourhood_size: int) -> int:
         """Shares needed to rebuild a secret of a participant with ``neighbourhood_size`` neighbours.
 
-        ``t = max(2, ceil(threshold * (k + 1)))``, capped at ``k + 1``. The
-        ``k + 1`` holders are the neighbours and the participant itself. At
+        ``t = max(2, ceil(threshold * (k + 1)), floor((k + 1) / 2) + 1)``,
+        capped at ``k + 1``: always a strict majority of the ``k + 1``
+        holders, the neighbours and the participant itself. At
         least 2, because with ``t = 1`` every share *is* the secret: any single
         neighbour would hold the participant's self-mask seed and mask key and,
         with the aggregator, could unmask its input. At most ``k + 1`` because
@@ -104,4 +112,4 @@ class SecAggParams:
         holders = neighbourhood_size + 1
         # Round before ceil so that 0.5 * 4 is 2, not 3 through float noise.
         t = math.ceil(round(float(self.threshold) * holders, 9))
-        return min(holders, max(2, t))
+        return min(holders, max(2, t, holders // 2 + 1))

@@ -3,11 +3,15 @@
 The aggregator relays messages and adds up masked vectors; it never sees an
 individual input. It fixes, stage by stage, who is still in the round:
 
-* ``U1`` -- advertised keys (:meth:`SecAggServer.close_advertise`), which also
-  fixes the neighbourhood graph from public randomness;
+* ``U1`` -- advertised keys (:meth:`SecAggServer.close_advertise`); the
+  neighbourhood graph is fixed before that, from the member list and the
+  public seed every participant recomputes (:func:`~fedcrm.secagg.graph.public_seed`);
 * ``U2`` -- sent encrypted shares to all their neighbours (:meth:`~SecAggServer.close_share_keys`);
 * ``U3`` -- sent a masked input, the *survivors* whose inputs make up the sum
   (:meth:`~SecAggServer.close_masked_input`); ``U2 - U3`` are the dropped;
+* ``U4`` -- signed ``U3`` in the consistency check (:meth:`~SecAggServer.close_consistency`):
+  each participant unmasks only with ``t`` signatures of its neighbourhood over
+  the same set, which the aggregator relays without being able to forge;
 * then collects shares from survivors and removes the masks (:meth:`~SecAggServer.finish`):
   each survivor's self-mask ``PRG(b)``, and for each dropped participant the
   pairwise masks its surviving neighbours added for it, recomputed from its
@@ -29,6 +33,8 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fedcrm.secagg import crypto, shamir
@@ -40,19 +46,27 @@ from fedcrm.secagg.client import (
     ProtocolViolation,
     UnmaskReply,
 )
-from fedcrm.secagg.graph import graph_seed, neighbourhoods
+from fedcrm.secagg.graph import neighbourhoods
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import reduce, vector_dtype
 
-__all__ = ["BelowThreshold", "SecAggServer"]
+__all__ = ["BelowThreshold", "SecAggServer", "UnmaskRequest"]
 
-_FORMAT = "fedcrm-secagg-server/v1"
-_STAGES = ("advertise", "share_keys", "masked_input", "unmask", "finished", "aborted")
+_FORMAT = "fedcrm-secagg-server/v2"
+_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask", "finished", "aborted")
 _MAX_LISTED = 10
 
 
 class BelowThreshold(RuntimeError):
     """Too few participants remain for the round to finish; no sum is produced."""
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """What a survivor is sent in the Unmasking stage: the whole survivor set and its neighbourhood's signatures over it."""
+
+    survivors: list[int]
+    signatures: dict[int, bytes]
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -69,9 +83,17 @@ def _unb64(text: str) -> bytes:
 
 
 class SecAggServer:
-    """The aggregator for one round among ``client_ids`` with vectors of ``vector_length`` values."""
+    """The aggregator for one round among ``client_ids`` with vectors of ``vector_length`` values.
 
-    def __init__(self, *, round_id: int, params: SecAggParams, client_ids: Sequence[int], vector_length: int) -> None:
+    ``client_ids`` is the whole member list (some may never advertise keys) and
+    ``public_seed`` the round's graph seed: the participants compute their
+    neighbourhoods from the same two, so the server's graph is theirs.
+    The server verifies no signature: the participants do, which is what
+    makes them safe from this side of the protocol.
+    """
+
+    def __init__(self, *, round_id: int, params: SecAggParams, client_ids: Sequence[int], vector_length: int,
+                 public_seed: bytes) -> None:
         if isinstance(round_id, bool) or not isinstance(round_id, int) or not (0 <= round_id < 2**64):
             raise ValueError(f"round_id must be an int in [0, 2**64), got {round_id!r}")
         ids = list(client_ids)
@@ -81,23 +103,33 @@ class SecAggServer:
             raise ValueError("client ids must be distinct")
         if isinstance(vector_length, bool) or not isinstance(vector_length, int) or vector_length < 1:
             raise ValueError(f"vector_length must be a positive int, got {vector_length!r}")
+        if not isinstance(public_seed, bytes) or len(public_seed) != 32:
+            raise ValueError("public_seed must be 32 bytes (fedcrm.secagg.graph.public_seed)")
         self.round_id = round_id
         self.params = params
         self.client_ids: tuple[int, ...] = tuple(sorted(ids))
         self.vector_length = vector_length
+        self.public_seed = public_seed
         self._dtype = vector_dtype(params.bits)
         self._stage = "advertise"
         self._keys: dict[int, AdvertisedKeys] = {}
         self._key_owner: dict[bytes, int] = {}
         self._u1: tuple[int, ...] = ()
-        self._neighbours: dict[int, tuple[int, ...]] = {}
-        self._threshold: dict[int, int] = {}
+        self._neighbours: dict[int, tuple[int, ...]] = (
+            neighbourhoods(self.client_ids, params.neighbour_count(len(self.client_ids)), public_seed)
+            if len(self.client_ids) >= 2 else {c: () for c in self.client_ids}
+        )
+        self._threshold: dict[int, int] = {
+            c: params.shares_needed(len(n)) for c, n in self._neighbours.items() if n
+        }
         self._ciphertexts: dict[int, dict[int, bytes]] = {}
         self._u2: tuple[int, ...] = ()
         self._masked: set[int] = set()
         self._sum = np.zeros(vector_length, dtype=self._dtype)
         self._u3: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
+        self._signatures: dict[int, bytes] = {}
+        self._u4: tuple[int, ...] = ()
         self._replies: dict[int, UnmaskReply] = {}
 
     # Bookkeeping -----------------------------------------------------------
@@ -110,7 +142,17 @@ class SecAggServer:
     @property
     def survivors(self) -> list[int]:
         """Participants whose inputs are in the sum: ``U3`` once fixed, those received so far before."""
-        return list(self._u3) if self._stage in ("unmask", "finished") else sorted(self._masked)
+        return list(self._u3) if self._stage in ("consistency", "unmask", "finished") else sorted(self._masked)
+
+    @property
+    def signers(self) -> list[int]:
+        """``U4``: the survivors that signed the survivor set, once :meth:`close_consistency` has fixed it."""
+        return list(self._u4)
+
+    @property
+    def answered(self) -> list[int]:
+        """Signers whose unmask reply has been received."""
+        return sorted(self._replies)
 
     @property
     def dropped(self) -> list[int]:
@@ -165,33 +207,30 @@ class SecAggServer:
         self._key_owner[keys.s_pk] = cid
 
     def close_advertise(self) -> None:
-        """Fix ``U1`` and the neighbourhood graph (seeded by SHA-256 of the round id and all keys)."""
+        """Fix ``U1``; fails if some participant of ``U1`` has fewer than ``t`` holders left in it."""
         self._require("advertise", "close the advertise stage")
         u1 = tuple(sorted(self._keys))
-        if len(u1) < 2:
-            raise self._abort(
-                f"round {self.round_id}, stage advertise: {len(u1)} participant(s) remained, at least 2 needed"
-            )
-        k = self.params.neighbour_count(len(u1))
-        seed = graph_seed(self.round_id, {cid: (self._keys[cid].c_pk, self._keys[cid].s_pk) for cid in u1})
-        graph = neighbourhoods(u1, k, seed)
-        thresholds = {cid: self.params.shares_needed(len(graph[cid])) for cid in u1}
+        members = set(u1)
         short = [
-            f"participant {cid} has {len(graph[cid]) + 1} holders, {thresholds[cid]} needed"
+            f"participant {cid} has {sum(1 for v in self._neighbours[cid] if v in members) + 1} holders, "
+            f"{self._threshold[cid]} needed"
             for cid in u1
-            if len(graph[cid]) + 1 < thresholds[cid]
+            if sum(1 for v in self._neighbours[cid] if v in members) + 1 < self._threshold[cid]
         ]
+        if len(u1) < 2:
+            short.insert(0, f"{len(u1)} participant(s) remained, at least 2 needed")
         if short:
             raise self._abort(f"round {self.round_id}, stage advertise: {_listing(short)}")
-        self._u1, self._neighbours, self._threshold = u1, graph, thresholds
+        self._u1 = u1
         self._stage = "share_keys"
 
     def roster_for(self, cid: int) -> dict[int, AdvertisedKeys]:
-        """The advertised keys of ``cid``'s neighbours."""
-        return {v: self._keys[v] for v in self.neighbours_of(cid)}
+        """The signed keys of ``cid``'s neighbours that advertised (those in ``U1``)."""
+        members = set(self._u1)
+        return {v: self._keys[v] for v in self.neighbours_of(cid) if v in members}
 
     def neighbours_of(self, cid: int) -> tuple[int, ...]:
-        """``cid``'s neighbours in ``U1`` (sorted)."""
+        """``cid``'s neighbours in the public graph (sorted), whether or not they advertised keys."""
         self._require_after("advertise", "ask for neighbourhoods")
         self._require_member(cid, self._u1, "U1 (advertised keys)")
         return self._neighbours[cid]
@@ -204,7 +243,7 @@ class SecAggServer:
         self._require_member(cid, self._u1, "U1 (advertised keys)")
         if cid in self._ciphertexts:
             raise ProtocolViolation(f"participant {cid} already sent its shares")
-        expected = set(self._neighbours[cid])
+        expected = set(self._neighbours[cid]) & set(self._u1)
         got = set(ciphertexts)
         if got != expected:
             raise ProtocolViolation(
@@ -266,8 +305,8 @@ class SecAggServer:
 
         Fails if some survivor's self-mask or some dropped participant's mask
         key could not reach its threshold even if every survivor answered.
-        Each participant is asked only about its own neighbourhood: send it
-        :meth:`unmask_request_for`, not these lists.
+        Next comes the consistency check: send every survivor
+        :meth:`consistency_request` and collect its signature.
         """
         self._require("masked_input", "close the masked-input stage")
         u3 = tuple(sorted(self._masked))
@@ -290,35 +329,78 @@ class SecAggServer:
             )
         self._u3, self._dropped = u3, dropped
         self._ciphertexts = {cid: {} for cid in self._u2}  # the shares are delivered; keep only who was in U2
-        self._stage = "unmask"
+        self._stage = "consistency"
         return list(dropped), list(u3)
+
+    # Stage 4: consistency check ------------------------------------------------
+
+    def consistency_request(self) -> list[int]:
+        """The survivor set ``U3`` every survivor is asked to sign (the same list for all)."""
+        self._require("consistency", "hand out the survivor set")
+        return list(self._u3)
+
+    def receive_signature(self, cid: int, signature: bytes) -> None:
+        """Record a survivor's signature over ``U3``; stored and relayed, not checked here (participants check)."""
+        self._require("consistency", "receive survivor-set signatures")
+        self._require_member(cid, self._u3, "U3 (survivors)")
+        if cid in self._signatures:
+            raise ProtocolViolation(f"participant {cid} already signed the survivor set")
+        if not isinstance(signature, bytes) or not 0 < len(signature) <= 72:
+            raise ProtocolViolation(f"participant {cid}'s survivor-set signature must be 1 to 72 bytes")
+        self._signatures[cid] = signature
+
+    def close_consistency(self) -> None:
+        """Fix ``U4`` (survivors that signed); fails if some needed secret can no longer reach its threshold.
+
+        Only a survivor that signed is asked to unmask, and it unmasks only with
+        ``t`` signatures of its neighbourhood, so a neighbourhood with fewer
+        signers than ``t`` could never be unmasked: stop now, release nothing.
+        """
+        self._require("consistency", "close the consistency stage")
+        u4 = tuple(sorted(self._signatures))
+        signed = set(u4)
+        short = []
+        for cid in self._u3:
+            holders = sum(1 for v in self._neighbours[cid] if v in signed) + (cid in signed)
+            if holders < self._threshold[cid]:
+                short.append(f"survivor {cid} has {holders} signers in its neighbourhood, {self._threshold[cid]} needed")
+        for cid in self._dropped:
+            holders = sum(1 for v in self._neighbours[cid] if v in signed)
+            if holders < self._threshold[cid]:
+                short.append(f"dropped {cid}'s mask key has {holders} signers left, {self._threshold[cid]} needed")
+        if short:
+            raise self._abort(
+                f"round {self.round_id}, stage consistency: {len(u4)} of {len(self._u3)} signed; {_listing(short)}"
+            )
+        self._u4 = u4
+        self._stage = "unmask"
 
     # Stage 4: unmask ------------------------------------------------------
 
-    def unmask_request_for(self, cid: int) -> tuple[list[int], list[int]]:
-        """``(dropped, survivors)`` restricted to ``cid``'s neighbourhood, the question to send ``cid``.
-
-        ``survivors`` includes ``cid`` itself (it holds a share of its own self-mask seed).
-        """
+    def unmask_request_for(self, cid: int) -> UnmaskRequest:
+        """The question to send survivor ``cid``: ``U3`` and the signatures over it of ``cid``'s neighbours."""
         self._require("unmask", "hand out unmask requests")
-        self._require_member(cid, self._u3, "U3 (survivors)")
-        dropped = set(self._dropped)
-        survivors = set(self._u3)
-        neighbours = self._neighbours[cid]
-        return (
-            [v for v in neighbours if v in dropped],
-            sorted([v for v in neighbours if v in survivors] + [cid]),
+        self._require_member(cid, self._u4, "U4 (signed the survivor set)")
+        return UnmaskRequest(
+            survivors=list(self._u3),
+            signatures={v: self._signatures[v] for v in self._neighbours[cid] if v in self._signatures},
         )
+
+    def _asked_of(self, cid: int) -> tuple[set[int], set[int]]:
+        """(dropped, survivors) of ``cid``'s neighbourhood: whose key shares and self-mask shares it may send."""
+        dropped, survivors = set(self._dropped), set(self._u3)
+        neighbours = self._neighbours[cid]
+        return {v for v in neighbours if v in dropped}, {v for v in neighbours if v in survivors} | {cid}
 
     def receive_unmask(self, cid: int, reply: UnmaskReply) -> None:
         """Record a survivor's shares; only shares it was asked for are accepted."""
         self._require("unmask", "receive unmask replies")
-        self._require_member(cid, self._u3, "U3 (survivors)")
+        self._require_member(cid, self._u4, "U4 (signed the survivor set)")
         if cid in self._replies:
             raise ProtocolViolation(f"participant {cid} already sent its unmask reply")
         if not isinstance(reply, UnmaskReply):
             raise ProtocolViolation(f"participant {cid} sent {type(reply).__name__}, expected UnmaskReply")
-        asked_dropped, asked_survivors = self.unmask_request_for(cid)
+        asked_dropped, asked_survivors = self._asked_of(cid)
         extra = sorted(
             (set(reply.self_mask_shares) - set(asked_survivors)) | (set(reply.key_shares) - set(asked_dropped))
         )
@@ -419,8 +501,12 @@ class SecAggServer:
             },
             "client_ids": list(self.client_ids),
             "vector_length": self.vector_length,
+            "public_seed": _b64(self.public_seed),
             "stage": self._stage,
-            "keys": {str(c): [_b64(k.c_pk), _b64(k.s_pk)] for c, k in sorted(self._keys.items())},
+            "keys": {
+                str(c): [_b64(k.c_pk), _b64(k.s_pk), _b64(k.signature), _b64(k.certificate)]
+                for c, k in sorted(self._keys.items())
+            },
             "u1": list(self._u1),
             "neighbours": {str(c): list(n) for c, n in sorted(self._neighbours.items())},
             "ciphertexts": {
@@ -431,6 +517,8 @@ class SecAggServer:
             "masked": sorted(self._masked),
             "u3": list(self._u3),
             "dropped": list(self._dropped),
+            "signatures": {str(c): _b64(sig) for c, sig in sorted(self._signatures.items())},
+            "u4": list(self._u4),
             "replies": {
                 str(c): {
                     "self_mask": {str(o): _b64(s) for o, s in sorted(r.self_mask_shares.items())},
@@ -461,24 +549,20 @@ class SecAggServer:
                 params=SecAggParams(threshold=p["threshold"], neighbours=p["neighbours"], bits=p["bits"]),
                 client_ids=meta["client_ids"],
                 vector_length=meta["vector_length"],
+                public_seed=_unb64(meta["public_seed"]),
             )
             if meta["stage"] not in _STAGES:
                 raise ValueError(f"unknown stage {meta['stage']!r}")
             if total.dtype != server._dtype or total.shape != (server.vector_length,):
                 raise ValueError("the running sum has the wrong dtype or length")
-            for c, (c_pk, s_pk) in meta["keys"].items():
-                keys = AdvertisedKeys(c_pk=_unb64(c_pk), s_pk=_unb64(s_pk))
+            for c, (c_pk, s_pk, signature, certificate) in meta["keys"].items():
+                keys = AdvertisedKeys(c_pk=_unb64(c_pk), s_pk=_unb64(s_pk), signature=_unb64(signature),
+                                      certificate=_unb64(certificate))
                 server._keys[int(c)] = keys
                 server._key_owner[keys.c_pk] = server._key_owner[keys.s_pk] = int(c)
             server._u1 = tuple(meta["u1"])
-            server._neighbours = {int(c): tuple(n) for c, n in meta["neighbours"].items()}
-            if server._u1:
-                roster = {c: (server._keys[c].c_pk, server._keys[c].s_pk) for c in server._u1}
-                seed = graph_seed(server.round_id, roster)
-                k = server.params.neighbour_count(len(server._u1))
-                if neighbourhoods(server._u1, k, seed) != server._neighbours:
-                    raise ValueError("its neighbourhoods differ from this version's graph")
-                server._threshold = {c: server.params.shares_needed(len(server._neighbours[c])) for c in server._u1}
+            if {int(c): tuple(n) for c, n in meta["neighbours"].items()} != server._neighbours:
+                raise ValueError("its neighbourhoods differ from this version's graph")
             server._ciphertexts = {
                 int(s): {int(r): _unb64(ct) for r, ct in cts.items()} for s, cts in meta["ciphertexts"].items()
             }
@@ -486,6 +570,8 @@ class SecAggServer:
             server._masked = set(meta["masked"])
             server._u3 = tuple(meta["u3"])
             server._dropped = tuple(meta["dropped"])
+            server._signatures = {int(c): _unb64(sig) for c, sig in meta["signatures"].items()}
+            server._u4 = tuple(meta["u4"])
             server._replies = {
                 int(c): UnmaskReply(
                     self_mask_shares={int(o): _unb64(s) for o, s in r["self_mask"].items()},

@@ -347,12 +347,13 @@ class SecureAggregation(_Model):
     threshold: Annotated[
         float,
         Field(
-            gt=0,
+            gt=0.5,
             le=1,
             description=(
-                "Fraction of each neighbourhood (the participant included) whose shares are needed to unmask. "
-                "Keep it above 0.5 (a strict majority) so an aggregator that lies about who dropped out cannot "
-                "collect both kinds of share for one participant; higher tolerates fewer dropouts."
+                "Fraction of each neighbourhood (the participant included) whose shares, and whose signatures over "
+                "the survivor set, are needed to unmask. Above 0.5 (a strict majority), so an aggregator that lies "
+                "about who dropped out cannot collect both kinds of share for one participant; higher tolerates "
+                "fewer dropouts."
             ),
         ),
     ] = 0.6
