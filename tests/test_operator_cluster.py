@@ -389,6 +389,58 @@ def test_a_second_participant_in_the_same_namespace_is_refused(operator: Operato
     kubectl("delete", "participant", "crm-again", "-n", "tenant-a", "--wait=true")
 
 
+def test_tenant_requirements_and_a_terms_change_need_the_tenants_consent(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    """spec.requires is checked on every pass; a terms change after admission refuses the tenant (and removes its
+    training objects) until it pins the new digest in spec.acceptedTerms."""
+    from fedcrm.spec.loading import parse_manifest
+    from fedcrm.spec.manifests import Federation
+    from fedcrm.spec.terms import terms_digest
+
+    def private(epsilon: float) -> dict[str, Any]:
+        return federation("consent", namespaces=["tenant-a", "tenant-b"],  # one of the two never joins: stays Enrolling
+                          participants={"namespaces": ["tenant-a", "tenant-b"], "enrollmentTimeoutSeconds": 3600},
+                          privacy={"secureAggregation": {"enabled": True},
+                                   "differentialPrivacy": {"mode": "client", "epsilon": epsilon, "delta": 1e-5}})
+
+    def digest(body: dict[str, Any]) -> str:
+        return terms_digest(parse_manifest(body, Federation, "test").spec)
+
+    def admitted(expect_reason: str) -> Any:
+        def check() -> dict[str, Any] | None:
+            obj = kubectl.get("participant", "terms", "tenant-a")
+            found = condition(obj, "Admitted") if (obj or {}).get("status", {}).get("conditions") else None
+            return obj if found and found["reason"] == expect_reason else None
+        return wait_for(f"Admitted reason {expect_reason}", check, timeout=60)
+
+    def jobs() -> list[dict[str, Any]]:
+        return kubectl.items("jobs", namespace="tenant-a", selector="fedcrm.io/participant=terms,fedcrm.io/federation=consent")
+
+    kubectl.apply(private(1.0))
+    kubectl.apply(participant("tenant-a", "consent", name="terms", requires={"secureAggregation": True, "maxEpsilon": 4}))
+    obj = admitted("Admitted")
+    assert obj["status"]["acceptedTerms"] == digest(private(1.0))  # consent to the terms as they were
+    wait_for("its training Job", jobs)
+
+    kubectl.apply(private(3.0))  # within the tenant's requirements, but not what it consented to
+    obj = admitted("TermsChanged")
+    message = condition(obj, "Admitted")["message"]
+    assert f"spec.acceptedTerms: {digest(private(3.0))}" in message and "epsilon 3.0" in message
+    wait_for("its training Job removed", lambda: not jobs())
+
+    kubectl("patch", "participant", "terms", "-n", "tenant-a", "--type", "merge",
+            "-p", f'{{"spec": {{"acceptedTerms": "{digest(private(3.0))}"}}}}')
+    obj = admitted("Admitted")
+    assert obj["status"]["acceptedTerms"] == digest(private(3.0))
+    wait_for("its training Job again", jobs)
+
+    kubectl.apply(private(8.0))  # below what the tenant requires: no consent can cover it
+    obj = admitted("RequirementsNotMet")
+    assert "epsilon must be at most 4" in condition(obj, "Admitted")["message"]
+    wait_for("its training Job removed again", lambda: not jobs())
+    kubectl("delete", "participant", "terms", "-n", "tenant-a", "--wait=true")
+    kubectl("delete", "federation", "consent", "-n", COORD, "--wait=true")
+
+
 def test_deleting_a_federation_leaves_no_child_in_any_namespace(operator: OperatorProcess, kubectl: Kubectl) -> None:
     for fed in ["f1", "f2"]:
         kubectl("delete", "federation", fed, "-n", COORD, "--wait=true", "--timeout=90s")
@@ -411,11 +463,20 @@ def test_tenant_chart_installs_a_participant_the_operator_understands(control_pl
     kubectl.apply(federation("f3", namespaces=["tenant-b"], training={"minParticipants": 1}))
     helm = control_plane.bin_dir / "helm"
     root = Path(__file__).resolve().parents[1]
+    values = ["--set", "participant.name=helm-crm", "--set", "participant.federation.name=f3",
+              "--set", f"participant.federation.namespace={COORD}", "--set", "access.groups[0]=tenant-b-analysts"]
     subprocess.run(
         [str(helm), "upgrade", "--install", "crm-f3", str(root / "charts" / "fedcrm-tenant"), "-n", "tenant-b",
-         "--kubeconfig", str(control_plane.kubeconfig), "--set", "participant.name=helm-crm",
-         "--set", "participant.federation.name=f3", "--set", f"participant.federation.namespace={COORD}",
-         "--set", "access.groups[0]=tenant-b-analysts"],
+         "--kubeconfig", str(control_plane.kubeconfig), *values, "--set", "participant.requires.minTenants=2"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )
+    # The chart passes the tenant's requirements through: f3 lets rounds run with one tenant, below them.
+    refused = wait_for("the chart's participant refused", lambda: phase_of(kubectl, "participant", "helm-crm", "tenant-b") == "Refused", timeout=60)
+    assert refused
+    assert condition(kubectl.get("participant", "helm-crm", "tenant-b"), "Admitted")["reason"] == "RequirementsNotMet"
+    subprocess.run(
+        [str(helm), "upgrade", "crm-f3", str(root / "charts" / "fedcrm-tenant"), "-n", "tenant-b",
+         "--kubeconfig", str(control_plane.kubeconfig), *values],
         check=True, capture_output=True, text=True, timeout=120,
     )
     wait_for("the chart's participant admitted", lambda: phase_of(kubectl, "participant", "helm-crm", "tenant-b") in ("Training", "Succeeded"), timeout=60)

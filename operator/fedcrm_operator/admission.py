@@ -1,8 +1,10 @@
 """Two-sided consent, as a pure decision.
 
 A Participant joins only when its Federation exists, allows its namespace, is
-still enrolling (or already counts it in), and the Participant's own spec is
-valid. Every refusal carries a reason and a message that says who must do what.
+still enrolling (or already counts it in), meets the tenant's own minimum terms
+(``spec.requires``), still has the terms the tenant consented to, and the
+Participant's own spec is valid. Every refusal carries a reason and a message
+that says who must do what.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcrm.spec.manifests import Federation, Participant, Phase
+from fedcrm.spec.terms import privacy_summary, terms_digest, unmet_requirements
 
-__all__ = ["Decision", "Sibling", "decide", "siblings_by_namespace"]
+__all__ = ["Decision", "Sibling", "accepted_terms", "decide", "siblings_by_namespace"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,18 @@ def _namespace_representative(siblings: Sequence[Sibling], training: list[str]) 
     return min(siblings, key=lambda s: (s.created, s.identity)).identity
 
 
+def accepted_terms(body: dict[str, Any]) -> str | None:
+    """The terms digest a Participant object consented to: its spec's pin, else what its admission recorded."""
+    return (body.get("spec") or {}).get("acceptedTerms") or (body.get("status") or {}).get("acceptedTerms") or None
+
+
 def decide(participant: Participant, federation: Federation | None, *, phase: Phase, training: list[str],
-           siblings: Sequence[Sibling] = ()) -> Decision:
+           siblings: Sequence[Sibling] = (), accepted: str | None = None) -> Decision:
     """Whether ``participant`` takes part; ``training`` lists who the running training already counts.
+
+    ``accepted``: the terms digest the tenant consented to (:func:`accepted_terms`), None before its first
+    admission — consent is then to the terms as they are. A participant already training is not asked again:
+    the running rounds keep the terms they started with, whatever the spec says now.
 
     ``siblings``: the Participants of its namespace that name the same Federation. A namespace is one tenant
     and joins once: minParticipants and the secure-aggregation threshold count tenants, and a tenant with
@@ -89,6 +101,23 @@ def decide(participant: Participant, federation: Federation | None, *, phase: Ph
             "EnrollmentClosed",
             f"Federation {where} closed enrollment when it started training ({len(training)} participants); "
             "this Participant can join its next run",
+        )
+    unmet = unmet_requirements(participant.spec.requires, federation.spec)
+    if unmet:
+        return Decision(
+            False,
+            "RequirementsNotMet",
+            f"Federation {where} is weaker than this Participant's spec.requires: {'; '.join(unmet)}. Ask its owner "
+            "to strengthen it, or relax spec.requires",
+        )
+    current = terms_digest(federation.spec)
+    if accepted is not None and accepted != current and participant.identity not in training:
+        return Decision(
+            False,
+            "TermsChanged",
+            f"Federation {where} changed its terms since this Participant consented to them (accepted "
+            f"{accepted[:12]}, now {current[:12]}; now: {privacy_summary(federation.spec)}). Review them, and to "
+            f"take part set spec.acceptedTerms: {current}",
         )
     data = participant.spec.data
     if data.sql is not None and not data.network_egress():

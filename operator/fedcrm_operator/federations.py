@@ -24,7 +24,7 @@ from fedcrm.pki import CertificateAuthority
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm_operator import builders
-from fedcrm_operator.admission import Decision, decide, siblings_by_namespace
+from fedcrm_operator.admission import Decision, accepted_terms, decide, siblings_by_namespace
 from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
 from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
@@ -229,7 +229,8 @@ def reconcile(
     candidates = _candidates(participant_bodies)
     siblings = siblings_by_namespace(participant_bodies)
     decisions = {p.identity: decide(p, federation, phase=phase, training=training_ids,
-                                    siblings=siblings.get(p.metadata.namespace, []))
+                                    siblings=siblings.get(p.metadata.namespace, []),
+                                    accepted=accepted_terms(by_identity[p.identity]))
                  for p in candidates}
     admitted = [p for p in candidates if decisions[p.identity].admitted]
 

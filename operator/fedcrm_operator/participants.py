@@ -12,7 +12,8 @@ from typing import Any
 from fedcrm.errors import ManifestError
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
-from fedcrm_operator.admission import decide, siblings_by_namespace
+from fedcrm.spec.terms import terms_digest
+from fedcrm_operator.admission import accepted_terms, decide, siblings_by_namespace
 from fedcrm_operator.conditions import condition, find, set_condition
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
@@ -91,7 +92,8 @@ def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[d
         except ManifestError:
             federation = None
     siblings = siblings_by_namespace(same_federation).get(participant.metadata.namespace, [])
-    decision = decide(participant, federation, phase=fed_phase, training=training, siblings=siblings)
+    decision = decide(participant, federation, phase=fed_phase, training=training, siblings=siblings,
+                      accepted=accepted_terms(body))
     if fed_body is not None and federation is None:
         decision = type(decision)(False, "FederationInvalid",
                                   f"Federation {ref.namespace}/{ref.name} has an invalid spec; its owner must fix it")
@@ -115,5 +117,7 @@ def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[d
         message = ("the operator could not create this Participant's training objects: "
                    f"{children.get('message')}; its Federation goes on with the other tenants")
     conditions = set_condition(conditions, condition("Ready", ready, reason, message))
+    if decision.admitted and federation is not None and participant.identity not in training:
+        status["acceptedTerms"] = terms_digest(federation.spec)  # the consent the next change is checked against
     return {**status, "phase": phase.value, "identity": participant.identity, "conditions": conditions,
             "observedGeneration": meta.get("generation", 0)}

@@ -195,6 +195,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
+    terms_cmd = sub.add_parser(
+        "terms",
+        help="print a Federation's terms digest (what a Participant's spec.acceptedTerms pins)",
+        description="Print the digest of a Federation's terms (task, model, training, privacy) and a one-line "
+        "summary of its privacy. A tenant pins its consent with spec.acceptedTerms: <digest>; after the Federation's "
+        "owner changes the terms, the operator refuses the Participant (reason TermsChanged) until the tenant sets the "
+        "new digest. With --participant, also says whether each Participant's spec.requires and spec.acceptedTerms "
+        "accept this Federation (exit 1 when one does not).",
+    )
+    terms_cmd.add_argument("federation", type=Path, metavar="FED.yaml", help="the Federation manifest")
+    terms_cmd.add_argument("--participant", dest="participants", action="extend", nargs="+", type=Path, default=[],
+                           metavar="P.yaml", help="Participant manifest(s) to check against it")
+    terms_cmd.set_defaults(handler=_cmd_terms)
+
     data = sub.add_parser(
         "data",
         help="check a participant's data source before joining a federation",
@@ -301,6 +315,25 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     report = _baseline(args, console)
     _print_outcome(console, report, args.out)
     return 0
+
+
+def _cmd_terms(args: argparse.Namespace) -> int:
+    from fedcrm.spec.loading import check_membership, load_federation, load_participant_manifests
+    from fedcrm.spec.terms import privacy_summary, terms_digest
+
+    federation = load_federation(args.federation)
+    print(f"{federation.key}: terms {terms_digest(federation.spec)}")
+    print(f"  {privacy_summary(federation.spec)}")
+    refused = 0
+    for participant, _ in load_participant_manifests(args.participants).participants if args.participants else []:
+        try:
+            check_membership(federation, participant)
+        except FedcrmError as err:
+            refused += 1
+            print(f"  {participant.identity}: refuses: {err}")
+        else:
+            print(f"  {participant.identity}: accepts")
+    return 1 if refused else 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

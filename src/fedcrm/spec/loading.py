@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from fedcrm.errors import ManifestError
 from fedcrm.spec.manifests import Federation, Participant
+from fedcrm.spec.terms import privacy_summary, terms_digest, unmet_requirements
 from fedcrm.spec.secrets import Secret
 
 __all__ = [
@@ -230,3 +231,12 @@ def check_membership(federation: Federation, participant: Participant) -> None:
             f"participant {who}: namespace {participant.metadata.namespace!r} is not in the federation's "
             f"spec.participants.namespaces ({', '.join(allowed) or 'empty'}); the federation owner must add it"
         )
+    unmet = unmet_requirements(participant.spec.requires, federation.spec)
+    if unmet:
+        raise ManifestError(f"participant {who}: federation {federation.key} is weaker than its spec.requires: "
+                            f"{'; '.join(unmet)}; strengthen the federation or relax spec.requires")
+    pinned, current = participant.spec.accepted_terms, terms_digest(federation.spec)
+    if pinned is not None and pinned != current:
+        raise ManifestError(f"participant {who} consents to terms {pinned[:12]} (spec.acceptedTerms) but federation "
+                            f"{federation.key} has terms {current} ({privacy_summary(federation.spec)}); review "
+                            "them and set spec.acceptedTerms to that digest, or remove it")

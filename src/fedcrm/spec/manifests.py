@@ -895,6 +895,28 @@ class Toleration(_Model):
     toleration_seconds: Annotated[int | None, Field(description="For NoExecute: how long to stay bound.")] = None
 
 
+class Requirements(_Model):
+    """The weakest terms a tenant accepts: a Federation below any of them is refused at admission, whatever its
+    owner does, and so is a later change that goes below them."""
+
+    secure_aggregation: Annotated[
+        bool, Field(description="The Federation must mask every update (spec.privacy.secureAggregation.enabled).")
+    ] = False
+    max_epsilon: Annotated[
+        float | None,
+        Field(gt=0, description="Differential privacy must be on, with a total epsilon of at most this."),
+    ] = None
+    min_threshold: Annotated[
+        float | None,
+        Field(gt=0, le=1, description="Secure aggregation must be on, with a threshold of at least this."),
+    ] = None
+    min_tenants: Annotated[
+        int | None,
+        Field(ge=2, description="Every round must have at least this many tenants (spec.training.minParticipants): "
+                                "the fewer there are, the more the sum shows of each."),
+    ] = None
+
+
 class ParticipantSpec(_Model):
     """A tenant's consent to join one Federation, and where its data is."""
 
@@ -910,6 +932,21 @@ class ParticipantSpec(_Model):
     tolerations: Annotated[
         list[Toleration], Field(description="Taints the training pod tolerates (e.g. a dedicated GPU pool).")
     ] = Field(default_factory=list)
+    requires: Annotated[
+        Requirements, Field(description="The weakest privacy terms this tenant accepts; weaker Federations are refused.")
+    ] = Requirements()
+    accepted_terms: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[0-9a-f]{64}$",
+            description=(
+                "The digest of the Federation's terms (task, model, training, privacy) this tenant consents to. Unset: "
+                "the terms as they are when the Participant is first admitted (recorded in status.acceptedTerms). "
+                "After the Federation's owner changes them, the Participant is refused with reason TermsChanged "
+                "until this is set to the new digest its condition names."
+            ),
+        ),
+    ] = None
 
     def credentials_secret_name(self) -> str | None:
         """Name of the Secret (in the Participant's namespace) whose keys the training container gets as files."""
@@ -934,6 +971,9 @@ class ParticipantStatus(_Model):
     ] = ParticipantPhase.pending
     observed_generation: Annotated[int, Field(description="The spec generation this status describes.")] = 0
     identity: Annotated[str, Field(description="The identity in this participant's certificate.")] = ""
+    accepted_terms: Annotated[
+        str, Field(description="Digest of the Federation terms this Participant was admitted under.")
+    ] = ""
     conditions: Annotated[list[Condition], Field(description="Admitted, Ready.")] = Field(default_factory=list)
 
 
