@@ -125,6 +125,11 @@ class Coordinator:
                 session.rounds, session.bytes_up, session.bytes_down = old.rounds, old.bytes_up, old.bytes_down
             self._sessions[identity] = session
             self.emit("connected", identity=identity)
+            if self.state in ("succeeded", "failed"):
+                # Over before this participant came (a pod started late or restarted; the aggregator serves on
+                # after the end in a cluster): told at once, or it would wait for a task that never comes.
+                session.send(pb.Task(kind=pb.Task.FINISH, succeeded=self.state == "succeeded",
+                                     message=self.outcome_message))
             self._cond.notify_all()
         log.info("participant %s connected", identity)
         return session
@@ -365,8 +370,8 @@ class Coordinator:
             log.error("federation failed: %s", message)
         self._finished.set()
         report = self._write_outputs(status, message)
-        self.state, self.outcome_message, self.model_digest = status, message, report.get("model_digest")
-        with self._cond:
+        with self._cond:  # with connect(): every participant, connected now or later, is told once
+            self.state, self.outcome_message, self.model_digest = status, message, report.get("model_digest")
             for s in self._sessions.values():
                 if s.connected:
                     s.send(pb.Task(kind=pb.Task.FINISH, succeeded=status == "succeeded", message=message))
