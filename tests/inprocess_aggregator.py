@@ -77,8 +77,9 @@ def client_tls(ca: CertificateAuthority, identity: str, folder: Path) -> tuple[P
 
 
 def start_nodes(small: SynthResult, own: Path, port: int, ca: CertificateAuthority, tmp_path: Path,
-                participants: list[Path] | None = None) -> list[subprocess.Popen[str]]:
-    """``python -m fedcrm_node`` per participant manifest (all of ``small`` by default), own terms from ``own``."""
+                participants: list[Path] | None = None, extra: list[list[str]] | None = None) -> list[subprocess.Popen[str]]:
+    """``python -m fedcrm_node`` per participant manifest (all of ``small`` by default), own terms from ``own``;
+    ``extra``: more arguments, per node."""
     procs = []
     manifests = small.participant_paths if participants is None else participants
     for i, (participant, identity) in enumerate(zip(manifests, identities(small))):
@@ -86,7 +87,7 @@ def start_nodes(small: SynthResult, own: Path, port: int, ca: CertificateAuthori
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "fedcrm_node", "--participant", str(participant), "--federation", str(own),
              "--aggregator", f"127.0.0.1:{port}", "--server-name", "localhost", "--ca", str(tmp_path / "ca.crt"),
-             "--cert", str(cert), "--key", str(key), "--connect-timeout", "20"],
+             "--cert", str(cert), "--key", str(key), "--connect-timeout", "20", *(extra[i] if extra else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     return procs

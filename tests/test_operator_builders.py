@@ -418,3 +418,16 @@ def test_operator_default_resources_apply_when_the_federation_keeps_the_built_in
     assert (sized.cpu, sized.memory, sized.gpu) == ("3", "6Gi", 1)
     own = builders.training_resources(federation(resources={"cpu": "2"}), participant(resources={"memory": "1Gi"}), settings)
     assert (own.cpu, own.memory, own.gpu) == ("2", "1Gi", 0)
+
+
+def test_a_state_claim_is_mounted_read_write_in_the_training_container_only() -> None:
+    job = _job(federation(), participant(stateClaim="crm-fedcrm-state"))
+    spec = _pod_spec(job)
+    assert {"name": "state", "persistentVolumeClaim": {"claimName": "crm-fedcrm-state"}} in spec["volumes"]
+    node, check = spec["containers"][0], spec["initContainers"][0]
+    state = next(m for m in node["volumeMounts"] if m["name"] == "state")
+    assert not state.get("readOnly") and node["args"][node["args"].index("--state-dir") + 1] == state["mountPath"]
+    assert all(m["name"] != "state" for m in check["volumeMounts"]) and "--state-dir" not in check["args"]
+    without = _pod_spec(_job(federation(), participant()))
+    assert "--state-dir" not in without["containers"][0]["args"]
+    assert all(v["name"] != "state" for v in without["volumes"])

@@ -14,6 +14,7 @@ is trained or sent.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,55 @@ def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants
     assert ("only 3 noised updates survived" in events and "t_min = 4" in events) or (
         "stage advertise: participant 0 has 3 holders, 4 needed" in events)
     assert all(code == NodeExitCode.STOPPED for code, _ in results), [log[-500:] for _, log in results]
+
+
+def test_a_restarted_participant_keeps_its_count_of_releases(small_federation: SynthResult, tmp_path: Path) -> None:
+    """The planned releases are spent in a first run; a second one (an aggregator that lost its checkpoint, or lies
+    about it) finds every participant refusing before it trains: the count was kept in --state-dir."""
+    def private(spec: dict[str, Any]) -> None:
+        _secure(spec)
+        spec["training"]["rounds"] = 2
+        spec["privacy"]["differentialPrivacy"] = {"mode": "sample", "epsilon": 8, "delta": 1e-5}
+
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", private)
+    own = load_federation(own_path)
+    states = [tmp_path / f"state-{i}" for i in range(len(small_federation.participant_paths))]
+    for state in states:
+        state.mkdir()
+    extra = [["--state-dir", str(state)] for state in states]
+    runs = []
+    for attempt in ("first", "again"):
+        (tmp_path / attempt).mkdir()
+        with aggregators(tmp_path / attempt) as start:
+            coordinator, port, ca = start(own, own, identities(small_federation))
+            runs.append((coordinator, finish(start_nodes(small_federation, own_path, port, ca, tmp_path / attempt,
+                                                         extra=extra))))
+    (first, first_results), (again, again_results) = runs
+    assert len(first.history) == 2 and all(code == NodeExitCode.SUCCEEDED for code, _ in first_results)
+    for state in states:
+        [ledger] = state.glob("releases-*.json")
+        assert json.loads(ledger.read_text())["releases"] == 2
+    assert again.history == []  # nothing trained again
+    for code, log in again_results:
+        assert code == NodeExitCode.TERMS_REFUSED, log[-2000:]
+        assert "privacy releases already counted" in log
+        assert "round 1: this participant has already released 2 training results" in log
+        assert "trained on" not in log
+
+
+def test_the_release_count_is_kept_per_terms_and_never_guessed(tmp_path: Path) -> None:
+    from fedcrm_node.release_ledger import ReleaseLedger
+
+    from fedcrm.errors import ManifestError
+
+    ledger = ReleaseLedger(tmp_path, federation="coord/churn", terms="a" * 64)
+    ledger.record()
+    ledger.record()
+    assert ReleaseLedger(tmp_path, federation="coord/churn", terms="a" * 64).count == 2  # a restart continues
+    assert ReleaseLedger(tmp_path, federation="coord/churn", terms="b" * 64).count == 0  # re-consented terms: anew
+    assert ReleaseLedger(None, federation="coord/churn", terms="a" * 64).durable is False
+    ledger.path.write_text("{not json")  # type: ignore[union-attr]
+    with pytest.raises(ManifestError, match="unreadable"):
+        ReleaseLedger(tmp_path, federation="coord/churn", terms="a" * 64)
+    with pytest.raises(ManifestError, match="not a directory"):
+        ReleaseLedger(tmp_path / "missing", federation="coord/churn", terms="a" * 64)

@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", type=Path, default=None, metavar="DIR",
                    help="directory with one file per key of the Secret the data source references "
                    f"(default {MOUNT_PATH}, where the operator mounts it)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="a directory that outlives this process (in a cluster: the Participant's spec.stateClaim) where "
+                   "the node keeps its count of privacy releases, so a restarted pod never releases more than the "
+                   "budget was planned for; without it the count lives in this process")
     p.add_argument("--server-name", help="name to verify in the aggregator's certificate, if not the host in --aggregator")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the aggregator (default 60)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("FEDCRM_TORCH_THREADS", "1")),
@@ -134,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
             connect_timeout=args.connect_timeout,
             credentials_dir=args.credentials or Path(MOUNT_PATH),
             own_federation=load_federation(args.federation),
+            state_dir=args.state_dir,
         )
+        if not node.ledger.durable and node.own_federation.spec.privacy.differential_privacy.enabled:
+            log.info("privacy releases are counted in this process only (no --state-dir): a restart counts from zero; "
+                     "the aggregator's ledger still counts every release")
         _load_data(node, args.ready_file)
         node.run()
     except NodeExit as err:

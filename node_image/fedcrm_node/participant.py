@@ -28,6 +28,7 @@ from fedcrm.secagg.signing import PeerVerifier, Signer
 from fedcrm.spec.loading import check_membership, parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
 from fedcrm.spec.terms import terms_differences, terms_digest
+from fedcrm_node.release_ledger import ReleaseLedger
 
 __all__ = ["NodeExit", "ParticipantNode"]
 
@@ -69,6 +70,7 @@ class ParticipantNode:
         connect_timeout: float = 60.0,
         credentials_dir: Path | None = None,
         own_federation: Federation,
+        state_dir: Path | None = None,
     ) -> None:
         self.participant = participant
         # This participant's own copy of the Federation (mounted beside it in a pod): its data is checked
@@ -94,9 +96,10 @@ class ParticipantNode:
         self._signing: tuple[Signer, PeerVerifier] | None = None  # (Signer, PeerVerifier) for secure aggregation
         self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
-        # Training results this process let out: a plain update sent, or the shares that unmask a secure sum of
-        # updates. Each is one release of the privacy budget; a masked update never unmasked is none.
-        self.releases = 0
+        # Training results let out: a plain update sent, or the shares that unmask a secure sum of updates. Each
+        # is one release of the privacy budget; a masked update never unmasked is none. Kept in state_dir, the
+        # count survives a restarted pod.
+        self.ledger = ReleaseLedger(state_dir, federation=own_federation.key, terms=terms_digest(own_federation.spec))
 
     # ----------------------------------------------------------------- protocol
     def load_data(self) -> int:
@@ -246,7 +249,7 @@ class ParticipantNode:
         """
         message = f"refusing the aggregator's request: {reason}"
         try:
-            stub.ReportFailure(pb.FailureReport(message=message, budget_spent=budget_spent, releases=self.releases))
+            stub.ReportFailure(pb.FailureReport(message=message, budget_spent=budget_spent, releases=self.ledger.count))
         except grpc.RpcError:
             pass  # the refusal stands whether or not the aggregator listens
         return NodeExit(message, NodeExitCode.TERMS_REFUSED)
@@ -304,9 +307,9 @@ class ParticipantNode:
         """With differential privacy, at most spec.training.rounds releases: the budget was planned for that many."""
         assert self.federation is not None
         rounds = self.federation.spec.training.rounds
-        if self.federation.spec.privacy.differential_privacy.enabled and self.releases >= rounds:
+        if self.federation.spec.privacy.differential_privacy.enabled and self.ledger.count >= rounds:
             raise self._refuse(
-                stub, f"round {round_}: this participant has already released {self.releases} training results; its "
+                stub, f"round {round_}: this participant has already released {self.ledger.count} training results; its "
                 f"privacy budget was planned for spec.training.rounds = {rounds}", budget_spent=True,
             )
 
@@ -379,7 +382,7 @@ class ParticipantNode:
             quantizer = fit_quantizer(parameters=delta.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits)
             keys = self._start_secure_sum(task, quantizer, values)
             return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
-        self.releases += 1
+        self.ledger.record()
         return pb.FitResult(
             round=task.round,
             model_version=task.model_version,
@@ -419,7 +422,7 @@ class ParticipantNode:
         if task.HasField("secagg"):
             keys = self._start_secure_sum(task, client_dp_fit_quantizer(noise), client_dp_fit_vector(noised, loss_mean=loss_mean))
             return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
-        self.releases += 1
+        self.ledger.record()
         return pb.FitResult(round=task.round, model_version=task.model_version,
                             delta=to_vector(noised.astype(np.float64)), examples=1.0, loss_sum=loss_mean,
                             train_seconds=took)
@@ -475,7 +478,7 @@ class ParticipantNode:
             # A tampered share or a request to reveal too much: refuse, and let the round go on without us.
             raise NodeExit(f"round {task.round}: refusing a secure-aggregation request: {err}", NodeExitCode.UNREACHABLE) from None
         if unmasks_update:
-            self.releases += 1
+            self.ledger.record()
         return answer
 
 

@@ -46,6 +46,7 @@ TLS_DIR = "/etc/fedcrm/tls"
 CONFIG_DIR = "/etc/fedcrm/config"
 CHECKPOINT_DIR = "/var/lib/fedcrm"
 DATA_DIR = "/var/run/fedcrm/data"
+STATE_DIR = "/var/lib/fedcrm/state"
 #: Exit code of fedcrm-node when its manifest, data or certificate is wrong: retrying cannot help.
 
 
@@ -383,6 +384,12 @@ def training_job(
         "--key", f"{TLS_DIR}/tls.key",
         "--connect-timeout", f"{connect_timeout:.0f}",
     ]
+    node_mounts = list(mounts)
+    if participant.spec.state_claim is not None:
+        # The node's own count of privacy releases, written before each release; the training container only.
+        volumes.append({"name": "state", "persistentVolumeClaim": {"claimName": participant.spec.state_claim}})
+        node_mounts.append({"name": "state", "mountPath": STATE_DIR})
+        train_args += ["--state-dir", STATE_DIR]
     check_args = manifest + source + ["--check-only", f"{CONFIG_DIR}/{FEDERATION_MANIFEST_KEY}"]
     node = {
         "image": settings.node_image,
@@ -406,6 +413,7 @@ def training_job(
                 "args": train_args,
                 "env": [{"name": "FEDCRM_TORCH_THREADS", "value": _threads(sized.cpu)}],
                 **node,
+                "volumeMounts": node_mounts,
             }
         ],
         "volumes": volumes,

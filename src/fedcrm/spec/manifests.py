@@ -935,6 +935,18 @@ class ParticipantSpec(_Model):
     requires: Annotated[
         Requirements, Field(description="The weakest privacy terms this tenant accepts; weaker Federations are refused.")
     ] = Requirements()
+    state_claim: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+            max_length=253,
+            description=(
+                "A small ReadWriteOnce PersistentVolumeClaim in this namespace (a few MiB) where the training pod keeps "
+                "its own count of privacy releases, so a restarted pod never releases more than the budget was "
+                "planned for. Unset: the count lives in the pod (the aggregator's ledger still counts every release)."
+            ),
+        ),
+    ] = None
     accepted_terms: Annotated[
         str | None,
         Field(

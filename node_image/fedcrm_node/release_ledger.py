@@ -1,0 +1,68 @@
+"""This participant's own count of privacy releases, kept where a restarted process finds it.
+
+The node refuses to let out more training results than its Federation's budget was planned for
+(``spec.training.rounds`` with differential privacy). Counted in memory only, a pod restarted
+mid-federation would start again from zero and could be talked into releasing the planned number
+once more. With a state directory (a small claim in the tenant's own namespace, ``spec.stateClaim``)
+the count survives: it is written, atomically and durably, *before* the release leaves — a crash
+between the two over-counts by one, never under-counts.
+
+One file per Federation and version of its terms: a new Federation, or changed terms (which the
+tenant re-consented to), starts its own count; the same Federation restarted continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedcrm.errors import ManifestError
+
+__all__ = ["ReleaseLedger"]
+
+log = logging.getLogger("fedcrm.node")
+
+
+class ReleaseLedger:
+    def __init__(self, directory: Path | None, *, federation: str, terms: str) -> None:
+        self.path = None if directory is None else directory / f"releases-{terms[:16]}.json"
+        self.federation, self.terms = federation, terms
+        self.count = 0
+        if self.path is None:
+            return
+        if not directory.is_dir():  # type: ignore[union-attr]
+            raise ManifestError(f"--state-dir {directory} is not a directory (in a cluster: the Participant's "
+                                "spec.stateClaim, mounted read-write)")
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                self.count = int(saved["releases"])
+            except (ValueError, KeyError, TypeError) as err:
+                # Unreadable is not zero: guessing low would let the budget be spent twice.
+                raise ManifestError(f"{self.path}: this participant's count of privacy releases is unreadable "
+                                    f"({err}); restore it, or remove it only if this Federation never trained "
+                                    "with this participant") from None
+            log.info("privacy releases already counted for %s: %d (from %s)", federation, self.count, self.path)
+
+    @property
+    def durable(self) -> bool:
+        return self.path is not None
+
+    def record(self) -> None:
+        """Count one release; with a state directory, durably, before the caller lets it out."""
+        self.count += 1
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"federation": self.federation, "terms": self.terms, "releases": self.count}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
