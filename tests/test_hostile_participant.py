@@ -126,3 +126,42 @@ def test_an_oversized_result_is_refused_before_it_is_read(small_federation: Synt
     finally:
         server.stop(grace=0).wait()
         coordinator.close()
+
+
+@pytest.mark.slow
+def test_an_abandoned_round_is_run_again_with_new_round_ids_and_the_federation_finishes(
+        small_federation: SynthResult, tmp_path: Path) -> None:
+    """Round 1's training sum is given up at its very end (as when a reconstructed key does not match its advertised
+    one: a corrupt share). Before, that failed the whole federation; now the round runs again under new round ids,
+    with real participants, and every planned round completes."""
+    from fedcrm_aggregator.coordinator import ROUND_ATTEMPTS
+
+    from fedcrm.errors import RoundAbandoned
+
+    doc = yaml.safe_load(small_federation.federation_path.read_text())
+    doc["spec"]["training"].update(rounds=2, minParticipants=2, roundTimeoutSeconds=30)
+    doc["spec"]["privacy"] = {"secureAggregation": {"enabled": True, "neighbours": "complete"}}
+    own = tmp_path / "federation.yaml"
+    own.write_text(yaml.safe_dump(doc))
+    federation = load_federation(own)
+    assert ROUND_ATTEMPTS >= 2
+    with aggregators(tmp_path) as start:
+        coordinator, port, ca = start(federation, federation, identities(small_federation))
+        real_run, round_ids = coordinator.secure.run, []
+
+        def abandon_once(kind: int, round_: int, attempt: int = 0) -> Any:
+            result = real_run(kind, round_, attempt)
+            round_ids.append((kind, round_, attempt))
+            if (kind, round_, attempt) == (pb.Task.FIT, 1, 0):
+                raise RoundAbandoned("round 1 training: secure aggregation abandoned, no sum released: a "
+                                     "reconstructed key did not match its advertised key")
+            return result
+
+        coordinator.secure.run = abandon_once
+        results = finish(start_nodes(small_federation, own, port, ca, tmp_path))
+
+    assert [code for code, _ in results] == [0, 0, 0], [log[-1000:] for _, log in results]
+    assert [r.round for r in coordinator.history] == [1, 2]
+    assert (pb.Task.FIT, 1, 1) in round_ids  # the second try of round 1
+    events = (tmp_path / "aggregator" / "events.jsonl").read_text()
+    assert '"event": "round_abandoned"' in events and '"attempt": 0' in events

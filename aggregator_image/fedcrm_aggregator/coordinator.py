@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcrm.errors import FederationFailed
+from fedcrm.errors import FederationFailed, RoundAbandoned
 from fedcrm.models.artifacts import save_model
 from fedcrm.models.layout import ModelLayout
 from fedcrm.protocol import from_vector, pb, to_vector
@@ -49,6 +49,10 @@ from fedcrm_aggregator.sessions import Session
 __all__ = ["STAGE_NAMES", "Coordinator", "Receiver"]
 
 log = logging.getLogger("fedcrm.aggregator")
+
+#: How many times a round whose secure sum was abandoned (nothing released) is tried before the federation fails:
+#: a participant that drops out mid-round, or sends one corrupt share, costs a retry, not the whole federation.
+ROUND_ATTEMPTS = 3
 
 STAGE_NAMES = {
     pb.Task.STATISTICS: "statistics",
@@ -354,9 +358,19 @@ class Coordinator:
                 self._statistics()
             for round_ in range(len(self.history) + 1, self.spec.training.rounds + 1):
                 try:
-                    self.privacy.check_round(self._usable())
-                    mark_in_progress(self.out_dir, round_)
-                    self._round(round_)
+                    for attempt in range(ROUND_ATTEMPTS):
+                        self.privacy.check_round(self._usable())
+                        mark_in_progress(self.out_dir, round_)
+                        try:
+                            self._round(round_, attempt)
+                            break
+                        except RoundAbandoned as err:
+                            left = ROUND_ATTEMPTS - attempt - 1
+                            log.warning("%s; %s", err, f"running round {round_} again ({left} more tries)" if left
+                                        else "giving up")
+                            self.emit("round_abandoned", round=round_, attempt=attempt, reason=str(err))
+                            if not left:
+                                raise FederationFailed(f"{err} ({ROUND_ATTEMPTS} tries)") from None
                 except BudgetExhausted as err:
                     self._stopped_early = True
                     message = f"stopped before round {round_} to stay within the privacy budget: {err}"
@@ -450,25 +464,27 @@ class Coordinator:
         log.info("global statistics from %d participants, %d rows; model has %d parameters",
                  len(results), self.preprocessing.rows, self.layout.size)
 
-    def _sum(self, kind: int, round_: int) -> tuple[list[str], np.ndarray]:
+    def _sum(self, kind: int, round_: int, attempt: int = 0) -> tuple[list[str], np.ndarray]:
         """Who contributed and the sum of their FIT or EVALUATE vectors, securely when configured."""
         if self.secure is not None:
-            return self.secure.run(kind, round_)
+            return self.secure.run(kind, round_, attempt)
         receiver = self._receive_plain_fit if kind == pb.Task.FIT else self._receive_plain_evaluation
         results = self.run_stage(kind, round_, receiver)
         if not results:
             return [], np.zeros(0)
         return sorted(results), ordered_sum(results.items())
 
-    def _round(self, round_: int) -> None:
+    def _round(self, round_: int, attempt: int = 0) -> None:
+        """One round. Raises RoundAbandoned when its training sum was given up (nothing released); ``attempt``
+        counts earlier abandoned tries of this round, each a release of its own for the ledger."""
         assert self.weights is not None and self.layout is not None
         started = time.monotonic()
         with self._cond:
             self._silent_this_round = set()
-        release = self.release = f"{round_}@{self.incarnations}"
+        release = self.release = f"{round_}@{self.incarnations}" + (f".{attempt}" if attempt else "")
         if self.privacy.mode == "sample":  # each participant spends as soon as it trains
             self.privacy.record(release, self._usable())
-        contributors, fit_total = self._sum(pb.Task.FIT, round_)
+        contributors, fit_total = self._sum(pb.Task.FIT, round_, attempt)
         if self.privacy.noise is not None and contributors:
             # The noised sum is out (already counted when the first update or the unmasking shares came in,
             # see count_exposure; recording a release twice counts it once).
@@ -488,7 +504,11 @@ class Coordinator:
         self.weights = step.weights
         self.version = round_
         train_loss = step.train_loss
-        evaluators, eval_total = self._sum(pb.Task.EVALUATE, round_)
+        try:
+            evaluators, eval_total = self._sum(pb.Task.EVALUATE, round_, attempt)
+        except RoundAbandoned as err:  # the model step stands; only this round's metrics are missing
+            log.warning("%s; the round's model is kept, without metrics", err)
+            evaluators, eval_total = [], np.zeros(0)
         metrics = metrics_from_counts(eval_total) if evaluators else {}
         with self._cond:
             for identity in contributors:

@@ -20,8 +20,10 @@ Participants sign their keys with their certificate keys and recompute their
 neighbourhoods from the member list and the public seed
 (:func:`fedcrm.secagg.graph.public_seed`): none of what this module relays
 needs to be taken on trust, see docs/secure-aggregation.md (threat model).
-A stage that leaves a neighbourhood below its threshold abandons the round:
-no partial sum is ever released.
+A stage that leaves a neighbourhood below its threshold, or a corrupt share,
+abandons the round (:class:`fedcrm.errors.RoundAbandoned`): no partial sum is
+ever released, and the coordinator runs the round again, a bounded number of
+times.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedcrm.errors import FederationFailed
+from fedcrm.errors import FederationFailed, RoundAbandoned
 from fedcrm.protocol import from_vector, pb
 from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, UnmaskReply
 from fedcrm.secagg.graph import public_seed
@@ -58,14 +60,15 @@ log = logging.getLogger("fedcrm.aggregator")
 _PHASES = {pb.Task.FIT: pb.SecAggTask.FIT, pb.Task.EVALUATE: pb.SecAggTask.EVALUATE}
 
 
-def round_id_for(federation: str, incarnation: str, round_: int, phase: int) -> int:
-    """A 63-bit id unique to this federation, aggregator incarnation, round and phase.
+def round_id_for(federation: str, incarnation: str, round_: int, phase: int, attempt: int = 0) -> int:
+    """A 63-bit id unique to this federation, aggregator incarnation, round, phase and attempt.
 
     The id is mixed into every key derivation and authenticated share, so a
     restarted aggregator re-running a round can never make a participant reuse
     keys or masks from before the restart.
     """
-    digest = hashlib.sha256(f"{federation}\x1f{incarnation}\x1f{round_}\x1f{phase}".encode()).digest()
+    which = f"{round_}" if attempt == 0 else f"{round_}.{attempt}"
+    digest = hashlib.sha256(f"{federation}\x1f{incarnation}\x1f{which}\x1f{phase}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -103,10 +106,12 @@ class SecureSums:
             raise FederationFailed(f"spec.privacy.secureAggregation.bits is too small for this data: {err}") from None
 
     # ----------------------------------------------------------------- one secure sum
-    def run(self, kind: int, round_: int) -> tuple[list[str], np.ndarray]:
+    def run(self, kind: int, round_: int, attempt: int = 0) -> tuple[list[str], np.ndarray]:
+        """``attempt``: how many times this round was abandoned before; each attempt has a round id of its own, so
+        no key, mask or signature of an abandoned attempt is ever valid in the next."""
         phase = _PHASES[kind]
         quantizer = self.quantizer(kind)
-        round_id = round_id_for(self.c.federation.key, self.incarnation, round_, phase)
+        round_id = round_id_for(self.c.federation.key, self.incarnation, round_, phase, attempt)
         base = pb.SecAggTask(
             phase=phase, round_id=round_id, threshold=self.spec.threshold, neighbours=str(self.spec.neighbours),
             bits=self.spec.bits, weight_bound=self.bound(kind), clip=self.spec.clip,
@@ -118,8 +123,8 @@ class SecureSums:
         except (BelowThreshold, ProtocolViolation) as err:
             # ProtocolViolation here means a reconstructed key did not match its advertised key:
             # a participant sent a corrupt share. Either way the round's sum is never released.
-            self.c.emit("secagg_abandoned", round=round_, phase=name, reason=str(err))
-            raise FederationFailed(f"round {round_} {name}: secure aggregation abandoned, no sum released: {err}") from None
+            self.c.emit("secagg_abandoned", round=round_, phase=name, attempt=attempt, reason=str(err))
+            raise RoundAbandoned(f"round {round_} {name}: secure aggregation abandoned, no sum released: {err}") from None
 
     def _stages(self, kind: int, round_: int, phase: int, round_id: int, base: pb.SecAggTask,
                 quantizer: SegmentedQuantizer) -> tuple[list[str], np.ndarray]:

@@ -24,3 +24,8 @@ class DataError(FedcrmError):
 
 class FederationFailed(FedcrmError):
     """A federation stopped before finishing its rounds (too few participants, timeouts)."""
+
+
+class RoundAbandoned(FedcrmError):
+    """One round's secure sum was given up before anything was released (too few left at a stage, a corrupt
+    share); the aggregator runs the round again, a bounded number of times, instead of failing the federation."""
