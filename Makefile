@@ -85,6 +85,10 @@ bench-startup: $(STAMP)  ## time outside the rounds and launcher memory of `fedc
 	@mkdir -p $(BENCH_OUT)
 	$(BIN)/python bench/startup.py $(BENCH_QUICK) $(if $(COMPARE),--compare $(COMPARE)) --json $(BENCH_OUT)/startup.json
 
+bench-load: $(STAMP)  ## 100 participants, secure aggregation + client-level DP, 10 % dropping: round time, aggregator RSS, new protocol vs old
+	@mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/load.py $(BENCH_QUICK) --json $(BENCH_OUT)/load.json
+
 # Container images as OCI archives under ~/.cache/fedcrm/images, tagged by content hash; a rerun with nothing
 # changed returns in about a second. IMAGE_TOOL=docker builds with a Docker engine instead (docs/images.md).
 IMAGE_TOOL ?= buildah

@@ -217,3 +217,26 @@ def test_bench_startup_quick_splits_a_real_run(tmp_path: Path) -> None:
         _assert_finite(row, fields, f"{row['impl']} run {row['repeat']}")
         assert row["launcher_peak_rss_mib"] > 0 and row["rounds_s"] > 0
         assert abs(row["wall_s"] - row["rounds_s"] - row["outside_s"]) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_load_quick_completes_every_round_of_every_protocol(tmp_path: Path) -> None:
+    _make_quick("bench-load", tmp_path)
+    out = json.loads((tmp_path / "load.json").read_text())
+    assert not _non_finite(out)
+    assert set(out["results"]) == {"new", "checks-off", "v1"}
+    rounds = out["config"]["rounds"]
+    for protocol, row in out["results"].items():
+        assert row["rounds"] == rounds and row["rounds_complete"] == rounds, (protocol, row)
+        _assert_finite(row, ["round_s", "secagg_s", "aggregator_cpu_s", "client_cpu_s_per_participant",
+                             "aggregator_peak_rss_mib", "bytes_up_per_round", "bytes_down_per_round"], protocol)
+        assert row["aggregator_peak_rss_mib"] > 0 and row["round_s"] > 0
+    assert "consistency" in out["results"]["new"]["stage_s"] and "consistency" not in out["results"]["v1"]["stage_s"]
+    for row in out["rounds"]:  # the bench itself checks each unmasked sum; here: every dropout stage was exercised
+        assert row["complete"] and row["stopped"] > 0 and row["survivors"] <= row["advertised"]
+    stopped = {stage for row in out["rounds"] for stage, count in row["stopped_at"].items() if count}
+    assert stopped == {"never", "after_advertise", "after_share_keys", "after_masked_input", "during_unmask"}
+    for name in ("new/checks-off", "new/v1"):
+        _assert_finite(out["ratios"][name], ["round_s", "secagg_s", "aggregator_peak_rss", "bytes"], name)
+    assert "process" in out["what_is_a_process"]
