@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -31,11 +32,18 @@ log = logging.getLogger("fedcrm.aggregator")
 # How often an idle task stream checks whether its peer is still there.
 _POLL_S = 0.5
 
+#: Results one participant may have in the aggregator's hands at once. An honest node sends one at a time; a
+#: hostile one sending many concurrently would otherwise hold the unary workers every other participant needs.
+#: (Memory is bounded apart from this: each message is at most the receive limit, read only by a worker.)
+PEER_IN_FLIGHT = 2
+
 
 class FederatedTrainingService(rpc.FederatedTrainingServicer):
     def __init__(self, coordinator: Coordinator, allowed: set[str]) -> None:
         self.coordinator = coordinator
         self.allowed = allowed
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
 
     def _identity(self, context: grpc.ServicerContext) -> str:
         identity = peer_identity(context)
@@ -87,8 +95,19 @@ class FederatedTrainingService(rpc.FederatedTrainingServicer):
 
     def _submit(self, kind: int, request: Any, context: grpc.ServicerContext) -> pb.Ack:
         identity = self._identity(context)
-        self.coordinator.count_up(identity, request.round, request.ByteSize())
-        return self.coordinator.submit(kind, identity, request)
+        with self._in_flight_lock:
+            busy = self._in_flight.get(identity, 0)
+            if busy >= PEER_IN_FLIGHT:
+                log.warning("refused a result from %s: %d of its results are still being handled", identity, busy)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{busy} results from {identity} are still being handled; send one at a time")
+            self._in_flight[identity] = busy + 1
+        try:
+            self.coordinator.count_up(identity, request.round, request.ByteSize())
+            return self.coordinator.submit(kind, identity, request)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight[identity] -= 1
 
     def SubmitStatistics(self, request: pb.StatisticsResult, context: grpc.ServicerContext) -> pb.Ack:
         return self._submit(pb.Task.STATISTICS, request, context)
