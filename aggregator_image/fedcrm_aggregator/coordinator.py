@@ -45,6 +45,7 @@ from fedcrm_aggregator.checkpoints import (
 from fedcrm_aggregator.privacy import BudgetExhausted, PrivacyLedger
 from fedcrm_aggregator.secure_sums import SecureSums
 from fedcrm_aggregator.sessions import Session
+from fedcrm_aggregator.stage_runner import Receiver
 
 __all__ = ["STAGE_NAMES", "Coordinator", "Receiver"]
 
@@ -65,7 +66,6 @@ STAGE_NAMES = {
 }
 
 # Decodes one participant's answer to a stage (raising ValueError to refuse it).
-Receiver = Callable[[str, Any], Any]
 
 
 class Coordinator:

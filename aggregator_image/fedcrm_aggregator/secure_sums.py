@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -48,10 +48,9 @@ from fedcrm.training.secure_vectors import (
     fit_quantizer,
     validation_bound,
 )
+from fedcrm_aggregator.sessions import Session
+from fedcrm_aggregator.stage_runner import StageRunner
 
-if TYPE_CHECKING:
-    from fedcrm_aggregator.coordinator import Coordinator
-    from fedcrm_aggregator.sessions import Session
 
 __all__ = ["SecureSums", "round_id_for"]
 
@@ -73,12 +72,12 @@ def round_id_for(federation: str, incarnation: str, round_: int, phase: int, att
 
 
 class SecureSums:
-    def __init__(self, coordinator: Coordinator, spec: SecureAggregation, incarnation: str) -> None:
-        self.c = coordinator
+    def __init__(self, runner: StageRunner, spec: SecureAggregation, incarnation: str) -> None:
+        self.c = runner
         self.spec = spec
         self.incarnation = incarnation
         self.params = SecAggParams(threshold=spec.threshold, neighbours=spec.neighbours, bits=spec.bits)
-        self.ids = {identity: i for i, identity in enumerate(coordinator.expected)}
+        self.ids = {identity: i for i, identity in enumerate(runner.expected)}
         self.identities = {i: identity for identity, i in self.ids.items()}
 
     # ----------------------------------------------------------------- bounds
