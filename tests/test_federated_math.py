@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -144,3 +146,26 @@ def test_vectors_round_trip_and_reject_bad_lengths() -> None:
         from_vector(v)
     with pytest.raises(TypeError):
         to_vector(np.arange(3))
+
+
+def test_participants_and_the_model_get_only_what_encoding_needs() -> None:
+    """In a federation of two, the pooled row count and positive rate minus one's own are the other's exact
+    figures: they stay with the aggregator. The encoding is the same with and without them."""
+    import numpy as np
+    import pandas as pd
+
+    from fedcrm.spec.manifests import Task
+    from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
+
+    task = Task.model_validate({"target": "converted", "features": [
+        {"name": "amount", "type": "numeric"}, {"name": "region", "type": "categorical", "categories": ["eu", "us"]}]})
+    layout = StatisticsLayout(task)
+    a = pd.DataFrame({"amount": [1.0, 2.0, None], "region": ["eu", "us", "eu"], "converted": [True, False, True]})
+    b = pd.DataFrame({"amount": [5.0, 7.0], "region": ["us", "us"], "converted": [False, False]})
+    full = layout.preprocessing(layout.local(a) + layout.local(b))
+    shared = Preprocessing.from_json(full.shared().to_json())
+    assert full.rows == 5 and full.positive_rate == 0.4
+    assert shared.rows is None and shared.positive_rate is None and shared.missing_rate == {}
+    assert shared.numeric == full.numeric and shared.categorical == full.categorical
+    assert "rows" not in {k for k, v in json.loads(full.shared().to_json()).items() if v is not None}
+    assert np.isfinite(shared.numeric[0].mean)

@@ -250,7 +250,7 @@ class Coordinator:
                 session.model_version = self.version
             if not session.has_preprocessing:
                 task.preprocessing_json = json.dumps(
-                    {"preprocessing": json.loads(self.preprocessing.to_json()), "layout": self.layout.to_dict(),
+                    {"preprocessing": json.loads(self.preprocessing.shared().to_json()), "layout": self.layout.to_dict(),
                      "participants": len(self.expected)}
                 )
                 session.has_preprocessing = True
@@ -551,7 +551,7 @@ class Coordinator:
             self.out_dir / "model",
             weights=self.weights,
             layout=self.layout,
-            preprocessing=self.preprocessing,
+            preprocessing=self.preprocessing.shared(),  # the model goes to every participant
             task=self.spec.task,
             metadata={
                 "federation": self.federation.key,

@@ -84,7 +84,7 @@ class SecureSums:
     def _weight_bound(self) -> float:
         """Twice the training rows seen in the statistics stage: headroom for late joiners."""
         assert self.c.preprocessing is not None
-        return 2.0 * max(self.c.preprocessing.rows, 1)
+        return 2.0 * max(self.c.preprocessing.rows or 0, 1)
 
     def bound(self, kind: int) -> float:
         """The public bound on summed examples: training rows for FIT, validation rows for EVALUATE."""

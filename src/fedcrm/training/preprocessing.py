@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from typing import TYPE_CHECKING
 
@@ -67,14 +67,24 @@ class Preprocessing:
     boolean: list[str]
     categorical: list[CategoricalVocab]
     target: str
-    rows: int
-    positive_rate: float
+    # Pooled facts about the data that encoding does not need: known to the aggregator, never shared (see shared()).
+    rows: int | None = None
+    positive_rate: float | None = None
     missing_rate: dict[str, float] = field(default_factory=dict)
 
     @property
     def numeric_width(self) -> int:
         """Inputs besides embeddings: value + missing flag per numeric and boolean feature."""
         return 2 * (len(self.numeric) + len(self.boolean))
+
+    def shared(self) -> Preprocessing:
+        """What every participant, and the model artifact, gets: only what encoding a row needs.
+
+        The pooled row count, positive rate and missing rates are left out: in a federation of two, one tenant
+        would otherwise subtract its own from them and learn the other's exact row count and conversion rate.
+        Means, standard deviations and vocabularies stay (the model's input encoding needs them).
+        """
+        return replace(self, rows=None, positive_rate=None, missing_rate={})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
