@@ -431,3 +431,35 @@ def test_a_state_claim_is_mounted_read_write_in_the_training_container_only() ->
     without = _pod_spec(_job(federation(), participant()))
     assert "--state-dir" not in without["containers"][0]["args"]
     assert all(v["name"] != "state" for v in without["volumes"])
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _status(phase: str, **conditions: tuple[str, str]) -> dict[str, Any]:
+    return {"phase": phase, "conditions": [{"type": t, "status": "False", "reason": r, "message": m}
+                                           for t, (r, m) in conditions.items()]}
+
+
+def test_events_mark_transitions_and_each_new_refusal_never_a_quiet_pass() -> None:
+    from fedcrm_operator.events import transition_event
+
+    refused = _status("Refused", Admitted=("RequirementsNotMet", "epsilon must be at most 1"))
+    event = transition_event("Participant", {}, refused)
+    assert event is not None and (event.type, event.reason) == ("Warning", "RequirementsNotMet")
+    assert event.message == "Pending -> Refused: epsilon must be at most 1"
+    assert transition_event("Participant", refused, refused) is None  # a pass that changed nothing
+    again = _status("Refused", Admitted=("TermsChanged", "set spec.acceptedTerms: abc"))
+    event = transition_event("Participant", refused, again)
+    assert event is not None and (event.type, event.reason) == ("Warning", "TermsChanged")  # a new refusal
+    training = _status("Training", Admitted=("Admitted", "admitted"), Ready=("Training", "training pod scheduled"))
+    event = transition_event("Participant", again, training)
+    assert event is not None and (event.type, event.reason) == ("Normal", "Training")
+    enrolling = _status("Enrolling", Ready=("Enrolling", "1 of at least 2 participants admitted"))
+    started = _status("Training", Ready=("Training", "training with 2 participants"))
+    event = transition_event("Federation", enrolling, started)
+    assert event is not None and event.message == "Enrolling -> Training: training with 2 participants"
+    assert transition_event("Federation", started, {**started, "round": 3}) is None  # progress is not an event
+    failed = _status("Failed", Ready=("Failed", "enrolment: 0 participant(s) answered"))
+    event = transition_event("Federation", started, failed)
+    assert event is not None and event.type == "Warning"

@@ -185,6 +185,10 @@ def test_federation_and_three_participants_get_every_child_with_the_right_spec(o
         participant("tenant-c", "f1", resources={"gpu": 2, "memory": "4Gi"}),
     )
     wait_for("f1 to start training", lambda: phase_of(kubectl, "federation", "f1", COORD) == "Training", timeout=90)
+    started = wait_for("f1's Training Event", lambda: next((e for e in kubectl.items("events", namespace=COORD)
+                                                           if e["involvedObject"].get("name") == "f1"
+                                                           and e["reason"] == "Training"), None))
+    assert started["type"] == "Normal" and "-> Training: training with 3 participants" in started["message"]
     for ns in TENANTS:
         wait_for(f"{ns}/crm admitted", lambda ns=ns: phase_of(kubectl, "participant", "crm", ns) in ("Training", "Succeeded"))
 
@@ -244,6 +248,12 @@ def test_participant_of_a_namespace_not_allowed_gets_a_condition_and_nothing_els
     admitted = condition(obj, "Admitted")
     assert admitted["status"] == "False" and admitted["reason"] == "NamespaceNotAllowed"
     assert "spec.participants.namespaces" in admitted["message"]
+    # kubectl describe shows the refusal as an Event on the Participant.
+    event = wait_for("the refusal's Event", lambda: next((e for e in kubectl.items("events", namespace=OUTSIDER)
+                                                         if e["involvedObject"].get("name") == "crm"
+                                                         and e["reason"] == "NamespaceNotAllowed"), None))
+    assert event["type"] == "Warning" and event["involvedObject"]["kind"] == "Participant"
+    assert "Pending -> Refused" in event["message"]
     for kind in ["secrets", "configmaps", "jobs", "pods", "networkpolicies"]:
         assert kubectl.items(kind, namespace=OUTSIDER, selector="fedcrm.io/federation") == [], kind
     kubectl("delete", "participant", "crm", "-n", OUTSIDER)

@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 from fedcrm.spec.manifests import ParticipantPhase, Phase
 from fedcrm_operator import federations, metrics
 from fedcrm_operator.conditions import strip_times
+from fedcrm_operator.events import transition_event
 from fedcrm_operator.kube import Kube, connect
 from fedcrm_operator.naming import Names
 from fedcrm_operator.participants import participant_status
@@ -65,10 +66,14 @@ def participants_by_federation(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec
 
 
 def _record(patch: kopf.Patch, body: kopf.Body, new: dict[str, Any], phases: dict[str, str], gauge: Any, known: type) -> None:
-    """Write the status if it changed, and count the object's phase for the metrics."""
-    if strip_times(dict(body.get("status") or {})) != strip_times(new):
+    """Write the status if it changed, post an Event for a transition, and count the object's phase for the metrics."""
+    old = dict(body.get("status") or {})
+    if strip_times(old) != strip_times(new):
         for key, value in new.items():
             patch.status[key] = value
+        event = transition_event(str(body.get("kind")), old, new)
+        if event is not None:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1024])
     phases[f"{body['metadata']['namespace']}/{body['metadata']['name']}"] = new.get("phase", "Pending")
     metrics.count_phases(gauge, phases, [p.value for p in known])
 
