@@ -39,3 +39,27 @@ def test_status_reaches_the_operator_and_metrics_reach_prometheus() -> None:
     finally:
         server.stop()
     assert fetch_status(f"http://127.0.0.1:{free_port()}/status", "coord/churn") is None  # nobody listening
+
+
+def test_a_compromised_aggregators_status_is_bounded_before_it_reaches_the_federation() -> None:
+    """The aggregator is not trusted with the API: what it serves is read up to 64 KiB, and every field that
+    reaches the Federation's status is bounded in size and kind."""
+    from fedcrm_operator.aggregator_status import MAX_STATUS_BYTES
+
+    progress = {**PROGRESS, "message": "x" * 5000, "epsilon_spent": float("nan"), "state": "owned",
+                "warnings": ["w" * 3000] * 10, "model_digest": "../../etc/passwd",
+                "metrics": {f"m{i}": 1.0 for i in range(100)}}
+    server = StatusServer("127.0.0.1:0", lambda: progress).start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/status"
+        status = fetch_status(url, "coord/churn")
+        assert status is not None
+        assert len(status.message) == 1024 and status.epsilon_spent is None and status.state == "training"
+        assert len(status.warnings) == 5 and all(len(w) == 1024 for w in status.warnings)
+        assert status.model_digest is None and len(status.metrics) <= 16
+        progress["round"] = -1  # not a count: the whole answer is ignored
+        assert fetch_status(url, "coord/churn") is None
+        progress.update(round=3, message="y" * (2 * MAX_STATUS_BYTES))  # too big to read at all
+        assert fetch_status(url, "coord/churn") is None
+    finally:
+        server.stop()

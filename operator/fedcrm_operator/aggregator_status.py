@@ -9,12 +9,17 @@ status. A compromised aggregator therefore cannot touch any API object.
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AggregatorStatus", "fetch_status"]
+__all__ = ["MAX_STATUS_BYTES", "AggregatorStatus", "fetch_status"]
+
+log = logging.getLogger("fedcrm.operator")
 
 
 @dataclass(frozen=True)
@@ -39,17 +44,40 @@ class AggregatorStatus:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AggregatorStatus:
+        """Parse, trusting nothing: what is written into the Federation's status is bounded in size and kind,
+        whatever a faulty or compromised aggregator serves."""
+        state = str(data.get("state", "training"))
+        epsilon = data.get("epsilon_spent")
+        digest = data.get("model_digest")
         return cls(
-            state=str(data.get("state", "training")),
-            round=int(data.get("round", 0)),
-            rounds=int(data.get("rounds", 0)),
-            active_participants=int(data.get("active_participants", 0)),
-            epsilon_spent=data.get("epsilon_spent"),
-            metrics={k: float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, (int, float))},
-            model_digest=data.get("model_digest"),
-            message=str(data.get("message", "")),
-            warnings=tuple(str(w) for w in (data.get("warnings") or [])[:5]),
+            state=state if state in _STATES else "training",
+            round=_count(data.get("round", 0)),
+            rounds=_count(data.get("rounds", 0)),
+            active_participants=_count(data.get("active_participants", 0)),
+            epsilon_spent=float(epsilon) if _finite(epsilon) and epsilon >= 0 else None,
+            metrics={str(k)[:32]: float(v) for k, v in list((data.get("metrics") or {}).items())[:_MAX_METRICS]
+                     if _finite(v)},
+            model_digest=digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None,
+            message=str(data.get("message", ""))[:_MAX_TEXT],
+            warnings=tuple(str(w)[:_MAX_TEXT] for w in (data.get("warnings") or [])[:5]),
         )
+
+
+_STATES = ("enrolling", "training", "succeeded", "failed")
+_MAX_TEXT = 1024  # characters of a message that reach the Federation's status
+_MAX_METRICS = 16
+#: The most of an aggregator's /status answer the operator reads; an honest one is under 2 KiB.
+MAX_STATUS_BYTES = 64 * 1024
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1_000_000_000:
+        raise ValueError(f"not a count: {value!r}")
+    return value
 
 
 def fetch_status(url: str, federation: str, *, timeout: float = 1.0) -> AggregatorStatus | None:
@@ -59,7 +87,12 @@ def fetch_status(url: str, federation: str, *, timeout: float = 1.0) -> Aggregat
     """
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - in-cluster http URL from settings
-            data = json.loads(response.read())
+            body = response.read(MAX_STATUS_BYTES + 1)
+        if len(body) > MAX_STATUS_BYTES:
+            log.warning("federation %s: the aggregator's /status answer is over %d bytes; ignored", federation,
+                        MAX_STATUS_BYTES)
+            return None
+        data = json.loads(body)
     except (urllib.error.URLError, OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("federation") != federation:
