@@ -141,11 +141,17 @@ def federation(cluster: RealNodeCluster, tenants: dict[str, dict[str, Any]], syn
 # ---------------------------------------------------------------------- the scenario
 def test_operator_runs_as_a_pod_from_its_image(cluster: RealNodeCluster, operator: dict[str, str]) -> None:
     pods = items(cluster, "pods", OPERATOR_NS, "app.kubernetes.io/name=fedcrm-operator")
-    assert len(pods) == 1
-    pod = pods[0]
-    assert pod["spec"]["containers"][0]["image"] == operator["operator"]
-    assert pod["spec"]["nodeName"] == "fedcrm-node-0", "the operator must run on the real node, not a KWOK one"
-    assert all(s["ready"] for s in pod["status"]["containerStatuses"])
+    assert len(pods) == 2  # the chart's two replicas: one active, one waiting (kopf peering)
+    for pod in pods:
+        assert pod["spec"]["containers"][0]["image"] == operator["operator"]
+        assert pod["spec"]["nodeName"] == "fedcrm-node-0", "the operator must run on the real node, not a KWOK one"
+        assert all(s["ready"] for s in pod["status"]["containerStatuses"])
+    names = {pod["metadata"]["name"] for pod in pods}
+
+    def peers() -> dict[str, Any]:
+        return json.loads(cluster.kubectl("get", "clusterkopfpeering", "fedcrm", "-o", "json").stdout).get("status") or {}
+
+    cluster.wait_for("both replicas in the peering", lambda: names <= set(peers()), timeout=60, every=2)
 
 
 def test_federation_trains_in_pods_and_survives_its_aggregator_pod_being_deleted(

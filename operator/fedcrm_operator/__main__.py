@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -43,15 +44,31 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = OperatorSettings.from_environment()
     namespaces = list(settings.namespaces)
+    identity = operator_identity()
+    peering = os.environ.get("FEDCRM_OPERATOR_PEERING", "")
     asyncio.run(
         kopf.operator(
             clusterwide=not namespaces,
             namespaces=namespaces,
-            standalone=True,
+            # With a peering name, replicas elect one active operator; without, this process works alone.
+            standalone=not peering,
+            peering_name=peering or None,
+            priority=peering_priority(identity) if peering else None,
             liveness_endpoint=args.liveness or None,
-            identity=operator_identity(),
+            identity=identity,
         )
     )
+
+
+def peering_priority(identity: str) -> int:
+    """This replica's rank among its peers: the highest works, the others wait for its record to expire.
+
+    kopf freezes *every* replica when two share a priority, so each gets its own, from its identity (the pod
+    name); FEDCRM_OPERATOR_PRIORITY overrides it."""
+    given = os.environ.get("FEDCRM_OPERATOR_PRIORITY")
+    if given:
+        return int(given)
+    return 1 + int.from_bytes(hashlib.sha256(identity.encode()).digest()[:4], "big") % (2**31 - 2)
 
 
 def operator_identity() -> str:
