@@ -103,7 +103,7 @@ def _server_hosts(names: Names, settings: OperatorSettings) -> list[str]:
 def _owner(participant_body: dict[str, Any]) -> dict[str, Any]:
     meta = participant_body["metadata"]
     return {
-        "apiVersion": "fedcrm.io/v1alpha1",
+        "apiVersion": API,
         "kind": "Participant",
         "name": meta["name"],
         "uid": meta["uid"],

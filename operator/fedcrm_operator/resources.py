@@ -7,13 +7,13 @@ import json
 from typing import Any
 
 from fedcrm.spec.loading import parse_manifest
-from fedcrm.spec.manifests import Federation, Participant
+from fedcrm.spec.manifests import API_VERSION, Federation, Participant
 
 __all__ = ["API", "FROZEN_SECTIONS", "GROUP", "VERSION", "changed_sections", "frozen_digest", "parse_federation",
            "parse_participant"]
 
-GROUP, VERSION = "fedcrm.io", "v1alpha1"
-API = f"{GROUP}/{VERSION}"
+API = API_VERSION  # one place: fedcrm.spec.manifests
+GROUP, VERSION = API.split("/")
 
 
 def _manifest(body: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -204,7 +204,7 @@ def _crd(
                             "description": description,
                             "required": ["spec"],
                             "properties": {
-                                "apiVersion": {"type": "string", "description": "fedcrm.io/v1alpha1"},
+                                "apiVersion": {"type": "string", "description": API_VERSION},
                                 "kind": {"type": "string", "description": kind},
                                 "metadata": {"type": "object"},
                                 "spec": spec,
