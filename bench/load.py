@@ -158,22 +158,30 @@ class Aggregator:
         return out
 
 
-def legacy_source(into: Path) -> Path:
-    """``src/fedcrm/secagg`` of LEGACY_REV, extracted from this repository's history."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", LEGACY_REV, "src/fedcrm/secagg"],
-                             capture_output=True, check=False)
+def legacy_source(into: Path) -> tuple[Path | None, str]:
+    """``src/fedcrm/secagg`` of LEGACY_REV, extracted from this repository's history; (None, why) where the
+    history is not there (a shallow clone, an exported tree): the run then compares new with checks-off only."""
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", LEGACY_REV, "src/fedcrm/secagg"],
+                                 capture_output=True, check=False)
+    except FileNotFoundError:
+        return None, "git is not installed"
     if archive.returncode != 0:
-        raise RuntimeError(f"git archive {LEGACY_REV} failed (a shallow clone?): {archive.stderr.decode()[-500:]}")
+        return None, (f"git archive {LEGACY_REV} failed, so this checkout lacks the history that holds the old "
+                      f"protocol (a shallow clone?): {archive.stderr.decode().strip()[-300:]}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into / "src" / "fedcrm" / "secagg"
+    return into / "src" / "fedcrm" / "secagg", ""
 
 
 def run(cfg: Config) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedcrm-load-") as tmp:
-        legacy = legacy_source(Path(tmp))
+        legacy, missing = legacy_source(Path(tmp))
+        protocols = PROTOCOLS if legacy is not None else tuple(p for p in PROTOCOLS if p != "v1")
+        if legacy is None:
+            print(f"v1 left out: {missing}", file=sys.stderr, flush=True)
         aggregators = {}
         try:
-            for p in PROTOCOLS:  # one after the other: set-up (certificates, fork) is not measured
+            for p in protocols:  # one after the other: set-up (certificates, fork) is not measured
                 aggregators[p] = Aggregator(p, cfg, legacy if p == "v1" else None)
                 print(f"{p:10} aggregator ready: RSS {aggregators[p].ready['rss_mib']:.1f} MiB", file=sys.stderr,
                       flush=True)
@@ -182,7 +190,8 @@ def run(cfg: Config) -> dict[str, Any]:
             rounds: list[dict[str, Any]] = []
             for r in range(1, cfg.rounds + 1):
                 plan = drop_plan(cfg, r)
-                order = PROTOCOLS[(r - 1) % 3:] + PROTOCOLS[:(r - 1) % 3]
+                k = (r - 1) % len(protocols)
+                order = protocols[k:] + protocols[:k]
                 for p in order:
                     out = aggregators[p].ask({"round": r, "drop": {str(c): s for c, s in plan.items()},
                                              "stages": list(harness.DROP_STAGES)})
@@ -195,12 +204,15 @@ def run(cfg: Config) -> dict[str, Any]:
             for a in aggregators.values():
                 if a.proc.poll() is None:
                     a.proc.kill()
-    return summarise(cfg, rounds, finals, {p: a.ready for p, a in aggregators.items()})
+    out = summarise(cfg, rounds, finals, {p: a.ready for p, a in aggregators.items()})
+    if legacy is None:
+        out["unavailable"] = {"v1": missing}
+    return out
 
 
 def summarise(cfg: Config, rounds: list[dict[str, Any]], finals: dict[str, Any], ready: dict[str, Any]) -> dict[str, Any]:
     results = {}
-    for p in PROTOCOLS:
+    for p in (p for p in PROTOCOLS if p in ready):
         mine = [r for r in rounds if r["protocol"] == p]
         med = {k: statistics.median(r[k] for r in mine) for k in
                ("wall_s", "secagg_s", "server_cpu_s", "client_cpu_s", "dp_cpu_s", "bytes_up", "bytes_down")}
@@ -226,7 +238,7 @@ def summarise(cfg: Config, rounds: list[dict[str, Any]], finals: dict[str, Any],
             "stopped_per_round": statistics.median(r["stopped"] for r in mine),
         }
     ratios = {}
-    for base in ("checks-off", "v1"):
+    for base in (b for b in ("checks-off", "v1") if b in results):
         n, b = results["new"], results[base]
         ratios[f"new/{base}"] = {
             "round_s": n["round_s"] / b["round_s"],

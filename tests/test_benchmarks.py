@@ -225,18 +225,23 @@ def test_bench_load_quick_completes_every_round_of_every_protocol(tmp_path: Path
     _make_quick("bench-load", tmp_path)
     out = json.loads((tmp_path / "load.json").read_text())
     assert not _non_finite(out)
-    assert set(out["results"]) == {"new", "checks-off", "v1"}
+    # The old protocol comes from this repository's history; a checkout without it (a shallow clone) says so.
+    expected = {"new", "checks-off", "v1"} - set(out.get("unavailable", {}))
+    assert set(out["results"]) == expected and {"new", "checks-off"} <= expected
+    assert all("history" in why or "git" in why for why in out.get("unavailable", {}).values())
     rounds = out["config"]["rounds"]
     for protocol, row in out["results"].items():
         assert row["rounds"] == rounds and row["rounds_complete"] == rounds, (protocol, row)
         _assert_finite(row, ["round_s", "secagg_s", "aggregator_cpu_s", "client_cpu_s_per_participant",
                              "aggregator_peak_rss_mib", "bytes_up_per_round", "bytes_down_per_round"], protocol)
         assert row["aggregator_peak_rss_mib"] > 0 and row["round_s"] > 0
-    assert "consistency" in out["results"]["new"]["stage_s"] and "consistency" not in out["results"]["v1"]["stage_s"]
+    assert "consistency" in out["results"]["new"]["stage_s"]
+    if "v1" in out["results"]:
+        assert "consistency" not in out["results"]["v1"]["stage_s"]
     for row in out["rounds"]:  # the bench itself checks each unmasked sum; here: every dropout stage was exercised
         assert row["complete"] and row["stopped"] > 0 and row["survivors"] <= row["advertised"]
     stopped = {stage for row in out["rounds"] for stage, count in row["stopped_at"].items() if count}
     assert stopped == {"never", "after_advertise", "after_share_keys", "after_masked_input", "during_unmask"}
-    for name in ("new/checks-off", "new/v1"):
+    for name in (f"new/{base}" for base in ("checks-off", "v1") if base in out["results"]):
         _assert_finite(out["ratios"][name], ["round_s", "secagg_s", "aggregator_peak_rss", "bytes"], name)
     assert "process" in out["what_is_a_process"]
