@@ -18,6 +18,7 @@ import yaml
 
 from fedcrm.data.synthetic import SynthResult
 from fedcrm.pki import CertificateAuthority, write_pem_files
+from fedcrm.protocol import pb
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.manifests import Federation
 
@@ -51,6 +52,19 @@ def aggregators(tmp_path: Path) -> Iterator[Any]:
 
         coordinator._receive_plain_fit = spy  # type: ignore[method-assign]
         coordinator.plain_fits = plain_fits  # type: ignore[attr-defined]
+        # Every statistics answer as it reached the aggregator, before any check: (identity, StatisticsResult).
+        statistics: list[tuple[str, Any]] = []
+        submit = coordinator.submit
+
+        def spy_submit(kind: int, identity: str, message: Any) -> Any:
+            if kind == pb.Task.STATISTICS:
+                copy = pb.StatisticsResult()
+                copy.CopyFrom(message)
+                statistics.append((identity, copy))
+            return submit(kind, identity, message)
+
+        coordinator.submit = spy_submit  # type: ignore[method-assign]
+        coordinator.statistics_received = statistics  # type: ignore[attr-defined]
         server, port = start_server(config, coordinator)
         thread = threading.Thread(target=coordinator.run, daemon=True)
         thread.start()

@@ -1,6 +1,6 @@
 """A participant that sends poisoned statistics is dropped from the round with a reason; the others go on.
 
-The statistics are summed in the clear and set every participant's preprocessing (means, vocabularies,
+Without secure aggregation the statistics are summed in the clear and set every participant's preprocessing (means, vocabularies,
 quantization bounds): one NaN, a negative count or a claim of 10^15 rows once failed the whole federation
 ("counts do not fit in 32 bits") or silently poisoned it.
 """
@@ -59,6 +59,9 @@ def test_a_participant_with_poisoned_statistics_is_dropped_and_the_others_train(
         small_federation: SynthResult, tmp_path: Path) -> None:
     doc = yaml.safe_load(small_federation.federation_path.read_text())
     doc["spec"]["training"].update(rounds=2, minParticipants=2, roundTimeoutSeconds=30)
+    # The clear path, where each vector is checked on its own (under secure aggregation only the sum can be:
+    # tests/test_secure_statistics.py).
+    doc["spec"]["privacy"] = {"secureAggregation": {"enabled": False}}
     own = tmp_path / "federation.yaml"
     own.write_text(yaml.safe_dump(doc))
     federation = load_federation(own)

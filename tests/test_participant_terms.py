@@ -6,7 +6,7 @@ checks that the attack fails: nothing weaker than the participant's own terms
 is trained or sent.
 
 - an aggregator that serves weaker terms outright (secure aggregation off);
-- an aggregator that announces the agreed terms, then asks for unmasked updates;
+- an aggregator that announces the agreed terms, then asks for unmasked statistics or updates;
 - an aggregator that announces the agreed terms, then runs more rounds than the
   privacy budget was planned for.
 """
@@ -109,9 +109,10 @@ def test_an_aggregator_that_asks_for_unmasked_updates_gets_none(small_federation
     results = finish(start_nodes(small_federation, own_path, port, ca, tmp_path))
 
     assert coordinator.plain_fits == []  # the spy on the aggregator's receiver of plain updates saw nothing
+    assert coordinator.statistics_received == []  # nor did it get any statistics: they come first, and are refused
     for code, log in results:
         assert code == NodeExitCode.TERMS_REFUSED, log[-2000:]
-        assert "an unmasked training result was asked for, but this participant's Federation requires secure " \
+        assert "an unmasked statistics result was asked for, but this participant's Federation requires secure " \
                "aggregation" in log
 
 

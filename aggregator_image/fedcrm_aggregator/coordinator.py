@@ -1,9 +1,10 @@
 """The federation's round loop, as the aggregator runs it.
 
 Stages, in order: enrolment (wait for participants), statistics (global
-preprocessing from summed counts), then per round FIT (participants train
-from the global model and send weighted updates) and EVALUATE (participants
-score the new global model on their validation splits and send counts).
+preprocessing from summed counts, a secure sum when secure aggregation is on),
+then per round FIT (participants train from the global model and send weighted
+updates) and EVALUATE (participants score the new global model on their
+validation splits and send counts).
 
 Every stage waits for its cohort until all have answered, left, or the
 round timeout passes; the ones that did not answer are dropouts of that stage.
@@ -34,7 +35,7 @@ from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.health import model_warnings
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
-from fedcrm.training.secure_vectors import client_dp_fit_vector, fit_vector
+from fedcrm.training.secure_vectors import StatisticsEncoding, client_dp_fit_vector, fit_vector
 from fedcrm_aggregator.checkpoints import (
     Checkpoint,
     load_checkpoint,
@@ -450,19 +451,59 @@ class Coordinator:
         ))
 
     def _statistics(self) -> None:
-        results = self.run_stage(pb.Task.STATISTICS, 0, self._receive_statistics)
-        self._require(len(results), "statistics")
-        total = ordered_sum(results.items())
+        if self.secure is not None:
+            contributors, total = self._secure_statistics()
+            # Sample-level DP: each contributor's training rows, sent in the clear beside its masked statistics.
+            rows = {i: self.secure.statistics_rows[i] for i in contributors if i in self.secure.statistics_rows}
+        else:
+            results = self.run_stage(pb.Task.STATISTICS, 0, self._receive_statistics)
+            self._require(len(results), "statistics")
+            contributors, total = sorted(results), ordered_sum(results.items())
+            # Each vector starts with its training rows, summed in the clear anyway; sample-mode accounting needs them.
+            rows = {i: int(round(float(v[0]))) for i, v in results.items()}
         self.preprocessing = self.stats_layout.preprocessing(total)
         self.layout = ModelLayout.build(self.spec.model, self.preprocessing)
-        # Each vector starts with its training rows, summed in the clear anyway; sample-mode accounting needs them.
-        self._setup_privacy({i: int(round(float(v[0]))) for i, v in results.items()})
+        self._setup_privacy(rows)
         self.weights = self.layout.initial(self.spec.training.seed)
         self.version = 0
-        self.emit("statistics", rows=self.preprocessing.rows, participants=len(results),
-                  parameters=self.layout.size)
-        log.info("global statistics from %d participants, %d rows; model has %d parameters",
-                 len(results), self.preprocessing.rows, self.layout.size)
+        self.emit("statistics", rows=self.preprocessing.rows, participants=len(contributors),
+                  parameters=self.layout.size, masked=self.secure is not None)
+        log.info("global statistics from %d participants%s, %d rows; model has %d parameters",
+                 len(contributors), " (securely summed)" if self.secure is not None else "",
+                 self.preprocessing.rows, self.layout.size)
+
+    def _secure_statistics(self) -> tuple[list[str], np.ndarray]:
+        """The statistics as a secure sum: the aggregator learns only the pooled vector, which it checks.
+
+        An abandoned sum (a dropout below the threshold, a corrupt share) is tried again like a round; a sum no
+        honest cohort could produce fails the federation, since no single sender can be told apart in it.
+        """
+        assert self.secure is not None
+        for attempt in range(ROUND_ATTEMPTS):
+            try:
+                contributors, total = self.secure.run(pb.Task.STATISTICS, 0, attempt)
+                break
+            except RoundAbandoned as err:
+                left = ROUND_ATTEMPTS - attempt - 1
+                log.warning("%s; %s", err, f"summing the statistics again ({left} more tries)" if left else "giving up")
+                self.emit("round_abandoned", round=0, attempt=attempt, reason=str(err))
+                if not left:
+                    raise FederationFailed(f"{err} ({ROUND_ATTEMPTS} tries)") from None
+        self._require(len(contributors), "statistics")
+        if self.privacy.mode == "sample" and set(contributors) - set(self.secure.statistics_rows):
+            raise FederationFailed("statistics: sample-level differential privacy needs every contributor's "
+                                   "training rows, and some did not send them")
+        encoding = self.secure.quantizer(pb.Task.STATISTICS)
+        assert isinstance(encoding, StatisticsEncoding)
+        try:
+            self.stats_layout.check_sum(total, contributors=len(contributors),
+                                        resolution=encoding.resolution * len(contributors))
+        except ValueError as err:
+            raise FederationFailed(
+                f"statistics: the secure sum of {len(contributors)} participants' statistics is not one honest "
+                f"participants could produce ({err}); a participant sent out-of-range values, and under secure "
+                "aggregation it cannot be told apart") from None
+        return contributors, total
 
     def _sum(self, kind: int, round_: int, attempt: int = 0) -> tuple[list[str], np.ndarray]:
         """Who contributed and the sum of their FIT or EVALUATE vectors, securely when configured."""

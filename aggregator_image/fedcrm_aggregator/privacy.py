@@ -5,8 +5,9 @@ of the noised sum, counted as soon as the FIT sum is unmasked (before
 anything else can fail), and written to ``checkpoint/privacy.json`` at once.
 
 ``sample`` mode: one accountant per participant, from its training rows
-(public: the statistics stage sums them in the clear) and the same plan the
-participant derives; a participant's round is counted when its FIT task is
+(read from its statistics vector in the clear, or, under secure aggregation,
+the one figure it sends in the clear beside its masked statistics) and the
+same plan the participant derives; a participant's round is counted when its FIT task is
 sent, since it trains (and spends) whether or not its update arrives.
 
 Before each round the ledger checks that the round fits every budget; if

@@ -1,10 +1,11 @@
-"""Secure aggregation of each round's FIT and EVALUATE contributions.
+"""Secure aggregation of the preprocessing statistics and of each round's FIT and EVALUATE contributions.
 
 Every secure sum runs the four stages of Bonawitz et al. (with SecAgg+
 neighbourhoods) over the participants' task streams:
 
-1. AdvertiseKeys — piggybacks on the FIT / EVALUATE task: the participant does
-   its local work, quantizes its contribution and answers with two public keys.
+1. AdvertiseKeys — piggybacks on the STATISTICS / FIT / EVALUATE task: the
+   participant does its local work, quantizes its contribution and answers with
+   two public keys.
 2. ShareKeys — each participant gets its neighbours' keys and sends encrypted
    Shamir shares of its self-mask seed and mask key, one per neighbour.
 3. MaskedInputCollection — each participant gets the shares addressed to it and
@@ -42,7 +43,10 @@ from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
 from fedcrm.spec.manifests import SecureAggregation
+from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
 from fedcrm.training.secure_vectors import (
+    STATISTICS_BITS,
+    StatisticsEncoding,
     client_dp_fit_quantizer,
     evaluation_quantizer,
     fit_quantizer,
@@ -56,7 +60,9 @@ __all__ = ["SecureSums", "round_id_for"]
 
 log = logging.getLogger("fedcrm.aggregator")
 
-_PHASES = {pb.Task.FIT: pb.SecAggTask.FIT, pb.Task.EVALUATE: pb.SecAggTask.EVALUATE}
+_PHASES = {pb.Task.FIT: pb.SecAggTask.FIT, pb.Task.EVALUATE: pb.SecAggTask.EVALUATE,
+           pb.Task.STATISTICS: pb.SecAggTask.STATISTICS}
+_NAMES = {pb.Task.FIT: "training", pb.Task.EVALUATE: "evaluation", pb.Task.STATISTICS: "statistics"}
 
 
 def round_id_for(federation: str, incarnation: str, round_: int, phase: int, attempt: int = 0) -> int:
@@ -77,8 +83,13 @@ class SecureSums:
         self.spec = spec
         self.incarnation = incarnation
         self.params = SecAggParams(threshold=spec.threshold, neighbours=spec.neighbours, bits=spec.bits)
+        # The statistics' sum has a modulus of its own, fixed in code (both sides derive it, see STATISTICS_BITS).
+        self.statistics_params = SecAggParams(threshold=spec.threshold, neighbours=spec.neighbours,
+                                              bits=STATISTICS_BITS)
         self.ids = {identity: i for i, identity in enumerate(runner.expected)}
         self.identities = {i: identity for identity, i in self.ids.items()}
+        #: Sample-level DP only: each statistics contributor's training rows, the one figure it sends in the clear.
+        self.statistics_rows: dict[str, int] = {}
 
     # ----------------------------------------------------------------- bounds
     def _weight_bound(self) -> float:
@@ -87,12 +98,17 @@ class SecureSums:
         return 2.0 * max(self.c.preprocessing.rows or 0, 1)
 
     def bound(self, kind: int) -> float:
-        """The public bound on summed examples: training rows for FIT, validation rows for EVALUATE."""
+        """The public bound on summed examples: training rows for FIT, validation rows for EVALUATE, the most
+        every member may hold for STATISTICS (informative only: each participant derives it from the member list)."""
+        if kind == pb.Task.STATISTICS:
+            return float(len(self.ids) * MAX_PARTICIPANT_ROWS)
         if kind == pb.Task.FIT:
             return self._weight_bound()
         return float(validation_bound(self._weight_bound(), self.c.spec.training.validation_fraction, len(self.ids)))
 
-    def quantizer(self, kind: int) -> SegmentedQuantizer:
+    def quantizer(self, kind: int) -> SegmentedQuantizer | StatisticsEncoding:
+        if kind == pb.Task.STATISTICS:
+            return StatisticsEncoding(StatisticsLayout(self.c.spec.task), participants=len(self.ids))
         assert self.c.layout is not None
         try:
             if kind == pb.Task.FIT and self.c.privacy.noise is not None:
@@ -113,10 +129,10 @@ class SecureSums:
         round_id = round_id_for(self.c.federation.key, self.incarnation, round_, phase, attempt)
         base = pb.SecAggTask(
             phase=phase, round_id=round_id, threshold=self.spec.threshold, neighbours=str(self.spec.neighbours),
-            bits=self.spec.bits, weight_bound=self.bound(kind), clip=self.spec.clip,
+            bits=quantizer.bits, weight_bound=self.bound(kind), clip=self.spec.clip,
             members=[self.identities[i] for i in sorted(self.identities)],
         )
-        name = "training" if kind == pb.Task.FIT else "evaluation"
+        name = _NAMES[kind]
         try:
             return self._stages(kind, round_, phase, round_id, base, quantizer)
         except (BelowThreshold, ProtocolViolation) as err:
@@ -126,7 +142,7 @@ class SecureSums:
             raise RoundAbandoned(f"round {round_} {name}: secure aggregation abandoned, no sum released: {err}") from None
 
     def _stages(self, kind: int, round_: int, phase: int, round_id: int, base: pb.SecAggTask,
-                quantizer: SegmentedQuantizer) -> tuple[list[str], np.ndarray]:
+                quantizer: SegmentedQuantizer | StatisticsEncoding) -> tuple[list[str], np.ndarray]:
         c = self.c
 
         def with_base(session: Session, task: pb.Task) -> None:
@@ -142,13 +158,16 @@ class SecureSums:
             if kind == pb.Task.FIT and message.model_version != c.version:
                 raise ValueError(f"keys are for model version {message.model_version}, current is {c.version}")
             check(message)
+            if kind == pb.Task.STATISTICS:
+                self._receive_rows(identity, message)
             k = message.secagg_keys
             return AdvertisedKeys(c_pk=k.c_pk, s_pk=k.s_pk, signature=k.signature, certificate=k.certificate)
 
         # 1. AdvertiseKeys (the FIT / EVALUATE task itself)
         keys = c.run_stage(kind, round_, receive_keys, customize=with_base)
         seed = public_seed(c.federation.key, round_, phase, self.identities)
-        server = SecAggServer(round_id=round_id, params=self.params, client_ids=sorted(self.identities),
+        params = self.statistics_params if kind == pb.Task.STATISTICS else self.params
+        server = SecAggServer(round_id=round_id, params=params, client_ids=sorted(self.identities),
                               vector_length=quantizer.size, public_seed=seed)
         for identity, k in keys.items():
             server.receive_keys(self.ids[identity], k)
@@ -225,6 +244,17 @@ class SecureSums:
         if dropped:
             log.info("round %d: secure aggregation recovered %d dropped participant(s)", round_, len(dropped))
         return sorted(self.identities[i] for i in survivors), quantizer.dequantize(total)
+
+    def _receive_rows(self, identity: str, message: pb.StatisticsResult) -> None:
+        """Sample-level DP accounts each participant from its training rows: the one figure sent in the clear."""
+        if message.HasField("statistics") and message.statistics.length:
+            raise ValueError("secure aggregation is on: statistics must be masked, not sent in the clear")
+        if self.c.privacy.mode != "sample":
+            return
+        if not 1 <= message.rows <= MAX_PARTICIPANT_ROWS:
+            raise ValueError(f"sample-level differential privacy needs the training rows (1 to "
+                             f"{MAX_PARTICIPANT_ROWS:,}), got {message.rows}")
+        self.statistics_rows[identity] = int(message.rows)
 
     @staticmethod
     def _check_result(message: pb.SecAggResult, phase: int, round_id: int, stage: int) -> None:

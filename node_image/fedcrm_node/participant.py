@@ -178,11 +178,8 @@ class ParticipantNode:
         if kind == pb.Task.WELCOME:
             self._welcome(stub, task)
         elif kind == pb.Task.STATISTICS:
-            from fedcrm.training.preprocessing import StatisticsLayout
-
-            assert self.federation is not None and self.frames is not None
-            stats = StatisticsLayout(self.federation.spec.task).local(self.frames[0])
-            self._ack(stub.SubmitStatistics(pb.StatisticsResult(round=task.round, statistics=to_vector(stats))), task)
+            self._check_task(stub, task)
+            self._ack(stub.SubmitStatistics(self._statistics(task)), task)
         elif kind == pb.Task.FIT:
             self._check_task(stub, task)
             self._receive_model(task)
@@ -268,19 +265,25 @@ class ParticipantNode:
             )
 
     def _check_task(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> None:
-        """Before training or evaluating: masking as the own terms require, with their parameters; no extra rounds."""
+        """Before summarising, training or evaluating: masking as the own terms require, with their parameters (the
+        statistics' modulus is fixed in code, STATISTICS_BITS); no extra rounds."""
+        from fedcrm.training.secure_vectors import STATISTICS_BITS
+
         assert self.federation is not None
         privacy = self.federation.spec.privacy
         secure = privacy.secure_aggregation
-        what = "training" if task.kind == pb.Task.FIT else "evaluation"
+        what = {pb.Task.FIT: "training", pb.Task.EVALUATE: "evaluation"}.get(task.kind, "statistics")
         if secure.enabled and not task.HasField("secagg"):
             raise self._refuse(stub, f"round {task.round}: an unmasked {what} result was asked for, but this "
                                "participant's Federation requires secure aggregation")
         if task.HasField("secagg"):
             s = task.secagg
-            asked = {"threshold": s.threshold, "neighbours": s.neighbours, "bits": s.bits, "clip": s.clip}
-            agreed = {"threshold": secure.threshold, "neighbours": str(secure.neighbours), "bits": secure.bits,
-                      "clip": secure.clip}
+            phase = {pb.Task.FIT: pb.SecAggTask.FIT, pb.Task.EVALUATE: pb.SecAggTask.EVALUATE}.get(
+                task.kind, pb.SecAggTask.STATISTICS)
+            asked = {"phase": s.phase, "threshold": s.threshold, "neighbours": s.neighbours, "bits": s.bits,
+                     "clip": s.clip}
+            agreed = {"phase": phase, "threshold": secure.threshold, "neighbours": str(secure.neighbours),
+                      "bits": STATISTICS_BITS if task.kind == pb.Task.STATISTICS else secure.bits, "clip": secure.clip}
             if secure.enabled and asked != agreed:
                 wrong = ", ".join(f"{k} {asked[k]} (agreed {agreed[k]})" for k in asked if asked[k] != agreed[k])
                 raise self._refuse(stub, f"round {task.round}: secure aggregation with other parameters: {wrong}")
@@ -426,6 +429,29 @@ class ParticipantNode:
         return pb.FitResult(round=task.round, model_version=task.model_version,
                             delta=to_vector(noised.astype(np.float64)), examples=1.0, loss_sum=loss_mean,
                             train_seconds=took)
+
+    def _statistics(self, task: pb.Task) -> pb.StatisticsResult:
+        """Counts and sums of the training split: in the clear, or masked with each numeric value clipped to its
+        feature's bound (how many were clipped is logged per feature)."""
+        from fedcrm.training.preprocessing import StatisticsLayout
+
+        assert self.federation is not None and self.frames is not None
+        layout = StatisticsLayout(self.federation.spec.task)
+        if not task.HasField("secagg"):
+            return pb.StatisticsResult(round=task.round, statistics=to_vector(layout.local(self.frames[0])))  # type: ignore[arg-type]
+        from fedcrm.training.secure_vectors import StatisticsEncoding
+
+        stats, clipped = layout.bounded(self.frames[0])  # type: ignore[arg-type]
+        for name, count in clipped.items():
+            if count:
+                log.warning("statistics: clipped %d value(s) of %s to +-%g (its spec bound) before the secure sum",
+                            count, name, self.federation.spec.task.feature(name).bound)
+        # The bounds come from the member list this participant's own id is checked against, never from weight_bound.
+        encoding = StatisticsEncoding(layout, participants=len(task.secagg.members))
+        keys = self._start_secure_sum(task, encoding, stats)
+        # Only sample-level DP needs the row count (each participant's accountant); otherwise nothing in the clear.
+        rows = len(self.frames[0]) if self.federation.spec.privacy.differential_privacy.mode == "sample" else 0  # type: ignore[arg-type]
+        return pb.StatisticsResult(round=task.round, secagg_keys=keys, rows=rows)
 
     def _evaluate(self, task: pb.Task) -> pb.EvaluationResult:
         from fedcrm.models.mlp import set_flat

@@ -94,9 +94,11 @@ class SecAggTask(_message.Message):
         PHASE_UNSPECIFIED: _ClassVar[SecAggTask.Phase]
         FIT: _ClassVar[SecAggTask.Phase]
         EVALUATE: _ClassVar[SecAggTask.Phase]
+        STATISTICS: _ClassVar[SecAggTask.Phase]
     PHASE_UNSPECIFIED: SecAggTask.Phase
     FIT: SecAggTask.Phase
     EVALUATE: SecAggTask.Phase
+    STATISTICS: SecAggTask.Phase
     class RosterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,12 +161,16 @@ class SecAggKeys(_message.Message):
     def __init__(self, c_pk: _Optional[bytes] = ..., s_pk: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class StatisticsResult(_message.Message):
-    __slots__ = ("round", "statistics")
+    __slots__ = ("round", "statistics", "secagg_keys", "rows")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     round: int
     statistics: Vector
-    def __init__(self, round: _Optional[int] = ..., statistics: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+    secagg_keys: SecAggKeys
+    rows: int
+    def __init__(self, round: _Optional[int] = ..., statistics: _Optional[_Union[Vector, _Mapping]] = ..., secagg_keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class FitResult(_message.Message):
     __slots__ = ("round", "model_version", "delta", "examples", "loss_sum", "train_seconds", "secagg_keys")

@@ -23,7 +23,7 @@ __all__ = [
     "server_credentials",
 ]
 
-PROTOCOL_VERSION = 2  # 2: signed keys, member list, consistency check (secure aggregation)
+PROTOCOL_VERSION = 3  # 2: signed keys, member list, consistency check (secure aggregation); 3: statistics masked too
 
 _MAX_MESSAGE = 256 * 1024 * 1024
 GRPC_OPTIONS: list[tuple[str, int]] = [

@@ -134,6 +134,21 @@ class Feature(_Model):
     transform: Annotated[
         Transform, Field(description="Reshaping of a numeric feature before standardisation: none or log1p.")
     ] = Transform.none
+    bound: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1e12,
+            description=(
+                "Largest magnitude of a numeric feature's value after its transform, for the preprocessing "
+                "statistics under secure aggregation: each participant clips its values to [-bound, bound] before "
+                "summing them (and logs how many it clipped), so that the masked sums fit the modulus. The "
+                "resolution of the pooled sums grows with it (about bound^2 x participants x 1e-19 on a sum of "
+                "squares, far below float64 rounding for any sensible bound). Numeric features only; unused "
+                "without secure aggregation."
+            ),
+        ),
+    ] = 1e6
     description: Annotated[str, Field(description="What the field means, for people reading the federation.")] = ""
 
     @field_validator("name")

@@ -4,8 +4,10 @@ Each participant summarises its own rows as one fixed-length vector of counts
 and sums (:meth:`StatisticsLayout.local`); the aggregator adds the vectors up
 on the same path as model updates, and :meth:`StatisticsLayout.preprocessing`
 turns the sum into means, standard deviations and category vocabularies. The
-vector's length depends only on the schema, so the sum can later be taken
-under secure aggregation without change.
+vector's length depends only on the schema, so with secure aggregation on the
+sum is taken masked (:meth:`StatisticsLayout.bounded`, each numeric value
+clipped to its feature's ``bound``, and
+:func:`fedcrm.training.secure_vectors.statistics_quantizer`).
 
 Missing values are explicit: every numeric and boolean feature gets a
 missing-indicator input, and categorical features reserve index 0 for
@@ -122,14 +124,31 @@ class StatisticsLayout:
 
     def local(self, frame: pd.DataFrame) -> np.ndarray:
         """This participant's counts and sums (float64: sums of squares overflow float32)."""
+        return self._local(frame, bounded=False)[0]
+
+    def bounded(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
+        """:meth:`local` with each numeric value (after its transform) clipped to ``[-bound, bound]`` of its feature.
+
+        What a secure sum of the statistics takes (:func:`fedcrm.training.secure_vectors.statistics_quantizer`):
+        the bounds make every sum fit the modulus. Returns the vector and, per numeric feature, how many values
+        were clipped (counts, present flags and categories are never changed).
+        """
+        return self._local(frame, bounded=True)
+
+    def _local(self, frame: pd.DataFrame, *, bounded: bool) -> tuple[np.ndarray, dict[str, int]]:
         out = np.zeros(self.size, dtype=np.float64)
+        clipped: dict[str, int] = {}
         out[0] = len(frame)
         out[1] = float(frame[self.task.target].sum())
         for name, kind, off, width in self.slots:
             col = frame[name]
             if kind is FeatureType.numeric:
-                v = _transform(col.to_numpy(dtype=np.float64), self.task.feature(name).transform)
+                feature = self.task.feature(name)
+                v = _transform(col.to_numpy(dtype=np.float64), feature.transform)
                 v = v[~np.isnan(v)]
+                if bounded:
+                    clipped[name] = int(np.count_nonzero(np.abs(v) > feature.bound))
+                    v = np.clip(v, -feature.bound, feature.bound)
                 out[off : off + 3] = (v.size, v.sum(), np.square(v).sum())
             elif kind is FeatureType.boolean:
                 v = col.to_numpy(dtype=np.float64)
@@ -139,7 +158,7 @@ class StatisticsLayout:
                 counts = col.value_counts()
                 for i, cat in enumerate(self.task.feature(name).categories or []):
                     out[off + i] = float(counts.get(cat, 0))
-        return out
+        return out, clipped
 
     def check(self, vector: np.ndarray) -> None:
         """Refuse (ValueError) a participant's statistics no honest :meth:`local` could produce.
@@ -167,6 +186,38 @@ class StatisticsLayout:
                     raise ValueError(f"{name}: the sum and the sum of squares of {n:g} values are inconsistent")
             elif kind is FeatureType.boolean and not 0 <= vector[off + 1] <= vector[off]:
                 raise ValueError(f"{name}: trues ({vector[off + 1]:g}) must be between 0 and present ({vector[off]:g})")
+
+    def check_sum(self, total: np.ndarray, *, contributors: int, resolution: np.ndarray) -> None:
+        """Refuse (ValueError) a securely summed statistics vector no honest cohort could produce.
+
+        Under secure aggregation no single vector can be inspected (:meth:`check` needs it in the clear): only
+        the sum is checked, within ``resolution`` (the fixed-point step of each slot). A hostile participant
+        can still shift the sums within the public bounds; what it cannot do is make them non-finite,
+        negative, fractional where counts are whole, or inconsistent with the row count.
+        """
+        if total.shape != (self.size,) or not np.all(np.isfinite(total)):
+            raise ValueError("the summed statistics must be finite numbers, one per slot of the task's layout")
+        rows, positives = total[0], total[1]
+        if not contributors <= rows <= contributors * MAX_PARTICIPANT_ROWS or rows != round(rows):
+            raise ValueError(f"the summed row count must be a whole number from {contributors} to "
+                             f"{contributors * MAX_PARTICIPANT_ROWS:,} for {contributors} participant(s) "
+                             f"(got {rows:g})")
+        if not 0 <= positives <= rows:
+            raise ValueError(f"summed positives ({positives:g}) must be between 0 and the rows ({rows:g})")
+        for name, kind, off, width in self.slots:
+            counts = [total[off]] if kind is not FeatureType.categorical else list(total[off : off + width])
+            if any(c < 0 or c != round(c) or c > rows for c in counts):
+                raise ValueError(f"{name}: summed counts must be whole, non-negative and at most the rows ({rows:g})")
+            if kind is FeatureType.numeric:
+                n, sums, squares = total[off : off + 3]
+                bound = self.task.feature(name).bound
+                if abs(sums) > n * bound + resolution[off + 1] or squares < -resolution[off + 2] \
+                        or squares > n * bound * bound + resolution[off + 2]:
+                    raise ValueError(f"{name}: the summed values are out of range for {n:g} values within "
+                                     f"+-{bound:g}")
+            elif kind is FeatureType.boolean and not 0 <= total[off + 1] <= total[off]:
+                raise ValueError(f"{name}: summed trues ({total[off + 1]:g}) must be between 0 and present "
+                                 f"({total[off]:g})")
 
     def preprocessing(self, total: np.ndarray) -> Preprocessing:
         """Global statistics from the sum of every participant's :meth:`local` vector."""

@@ -8,6 +8,13 @@ is exact up to quantization.
 EVALUATE: the evaluation counts of :mod:`fedcrm.training.metrics`, counts
 exact and the loss sum scaled.
 
+STATISTICS: the preprocessing statistics vector of
+:class:`fedcrm.training.preprocessing.StatisticsLayout`, modulo ``2**62``
+(:data:`STATISTICS_BITS`, whatever the update's ``bits``): counts exact, numeric
+sums and sums of squares in two-limb fixed point within bounds from each
+feature's ``bound`` and :data:`~fedcrm.training.preprocessing.MAX_PARTICIPANT_ROWS`
+(:class:`StatisticsEncoding`).
+
 Bounds come from public numbers only: the total training rows (from the
 federated statistics), the validation fraction, the update clip and the
 number of participants.
@@ -21,9 +28,16 @@ import numpy as np
 
 from fedcrm.privacy.mechanisms import ClientNoise
 from fedcrm.secagg.segments import Segment, SegmentedQuantizer
+from fedcrm.spec.manifests import FeatureType
 from fedcrm.training.metrics import BINS
+from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
 
-__all__ = ["LOSS_CAP", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
+__all__ = ["LOSS_CAP", "STATISTICS_BITS", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
+
+#: The modulus of the statistics' secure sum, fixed here so that both sides derive it and neither takes it from the
+#: other: the vector is a few dozen values, so 8 bytes each cost nothing, and 62 bits (the most the arithmetic
+#: allows) leave the finest resolution for sums of squares bounded by rows x bound^2.
+STATISTICS_BITS = 62
 
 # Per-example loss assumed when bounding loss sums; binary cross-entropy of a
 # float32 logit cannot exceed ~104, and sums are a metric, not a parameter.
@@ -81,3 +95,72 @@ def evaluation_quantizer(*, validation_rows_bound: float, bits: int) -> Segmente
         ],
         bits,
     )
+
+
+
+#: Bits of the low limb of a real-valued statistic: its sum over up to 2**(STATISTICS_BITS - 1 - 32) participants
+#: cannot carry out of the modulus.
+_LOW_BITS = 32
+#: A real-valued statistic's fixed-point scale puts its bound at 2**_FIXED_BITS (the high limb's sum stays below
+#: 2**(_FIXED_BITS - _LOW_BITS) = 2**58 within the 62-bit modulus).
+_FIXED_BITS = 90
+
+
+class StatisticsEncoding:
+    """The statistics vector as integers modulo ``2**62`` whose modular sum decodes to the pooled statistics.
+
+    Counts (rows, positives, present, trues, categories) are one exact integer each, bounded by ``N =
+    participants x MAX_PARTICIPANT_ROWS``. A numeric feature's values are clipped to ``+-bound`` by the participant
+    (:meth:`StatisticsLayout.bounded`), so its sum lies within ``N x bound`` and its sum of squares within
+    ``N x bound**2``; each is scaled so that its bound is ``2**90`` and sent as two limbs, ``high x 2**32 + low``
+    with ``0 <= low < 2**32``, summed separately: the lows cannot carry out of the modulus for fewer than 2**29
+    participants, the highs stay below 2**58 in magnitude. The resolution of a real sum is its bound over 2**90
+    (about 1e-27 of it): float64's own rounding in each participant's sum dominates, as in the clear.
+    """
+
+    def __init__(self, layout: StatisticsLayout, *, participants: int) -> None:
+        n = float(max(participants, 1) * MAX_PARTICIPANT_ROWS)
+        bounds: list[tuple[float, bool]] = [(n, True), (n, True)]  # (bound on the pooled sum, whole number)
+        for name, kind, _, width in layout.slots:
+            if kind is FeatureType.numeric:
+                bound = layout.task.feature(name).bound
+                bounds += [(n, True), (n * bound, False), (n * bound * bound, False)]
+            else:
+                bounds += [(n, True)] * width
+        self.bits = STATISTICS_BITS
+        self.bounds = [b for b, _ in bounds]
+        self.whole = [w for _, w in bounds]
+        self.scales = [1.0 if w else 2.0 ** _FIXED_BITS / b for b, w in bounds]
+        self.size = sum(1 if w else 2 for w in self.whole)
+        self.resolution = np.array([0.0 if w else 1.0 / scale for w, scale in zip(self.whole, self.scales)])
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """One participant's vector (each value clipped to its pooled bound) as limbs modulo ``2**62``."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (len(self.bounds),) or not np.all(np.isfinite(values)):
+            raise ValueError(f"statistics must be {len(self.bounds)} finite numbers")
+        mask = (1 << self.bits) - 1
+        limbs: list[int] = []
+        for v, bound, whole, scale in zip(values.tolist(), self.bounds, self.whole, self.scales):
+            fixed = int(round(min(max(v, -bound), bound) * scale))
+            limbs += [fixed & mask] if whole else [(fixed >> _LOW_BITS) & mask, fixed & ((1 << _LOW_BITS) - 1)]
+        return np.array(limbs, dtype=np.uint64)
+
+    def dequantize(self, total: np.ndarray) -> np.ndarray:
+        """The pooled statistics from the modular sum of every participant's :meth:`quantize`."""
+        mask, half = (1 << self.bits) - 1, 1 << (self.bits - 1)
+
+        def signed(x: int) -> int:
+            x &= mask
+            return x - (1 << self.bits) if x >= half else x
+
+        limbs = [int(x) for x in np.asarray(total, dtype=np.uint64).tolist()]
+        out, i = [], 0
+        for whole, scale in zip(self.whole, self.scales):
+            if whole:
+                out.append(float(signed(limbs[i])))
+                i += 1
+            else:
+                out.append(((signed(limbs[i]) << _LOW_BITS) + signed(limbs[i + 1])) / scale)
+                i += 2
+        return np.array(out, dtype=np.float64)
