@@ -116,14 +116,16 @@ def test_an_aggregator_that_asks_for_unmasked_updates_gets_none(small_federation
                "aggregation" in log
 
 
+def _two_private_rounds(spec: dict[str, Any]) -> None:
+    """Secure aggregation and DP-SGD with a budget planned for two releases."""
+    _secure(spec)
+    spec["training"]["rounds"] = 2
+    spec["privacy"]["differentialPrivacy"] = {"mode": "sample", "epsilon": 8, "delta": 1e-5}
+
+
 def test_an_aggregator_running_more_rounds_than_the_budget_planned_is_refused(
         small_federation: SynthResult, tmp_path: Path, lying_aggregator: Any) -> None:
-    def private(spec: dict[str, Any]) -> None:
-        _secure(spec)
-        spec["training"]["rounds"] = 2
-        spec["privacy"]["differentialPrivacy"] = {"mode": "sample", "epsilon": 8, "delta": 1e-5}
-
-    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", private)
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", _two_private_rounds)
     own = load_federation(own_path)
     # Two more releases than each participant's epsilon was planned for.
     actual = load_federation(_edited(own_path, tmp_path / "actual.yaml", lambda s: s["training"].update(rounds=4)))
@@ -166,12 +168,7 @@ def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants
 def test_a_restarted_participant_keeps_its_count_of_releases(small_federation: SynthResult, tmp_path: Path) -> None:
     """The planned releases are spent in a first run; a second one (an aggregator that lost its checkpoint, or lies
     about it) finds every participant refusing before it trains: the count was kept in --state-dir."""
-    def private(spec: dict[str, Any]) -> None:
-        _secure(spec)
-        spec["training"]["rounds"] = 2
-        spec["privacy"]["differentialPrivacy"] = {"mode": "sample", "epsilon": 8, "delta": 1e-5}
-
-    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", private)
+    own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", _two_private_rounds)
     own = load_federation(own_path)
     states = [tmp_path / f"state-{i}" for i in range(len(small_federation.participant_paths))]
     for state in states:
