@@ -199,3 +199,40 @@ def test_an_aggregator_without_its_privacy_ledger_refuses_to_resume(small_federa
     assert report["status"] == "failed"
     assert "the privacy ledger checkpoint/privacy.json is missing" in report["message"]
     assert not (out / "checkpoint" / "privacy.json").exists()  # nothing pretended to start from zero
+
+
+def test_an_aggregator_killed_twice_while_unmasking_one_round_counts_what_participants_count(
+        small_federation: SynthResult, tmp_path: Path) -> None:
+    """Client-level DP under secure aggregation; the aggregator dies twice in round 2 right after collecting the
+    unmasking shares (the instant the noised sum can be seen), at a crash point, not by a lucky SIGKILL.
+
+    Each death re-runs round 2, and each re-run is a release: the participants sent their unmasking shares each
+    time. The aggregator's ledger must count exactly what every participant counted itself, and stop at the
+    budget instead of overspending it."""
+    doc = yaml.safe_load(small_federation.federation_path.read_text())
+    doc["spec"]["training"].update(rounds=3, minParticipants=3, roundTimeoutSeconds=60)
+    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 2.0, "delta": 1e-5},
+                              "secureAggregation": {"enabled": True, "threshold": 0.6}}
+    fed = tmp_path / "federation.yaml"
+    fed.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    proc = subprocess.run([*FEDCRM, "run", "--federation", str(fed), "--participant",
+                           *map(str, small_federation.participant_paths), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FEDCRM_AGGREGATOR_CRASH_AT": "unmasked:2*2"})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["aggregator_restarts"] == 2
+    releases = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]["*"]["releases"]
+    assert len(set(releases)) == len(releases)
+    assert sorted(r for r in releases if r.startswith("2@")) == ["2@1", "2@2"]  # both killed re-runs counted
+    own = {}
+    for log in (out / "logs").glob("tenant-*.log"):
+        counts = [int(line.split("privacy release ")[1].split()[0]) for line in log.read_text().splitlines()
+                  if "privacy release " in line]
+        own[log.stem] = max(counts)
+    assert own and set(own.values()) == {len(releases)}, (own, releases)  # the same count on both sides
+    # Three releases were planned; round 1 and two killed tries of round 2 spent them: the third try is refused.
+    assert len(releases) == 3 and report["rounds_completed"] == 1
+    assert "stopped before round 2 to stay within the privacy budget" in report["message"]
+    assert report["privacy"]["epsilon_spent"] <= 2.0 + 1e-9

@@ -52,6 +52,7 @@ from fedcrm.training.secure_vectors import (
     fit_quantizer,
     validation_bound,
 )
+from fedcrm_aggregator.crash_points import crash_point
 from fedcrm_aggregator.sessions import Session
 from fedcrm_aggregator.stage_runner import StageRunner
 
@@ -240,6 +241,7 @@ class SecureSums:
         if kind == pb.Task.FIT:
             c.count_exposure()  # the shares asked for next let the round's noised sum out
         c.run_stage(pb.Task.SECAGG_UNMASK, round_, receive_unmask, cohort=signed.keys(), customize=unmask_request)
+        crash_point("unmasked", round_, c.out_dir)  # shares collected, sum not yet finished (crash tests)
         total = server.finish()
         if dropped:
             log.info("round %d: secure aggregation recovered %d dropped participant(s)", round_, len(dropped))

@@ -12,6 +12,7 @@ or a benchmark's.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any, Protocol
 
 from fedcrm.models.layout import ModelLayout
@@ -29,6 +30,7 @@ Receiver = Callable[[str, Any], Any]
 
 class StageRunner(Protocol):
     expected: list[str]  # every member of the federation, in the order that numbers them in secure sums
+    out_dir: Path  # the run's outputs and checkpoints
     federation: Federation
     spec: FederationSpec
     layout: ModelLayout | None

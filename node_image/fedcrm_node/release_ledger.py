@@ -53,6 +53,8 @@ class ReleaseLedger:
     def record(self) -> None:
         """Count one release; with a state directory, durably, before the caller lets it out."""
         self.count += 1
+        log.info("privacy release %d of this participant (%s)", self.count,
+                 f"counted in {self.path}" if self.path is not None else "counted in this process")
         if self.path is None:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
