@@ -463,3 +463,15 @@ def test_events_mark_transitions_and_each_new_refusal_never_a_quiet_pass() -> No
     failed = _status("Failed", Ready=("Failed", "enrolment: 0 participant(s) answered"))
     event = transition_event("Federation", started, failed)
     assert event is not None and event.type == "Warning"
+
+
+def test_conditions_are_a_list_map_and_say_which_generation_they_describe() -> None:
+    from fedcrm_operator.conditions import stamped
+
+    for name in ("fedcrm.io_federations.yaml", "fedcrm.io_participants.yaml"):
+        version = crd_manifests()[name]["spec"]["versions"][0]
+        conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+        assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+        assert "type" in conditions["items"]["required"] and "observedGeneration" in conditions["items"]["properties"]
+    marked = stamped(set_condition([], condition("Ready", True, "Training", "ok")), 7)
+    assert marked[0]["observedGeneration"] == 7 and marked[0]["type"] == "Ready"

@@ -441,6 +441,9 @@ def test_tenant_requirements_and_a_terms_change_need_the_tenants_consent(operato
             "-p", f'{{"spec": {{"acceptedTerms": "{digest(private(3.0))}"}}}}')
     obj = admitted("Admitted")
     assert obj["status"]["acceptedTerms"] == digest(private(3.0))
+    # Every condition says which spec it describes: the patched one (generation 2).
+    assert obj["metadata"]["generation"] == 2
+    assert {c["type"]: c["observedGeneration"] for c in obj["status"]["conditions"]} == {"Admitted": 2, "Ready": 2}
     wait_for("its training Job again", jobs)
 
     kubectl.apply(private(8.0))  # below what the tenant requires: no consent can cover it

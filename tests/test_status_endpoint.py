@@ -57,6 +57,8 @@ def test_a_compromised_aggregators_status_is_bounded_before_it_reaches_the_feder
         assert len(status.message) == 1024 and status.epsilon_spent is None and status.state == "training"
         assert len(status.warnings) == 5 and all(len(w) == 1024 for w in status.warnings)
         assert status.model_digest is None and len(status.metrics) <= 16
+        progress["model_digest"] = "sha256:" + "ab" * 32  # what the aggregator writes (weights_digest)
+        assert fetch_status(url, "coord/churn").model_digest == progress["model_digest"]  # type: ignore[union-attr]
         progress["round"] = -1  # not a count: the whole answer is ignored
         assert fetch_status(url, "coord/churn") is None
         progress.update(round=3, message="y" * (2 * MAX_STATUS_BYTES))  # too big to read at all

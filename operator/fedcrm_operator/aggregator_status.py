@@ -57,7 +57,7 @@ class AggregatorStatus:
             epsilon_spent=float(epsilon) if _finite(epsilon) and epsilon >= 0 else None,
             metrics={str(k)[:32]: float(v) for k, v in list((data.get("metrics") or {}).items())[:_MAX_METRICS]
                      if _finite(v)},
-            model_digest=digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None,
+            model_digest=digest if isinstance(digest, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", digest) else None,
             message=str(data.get("message", ""))[:_MAX_TEXT],
             warnings=tuple(str(w)[:_MAX_TEXT] for w in (data.get("warnings") or [])[:5]),
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-__all__ = ["condition", "now", "set_condition", "strip_times"]
+__all__ = ["condition", "now", "set_condition", "stamped", "strip_times"]
 
 
 def now() -> str:
@@ -41,3 +41,12 @@ def strip_times(status: dict[str, Any]) -> dict[str, Any]:
 
 def find(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions or [] if c.get("type") == type_), None)
+
+
+def stamped(conditions: list[dict[str, Any]], generation: int) -> list[dict[str, Any]]:
+    """Every condition marked with the spec generation it was computed from.
+
+    Each pass recomputes every condition from the current spec, so all of them describe that generation; a
+    client comparing a condition's observedGeneration with metadata.generation knows whether it is current.
+    """
+    return [{**c, "observedGeneration": generation} for c in conditions]

@@ -26,7 +26,7 @@ from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm_operator import builders
 from fedcrm_operator.admission import Decision, accepted_terms, decide, siblings_by_namespace
 from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
-from fedcrm_operator.conditions import condition, find, set_condition
+from fedcrm_operator.conditions import condition, find, set_condition, stamped
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, changed_sections, frozen_digest, parse_federation, parse_participant
@@ -62,10 +62,11 @@ class Outcome:
     decisions: dict[str, Decision] = field(default_factory=dict)
 
 
-def _invalid(status: dict[str, Any], err: ManifestError) -> Outcome:
+def _invalid(status: dict[str, Any], err: ManifestError, generation: int) -> Outcome:
     conditions = set_condition(status.get("conditions", []), condition("SpecAccepted", False, "InvalidSpec", str(err)))
     conditions = set_condition(conditions, condition("Ready", False, "InvalidSpec", "fix the spec: see SpecAccepted"))
-    return Outcome({**status, "phase": status.get("phase") or Phase.pending.value, "conditions": conditions})
+    return Outcome({**status, "phase": status.get("phase") or Phase.pending.value,
+                    "conditions": stamped(conditions, generation)})
 
 
 def _candidates(bodies: list[dict[str, Any]]) -> list[Participant]:
@@ -218,7 +219,7 @@ def reconcile(
     try:
         federation = parse_federation(body)
     except ManifestError as err:
-        return _invalid(status, err)
+        return _invalid(status, err, meta.get("generation", 0))
     phase = Phase(status.get("phase") or Phase.pending.value)
     conditions = set_condition(status.get("conditions", []), condition("SpecAccepted", True, "Valid", "the spec is valid"))
     training_ids: list[str] = list(status.get("participants") or [])
@@ -325,7 +326,7 @@ def reconcile(
         progress=f"{round_}/{rounds}",
         enrolledParticipants=len(admitted) if phase is Phase.enrolling else len(training_ids),
         participants=training_ids,
-        conditions=conditions,
+        conditions=stamped(conditions, meta.get("generation", 0)),
     )
     if aggregator is not None:
         status.update(progress_fields(aggregator))

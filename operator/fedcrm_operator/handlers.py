@@ -46,9 +46,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16
     # With peering (FEDCRM_OPERATOR_PEERING): a replica that stops renewing its record is presumed gone after this
-    # long, and a standby takes over; the peering object must exist (the chart creates it), never silently absent.
+    # long, and a standby takes over. kopf makes the peering object mandatory when given a peering name (the chart
+    # creates it); setting it here too would pause a standalone operator forever (no peering resource to find).
     settings.peering.lifetime = int(__import__("os").environ.get("FEDCRM_OPERATOR_PEERING_LIFETIME", "30"))
-    settings.peering.mandatory = True
     memo.settings = own
     memo.kube = connect()
     memo.federation_phases = {}

@@ -14,7 +14,7 @@ from fedcrm.exit_codes import NodeExitCode
 from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
 from fedcrm.spec.terms import terms_digest
 from fedcrm_operator.admission import accepted_terms, decide, siblings_by_namespace
-from fedcrm_operator.conditions import condition, find, set_condition
+from fedcrm_operator.conditions import condition, find, set_condition, stamped
 from fedcrm_operator.kube import Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, parse_federation, parse_participant
@@ -77,7 +77,7 @@ def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[d
     except ManifestError as err:
         conditions = set_condition(conditions, condition("Admitted", False, "InvalidSpec", str(err)))
         conditions = set_condition(conditions, condition("Ready", False, "InvalidSpec", "fix the spec: see Admitted"))
-        return {**status, "phase": ParticipantPhase.refused.value, "conditions": conditions,
+        return {**status, "phase": ParticipantPhase.refused.value, "conditions": stamped(conditions, meta.get("generation", 0)),
                 "observedGeneration": meta.get("generation", 0)}
     ref = participant.spec.federation_ref
     fed_body = kube.get(API, "Federation", ref.namespace, ref.name)
@@ -119,5 +119,6 @@ def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[d
     conditions = set_condition(conditions, condition("Ready", ready, reason, message))
     if decision.admitted and federation is not None and participant.identity not in training:
         status["acceptedTerms"] = terms_digest(federation.spec)  # the consent the next change is checked against
-    return {**status, "phase": phase.value, "identity": participant.identity, "conditions": conditions,
+    return {**status, "phase": phase.value, "identity": participant.identity,
+            "conditions": stamped(conditions, meta.get("generation", 0)),
             "observedGeneration": meta.get("generation", 0)}

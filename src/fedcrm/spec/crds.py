@@ -46,6 +46,8 @@ _KEPT = {
     "pattern",
     "default",
     "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 }
 
 

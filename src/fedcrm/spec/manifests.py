@@ -492,6 +492,13 @@ class Condition(_Model):
     last_transition_time: Annotated[
         str | None, Field(description="When status last changed (RFC 3339).")
     ] = None
+    observed_generation: Annotated[
+        int | None, Field(description="The metadata.generation of the spec this condition was computed from.")
+    ] = None
+
+
+#: Conditions are a list-map keyed by type: one condition per type, merged by type on server-side apply.
+CONDITIONS_LIST = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
 class FederationStatus(_Model):
@@ -512,9 +519,9 @@ class FederationStatus(_Model):
         dict[str, float], Field(description="Global evaluation metrics of the last round (accuracy, f1, auc...).")
     ] = Field(default_factory=dict)
     accuracy: Annotated[str, Field(description="Last round's accuracy in percent, for kubectl get.")] = ""
-    conditions: Annotated[list[Condition], Field(description="Ready, Enrolled, SpecAccepted.")] = Field(
-        default_factory=list
-    )
+    conditions: Annotated[
+        list[Condition], Field(description="Ready, Enrolled, SpecAccepted.", json_schema_extra=CONDITIONS_LIST)
+    ] = Field(default_factory=list)
     model_digest: Annotated[str | None, Field(description="sha256 of the final model.")] = None
     training_spec_digest: Annotated[
         str | None, Field(description="Digest of the task/model/training/privacy the running training uses.")
@@ -1001,7 +1008,9 @@ class ParticipantStatus(_Model):
     accepted_terms: Annotated[
         str, Field(description="Digest of the Federation terms this Participant was admitted under.")
     ] = ""
-    conditions: Annotated[list[Condition], Field(description="Admitted, Ready.")] = Field(default_factory=list)
+    conditions: Annotated[
+        list[Condition], Field(description="Admitted, Ready.", json_schema_extra=CONDITIONS_LIST)
+    ] = Field(default_factory=list)
 
 
 class Participant(_Model):
