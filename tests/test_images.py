@@ -220,7 +220,7 @@ def test_a_build_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path: Path
     node = next(r for r in build_images.ROLES if r.name == "node")
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(build_images.BuildError) as refused:
-        build_images.check_free_space(tmp_path, plan, [node], {"node": free})  # needs at least 2× free
+        build_images.check_free_space(tmp_path, plan, [node], {"node": free})  # needs at least 3× free
     message = str(refused.value)
     assert "building the node image(s) needs about" in message and "is free" in message
     assert "--cache/--storage" in message  # says what to do about it
