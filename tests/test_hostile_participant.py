@@ -252,6 +252,7 @@ def test_one_peer_never_has_more_than_two_results_in_the_aggregators_hands() -> 
     """The servicer's per-peer limit, with a coordinator that holds each result until released: a third concurrent
     result from the same peer is refused at once, another peer's is not."""
     import threading
+    import time
 
     from fedcrm_aggregator.server import PEER_IN_FLIGHT, FederatedTrainingService
 
@@ -287,9 +288,9 @@ def test_one_peer_never_has_more_than_two_results_in_the_aggregators_hands() -> 
     held = [threading.Thread(target=send, args=("tenant-a/crm",)) for _ in range(PEER_IN_FLIGHT)]
     for t in held:
         t.start()
-    deadline = __import__("time").monotonic() + 10
-    while service._in_flight.get("tenant-a/crm", 0) < PEER_IN_FLIGHT and __import__("time").monotonic() < deadline:
-        __import__("time").sleep(0.01)
+    deadline = time.monotonic() + 10
+    while service._in_flight.get("tenant-a/crm", 0) < PEER_IN_FLIGHT and time.monotonic() < deadline:
+        time.sleep(0.01)
     send("tenant-a/crm")  # one too many: refused without waiting
     assert outcomes and outcomes[0][0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "one at a time" in outcomes[0][1]
     other = threading.Thread(target=send, args=("tenant-b/crm",))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -48,12 +49,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # With peering (FEDCRM_OPERATOR_PEERING): a replica that stops renewing its record is presumed gone after this
     # long, and a standby takes over. kopf makes the peering object mandatory when given a peering name (the chart
     # creates it); setting it here too would pause a standalone operator forever (no peering resource to find).
-    settings.peering.lifetime = int(__import__("os").environ.get("FEDCRM_OPERATOR_PEERING_LIFETIME", "30"))
+    settings.peering.lifetime = int(os.environ.get("FEDCRM_OPERATOR_PEERING_LIFETIME", "30"))
     memo.settings = own
     memo.kube = connect()
     memo.federation_phases = {}
     memo.participant_phases = {}
-    port = int(__import__("os").environ.get("FEDCRM_OPERATOR_METRICS_PORT", "8080"))
+    port = int(os.environ.get("FEDCRM_OPERATOR_METRICS_PORT", "8080"))
     if port:
         start_http_server(port)
         log.info("operator metrics on :%d/metrics", port)
