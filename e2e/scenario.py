@@ -28,6 +28,7 @@ from fedcrm.pki import CertificateAuthority, write_pem_files
 ROOT = Path(__file__).resolve().parents[1]
 
 OPERATOR_NS = "fedcrm-system"
+OPERATOR_RELEASE = "fedcrm"  # the operator's ServiceAccount has the release's name
 FED_NS = "fedcrm"
 FEDERATION = "lead-conversion"
 TENANTS = ["tenant-01", "tenant-02", "tenant-03"]
@@ -89,11 +90,15 @@ def synthesise(out: Path) -> Path:
 
 
 def install_operator(cluster: RealNodeCluster) -> dict[str, str]:
-    """``helm install`` of the operator chart with the locally built images; the operator runs as a pod."""
+    """``helm install`` of the operator chart with the locally built images; the operator runs as a pod.
+
+    The coordinator namespace exists first: the chart gives the operator its rights there with a Role."""
     refs = image_refs()
     repository, tag = refs["operator"].rsplit(":", 1)
+    create_namespace(cluster, FED_NS)
     cluster.helm(
-        "upgrade", "--install", "fedcrm", str(ROOT / "charts" / "fedcrm-operator"), "--namespace", OPERATOR_NS, "--create-namespace",
+        "upgrade", "--install", OPERATOR_RELEASE, str(ROOT / "charts" / "fedcrm-operator"), "--namespace", OPERATOR_NS,
+        "--create-namespace", "--set", f"coordinatorNamespaces={{{FED_NS}}}",
         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
         "--set", f"runtimeImages.node={refs['node']}", "--set", f"runtimeImages.aggregator={refs['aggregator']}",
         "--wait", "--timeout", "4m", timeout=300,
@@ -127,7 +132,9 @@ def provide_tenants(cluster: RealNodeCluster, synthetic: Path) -> dict[str, dict
         data = dict(manifest["spec"]["data"])
         data.pop("file")
         values: dict[str, Any] = {"participant": {"name": manifest["metadata"]["name"],
-                                                  "federation": {"name": FEDERATION, "namespace": FED_NS}, "data": data}}
+                                                  "federation": {"name": FEDERATION, "namespace": FED_NS}, "data": data},
+                                  # The tenant's grant to the operator (the chart's Role and RoleBinding), named.
+                                  "operator": {"serviceAccount": {"name": OPERATOR_RELEASE, "namespace": OPERATOR_NS}}}
         if ns == SQL_TENANT:
             host = postgres_with_leads(cluster, ns, volume / "leads.csv")
             data["sql"] = {"query": "SELECT * FROM leads", "secretRef": {"name": "crm-credentials"},

@@ -3,7 +3,10 @@
 ``helm install`` puts the CRDs, the operator's ServiceAccount and its
 least-privilege RBAC into the cluster; the operator process then runs here,
 authenticated with a token of that ServiceAccount, so every API call it makes
-is checked against the chart's ClusterRole exactly as in a real cluster.
+is checked against the chart's RBAC exactly as in a real cluster: its
+ClusterRole, the Roles in the coordinator namespaces, and in a tenant namespace
+only what :func:`grant_tenant_access` applied there, rendered from the tenant
+chart as ``helm install`` of it would.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from controlplane import die_with_parent
 ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_NAMESPACE = "fedcrm-system"
 RELEASE = "fedcrm"
+#: The coordinator namespaces of every cluster test (one control plane and one operator release per session,
+#: and each module's `helm upgrade` replaces the values): the chart's Role goes into each of them.
+COORDINATOR_NAMESPACES = ("fedcrm-coord", "ha-coord", "dash-coord")
 
 
 def free_port() -> int:
@@ -86,12 +92,42 @@ def provide_claim(kubectl: Kubectl, namespace: str, name: str = "crm-data") -> N
     )
 
 
-def install_chart(helm: Path, kubeconfig: Path) -> None:
+def install_chart(helm: Path, kubeconfig: Path, coordinator_namespaces: tuple[str, ...] = COORDINATOR_NAMESPACES) -> None:
+    """``helm upgrade --install`` of the operator chart; the coordinator namespaces are created first (the chart
+    puts a Role into each)."""
+    kubectl = Kubectl(helm.parent / "kubectl", kubeconfig)
+    for ns in coordinator_namespaces:
+        kubectl("create", "namespace", ns, check=False)
     subprocess.run(
         [str(helm), "upgrade", "--install", RELEASE, str(ROOT / "charts" / "fedcrm-operator"),
-         "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--kubeconfig", str(kubeconfig), "--wait=false"],
+         "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--kubeconfig", str(kubeconfig), "--wait=false",
+         "--set", "coordinatorNamespaces={" + ",".join(coordinator_namespaces) + "}"],
         check=True, capture_output=True, text=True, timeout=120,
     )
+
+
+def tenant_grant(helm: Path, namespace: str, federation: tuple[str, str], participant: str) -> list[dict[str, Any]]:
+    """The Role and RoleBinding the tenant chart installs for one Participant (``federation``: its namespace and
+    name), rendered by ``helm template`` from the chart itself, for the harness's operator ServiceAccount."""
+    fed_ns, fed_name = federation
+    proc = subprocess.run(
+        [str(helm), "template", f"grant-{fed_name}-{participant}"[:53], str(ROOT / "charts" / "fedcrm-tenant"),
+         "--namespace", namespace, "--kube-version", "1.36.3", "--show-only", "templates/operator-role.yaml",
+         "--set", f"participant.name={participant}", "--set", f"participant.federation.name={fed_name}",
+         "--set", f"participant.federation.namespace={fed_ns}",
+         "--set", f"operator.serviceAccount.name={RELEASE}", "--set", f"operator.serviceAccount.namespace={OPERATOR_NAMESPACE}"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def grant_tenant_access(kubectl: Kubectl, namespace: str, federation: tuple[str, str], *participants: str) -> None:
+    """What installing the tenant chart grants the operator in ``namespace`` (its consent), for each of
+    ``participants`` (names of Participants there joining ``federation``, its namespace and name): without this,
+    the operator can create nothing in a tenant namespace and the Participant says AccessNotGranted."""
+    helm = kubectl.binary.parent / "helm"
+    docs = [doc for name in participants for doc in tenant_grant(helm, namespace, federation, name)]
+    kubectl.apply(*docs)
 
 
 def service_account_kubeconfig(kubectl: Kubectl, admin_kubeconfig: Path, out: Path) -> Path:

@@ -475,3 +475,80 @@ def test_conditions_are_a_list_map_and_say_which_generation_they_describe() -> N
         assert "type" in conditions["items"]["required"] and "observedGeneration" in conditions["items"]["properties"]
     marked = stamped(set_condition([], condition("Ready", True, "Training", "ok")), 7)
     assert marked[0]["observedGeneration"] == 7 and marked[0]["type"] == "Ready"
+
+
+# --------------------------------------------------------------------------- RBAC in the charts
+
+
+def _render(chart: str, namespace: str, *sets: str) -> list[dict[str, Any]]:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    helm = shutil.which("helm") or str(Path.home() / ".cache" / "fedcrm" / "k8s" / "v1.36.3" / "bin" / "helm")
+    if not Path(helm).exists():
+        pytest.skip("helm is not built yet: e2e/build-control-plane builds it with the control plane")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([helm, "template", "rel", str(root / "charts" / chart), "--namespace", namespace,
+                           "--kube-version", "1.36.3", *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_the_operator_has_no_cluster_wide_rights_on_anyone_elses_namespaced_objects() -> None:
+    docs = _render("fedcrm-operator", "fedcrm-system", "coordinatorNamespaces={coord-a,coord-b}")
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "rel")
+    granted = {(g, r) for rule in cluster_role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {("fedcrm.io", "federations"), ("fedcrm.io", "participants"), ("fedcrm.io", "federations/status"),
+                       ("fedcrm.io", "participants/status"), ("kopf.dev", "clusterkopfpeerings"), ("kopf.dev", "kopfpeerings"),
+                       ("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert set(roles) == set(bindings) == {"coord-a", "coord-b"}
+    assert bindings["coord-a"]["subjects"] == [{"kind": "ServiceAccount", "name": "rel", "namespace": "fedcrm-system"}]
+    kinds = {r for rule in roles["coord-a"]["rules"] for r in rule["resources"]}
+    assert {"statefulsets", "secrets", "servicemonitors", "persistentvolumeclaims", "events"} <= kinds
+    assert "jobs" not in kinds  # training runs in tenant namespaces only
+
+
+@pytest.mark.parametrize("fed, name", [("churn", "crm"), ("a-federation-with-a-rather-long-name---", "and-a-participant-too")])
+def test_the_tenant_chart_grants_the_operator_its_certificate_secret_by_name_and_no_other(fed: str, name: str) -> None:
+    docs = _render("fedcrm-tenant", "tenant-a", f"participant.name={name}", f"participant.federation.name={fed}",
+                   "operator.serviceAccount.name=ops", "operator.serviceAccount.namespace=ops-system")
+    role = next(d for d in docs if d["kind"] == "Role")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["kind"] == "Role")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "fedcrm-operator-rel"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ops", "namespace": "ops-system"}]
+    secrets = [rule for rule in role["rules"] if "secrets" in rule["resources"]]
+    # create cannot name its object (RBAC sees no name before it exists); everything else names the certificate.
+    assert [r["verbs"] for r in secrets if "resourceNames" not in r] == [["create"]]
+    named = [r for r in secrets if "resourceNames" in r]
+    assert [r["resourceNames"] for r in named] == [[Names("coord", fed).client_secret(name)]]
+    assert all("list" not in r["verbs"] and "watch" not in r["verbs"] for r in secrets)
+    kinds = {r for rule in role["rules"] for r in rule["resources"]}
+    assert kinds == {"jobs", "networkpolicies", "configmaps", "pods", "events", "secrets"}
+    off = _render("fedcrm-tenant", "tenant-a", "operator.grant=false")
+    assert not [d for d in off if d["kind"] in ("Role", "RoleBinding")]
+
+
+def test_an_rbac_refusal_is_access_denied_and_a_quota_refusal_is_not() -> None:
+    import json
+
+    from fedcrm_operator.kube import AccessDenied, Kube
+    from kubernetes.client.exceptions import ApiException
+
+    def refusal(message: str) -> ApiException:
+        err = ApiException(status=403, reason="Forbidden")
+        err.body = json.dumps({"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403, "message": message})
+        return err
+
+    rbac = Kube._translate(refusal(
+        'jobs.batch "f1-crm" is forbidden: User "system:serviceaccount:fedcrm-system:fedcrm" cannot create resource '
+        '"jobs" in API group "batch" in the namespace "tenant-z"'), "create Job tenant-z/f1-crm")
+    assert isinstance(rbac, AccessDenied)
+    assert (rbac.user, rbac.namespace, rbac.verb, rbac.resource) == (
+        "system:serviceaccount:fedcrm-system:fedcrm", "tenant-z", "create", "jobs")
+    quota = Kube._translate(refusal('jobs.batch "f1-crm" is forbidden: exceeded quota: no-jobs, requested: '
+                                    'count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0'), "create Job")
+    assert not isinstance(quota, AccessDenied) and "exceeded quota" in str(quota)

@@ -1,7 +1,8 @@
 """The operator against a real control plane: kube-apiserver, controller-manager, scheduler, etcd, KWOK nodes.
 
 Everything here is asserted on the API objects the operator writes, as the
-chart's ServiceAccount (least-privilege RBAC). KWOK plays the kubelets: pods
+chart's ServiceAccount (least-privilege RBAC: in a tenant namespace the
+operator can do only what the tenant chart grants, see grant_tenant_access). KWOK plays the kubelets: pods
 are scheduled by the real scheduler and reported Running, but no container
 runs, so training itself is covered by the local-federation tests.
 """
@@ -23,6 +24,7 @@ from operator_harness import (
     Kubectl,
     OperatorProcess,
     free_port,
+    grant_tenant_access,
     install_chart,
     provide_claim,
     service_account_kubeconfig,
@@ -34,6 +36,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 COORD = "fedcrm-coord"
 TENANTS = ["tenant-a", "tenant-b", "tenant-c"]
 OUTSIDER = "tenant-z"
+NO_GRANT = "tenant-nogrant"  # a tenant namespace that never installed the tenant chart
 STATUS_PORT = free_port()
 SERVICE_MONITOR_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -94,6 +97,9 @@ def operator(control_plane: Any, kubectl: Kubectl, tmp_path_factory: pytest.Temp
         kubectl("create", "namespace", ns, check=False)
     for ns in TENANTS:
         provide_claim(kubectl, ns)
+        grant_tenant_access(kubectl, ns, (COORD, "f1"), "crm")  # as `helm install` of the tenant chart would
+        grant_tenant_access(kubectl, ns, (COORD, "f2"), "crm2")
+    grant_tenant_access(kubectl, OUTSIDER, (COORD, "f1"), "crm")  # it consents; f1 does not allow it
     sa_config = service_account_kubeconfig(kubectl, control_plane.kubeconfig, work / "operator.kubeconfig")
     # No pod really runs under KWOK, so the end-to-end test runs the aggregator's own command here; the
     # operator polls it on loopback instead of through the (unreachable) Service name.
@@ -364,6 +370,7 @@ def test_one_tenant_refused_by_the_api_does_not_stall_the_others(operator: Opera
     for ns in (open_ns, quota_ns):
         kubectl("create", "namespace", ns, check=False)
         provide_claim(kubectl, ns)
+        grant_tenant_access(kubectl, ns, (COORD, "f5"), "crm")
     kubectl.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs", "namespace": quota_ns},
                    "spec": {"hard": {"count/jobs.batch": "0"}}})
     fed = federation("f5", namespaces=[open_ns, quota_ns])
@@ -382,6 +389,115 @@ def test_one_tenant_refused_by_the_api_does_not_stall_the_others(operator: Opera
     assert ready["status"] == "False" and "exceeded quota" in ready["message"], ready
     assert "goes on with the other tenants" in ready["message"]
     kubectl("delete", "federation", "f5", "-n", COORD, "--wait=true", "--timeout=90s")
+
+
+def test_the_operator_can_do_only_what_the_charts_grant(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    """``kubectl auth can-i`` with the operator's own token (SelfSubjectAccessReviews against the real RBAC): no
+    namespaced kind across the cluster, nothing in a namespace without the tenant chart, and where the tenant
+    granted access, its own children but never the tenant's credentials."""
+    wait_for("f1 training", lambda: phase_of(kubectl, "federation", "f1", COORD) == "Training", timeout=90)
+    as_operator = Kubectl(kubectl.binary, operator.kubeconfig)
+    kubectl("create", "namespace", NO_GRANT, check=False)
+    for ns in ("tenant-a", NO_GRANT):
+        kubectl.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "crm-credentials", "namespace": ns},
+                       "stringData": {"url": "postgresql+psycopg://crm:hunter2@db:5432/crm"}})
+
+    def can(*args: str) -> bool:
+        answer = as_operator("auth", "can-i", *args, check=False).stdout.strip()
+        assert answer in ("yes", "no"), answer
+        return answer == "yes"
+
+    # Across the cluster: its own resources, namespaces and peering; no namespaced kind of anyone else.
+    for verb, resource in [("list", "participants.fedcrm.io"), ("watch", "federations.fedcrm.io"),
+                           ("list", "namespaces"), ("list", "clusterkopfpeerings.kopf.dev")]:
+        assert can(verb, resource, "-A"), (verb, resource)
+    assert can("patch", "participants.fedcrm.io", "--subresource=status", "-n", NO_GRANT)
+    for verb in ("get", "list", "watch"):
+        for resource in ("secrets", "configmaps", "jobs.batch", "pods", "networkpolicies.networking.k8s.io",
+                         "statefulsets.apps", "services"):
+            assert not can(verb, resource, "-A"), (verb, resource)
+    # A tenant namespace that did not install the tenant chart: nothing at all.
+    for verb, resource in [("get", "secrets"), ("list", "secrets"), ("get", "secrets/crm-credentials"),
+                           ("create", "secrets"), ("create", "jobs.batch"), ("list", "configmaps"), ("list", "pods"),
+                           ("create", "networkpolicies.networking.k8s.io"), ("create", "events")]:
+        assert not can(verb, resource, "-n", NO_GRANT), (verb, resource)
+    # A tenant that granted access: its training objects, its pods and Events, its certificate Secret; not the
+    # credentials, nor any Secret but the certificate (create is not limited by name, see docs/operator.md#rbac).
+    for verb, resource in [("create", "jobs.batch"), ("list", "jobs.batch"), ("delete", "jobs.batch"),
+                           ("patch", "configmaps"), ("list", "configmaps"), ("delete", "networkpolicies.networking.k8s.io"),
+                           ("list", "pods"), ("delete", "pods"), ("create", "events"), ("create", "secrets"),
+                           ("get", "secrets/f1-crm-tls"), ("delete", "secrets/f1-crm-tls")]:
+        assert can(verb, resource, "-n", "tenant-a"), (verb, resource)
+    for verb, resource in [("get", "secrets/crm-credentials"), ("patch", "secrets/crm-credentials"),
+                           ("delete", "secrets/crm-credentials"), ("list", "secrets"), ("watch", "secrets"),
+                           ("get", "secrets"), ("create", "pods"), ("create", "deployments.apps"),
+                           ("create", "rolebindings.rbac.authorization.k8s.io")]:
+        assert not can(verb, resource, "-n", "tenant-a"), (verb, resource)
+    refused = as_operator("get", "secret", "crm-credentials", "-n", "tenant-a", check=False)
+    assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()
+    assert as_operator("get", "secret", "f1-crm-tls", "-n", "tenant-a", "-o", "name").stdout.strip() == "secret/f1-crm-tls"
+    # The coordinator namespace: the aggregator's objects; no other namespace's.
+    for verb, resource in [("create", "statefulsets.apps"), ("get", "secrets"), ("list", "secrets"), ("create", "services"),
+                           ("delete", "persistentvolumeclaims"), ("create", "servicemonitors.monitoring.coreos.com"),
+                           ("create", "events")]:
+        assert can(verb, resource, "-n", COORD), (verb, resource)
+    assert not can("get", "secrets", "-n", "kube-system") and not can("get", "secrets", "-n", OPERATOR_NAMESPACE)
+
+
+def test_a_tenant_that_did_not_grant_access_is_told_so_while_the_other_trains(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    """No tenant chart in one namespace: the operator's 403 there lands on that Participant (AccessNotGranted,
+    saying to install the tenant chart), and the Federation trains with the tenant that did grant access."""
+    granted = "tenant-granted"
+    for ns in (granted, NO_GRANT):
+        kubectl("create", "namespace", ns, check=False)
+        provide_claim(kubectl, ns)
+    grant_tenant_access(kubectl, granted, (COORD, "f6"), "crm")
+    fed = federation("f6", namespaces=[granted, NO_GRANT], training={"rounds": 5, "minParticipants": 1})
+    fed["spec"]["participants"]["enrollmentTimeoutSeconds"] = 3
+    kubectl.apply(fed, participant(granted, "f6"), participant(NO_GRANT, "f6"))
+    wait_for("f6 training", lambda: phase_of(kubectl, "federation", "f6", COORD) == "Training", timeout=90)
+    assert kubectl.get("federation", "f6", COORD)["status"]["participants"] == [f"{granted}/crm"]
+    assert kubectl.items("jobs", namespace=granted, selector="fedcrm.io/federation=f6")
+
+    def told() -> dict[str, Any] | None:
+        obj = kubectl.get("participant", "crm", NO_GRANT)
+        if not (obj or {}).get("status", {}).get("conditions"):
+            return None
+        return obj if condition(obj, "Ready")["reason"] == "AccessNotGranted" else None
+
+    obj = wait_for("the ungranted tenant's reason", told, timeout=60)
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False" and "install the tenant chart" in ready["message"], ready
+    assert f"-n {NO_GRANT}" in ready["message"] and "system:serviceaccount:fedcrm-system:fedcrm" in ready["message"]
+    assert "goes on with the other tenants" in ready["message"]
+    assert condition(obj, "ChildrenCreated")["reason"] == "AccessNotGranted"
+    for kind in ["secrets", "configmaps", "jobs", "networkpolicies"]:
+        assert kubectl.items(kind, namespace=NO_GRANT, selector="fedcrm.io/federation=f6") == [], kind
+    # The finalizer's sweep skips the namespace it cannot see, and removes the rest.
+    kubectl("delete", "federation", "f6", "-n", COORD, "--wait=true", "--timeout=90s")
+    assert not any(kubectl.items(kind, namespace=granted, selector="fedcrm.io/federation=f6")
+                   for kind in ["secrets", "configmaps", "jobs", "networkpolicies"])
+    kubectl("delete", "participant", "crm", "-n", NO_GRANT)
+
+
+def test_a_federation_outside_the_coordinator_namespaces_is_told_so(operator: OperatorProcess, kubectl: Kubectl) -> None:
+    elsewhere = "not-a-coordinator"
+    kubectl("create", "namespace", elsewhere, check=False)
+    fed = federation("f7")
+    fed["metadata"]["namespace"] = elsewhere
+    kubectl.apply(fed)
+
+    def told() -> dict[str, Any] | None:
+        obj = kubectl.get("federation", "f7", elsewhere)
+        if not (obj or {}).get("status", {}).get("conditions"):
+            return None
+        ready = condition(obj, "Ready")
+        return ready if ready["reason"] == "AccessNotGranted" else None
+
+    ready = wait_for("the Federation's reason", told, timeout=60)
+    assert ready["status"] == "False" and "coordinatorNamespaces" in ready["message"], ready
+    assert kubectl.items("secrets", namespace=elsewhere, selector="fedcrm.io/federation=f7") == []
+    kubectl("delete", "federation", "f7", "-n", elsewhere, "--wait=true", "--timeout=60s")
 
 
 def test_a_second_participant_in_the_same_namespace_is_refused(operator: OperatorProcess, kubectl: Kubectl) -> None:
@@ -425,6 +541,7 @@ def test_tenant_requirements_and_a_terms_change_need_the_tenants_consent(operato
     def jobs() -> list[dict[str, Any]]:
         return kubectl.items("jobs", namespace="tenant-a", selector="fedcrm.io/participant=terms,fedcrm.io/federation=consent")
 
+    grant_tenant_access(kubectl, "tenant-a", (COORD, "consent"), "terms")
     kubectl.apply(private(1.0))
     kubectl.apply(participant("tenant-a", "consent", name="terms", requires={"secureAggregation": True, "maxEpsilon": 4}))
     obj = admitted("Admitted")
@@ -542,6 +659,7 @@ def test_training_runs_end_to_end_and_rounds_reach_the_federation_status(
         ns = doc["metadata"]["namespace"]
         kubectl("create", "namespace", ns, check=False)
         provide_claim(kubectl, ns)
+        grant_tenant_access(kubectl, ns, (COORD, "f4"), doc["metadata"]["name"])
         data_dir = tmp_path / "claims" / ns
         data_dir.mkdir(parents=True)
         shutil.copy(synth.out_dir / "data" / ns / "leads.csv", data_dir / "leads.csv")

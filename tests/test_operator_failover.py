@@ -15,6 +15,7 @@ from operator_harness import (
     RELEASE,
     Kubectl,
     OperatorProcess,
+    grant_tenant_access,
     install_chart,
     provide_claim,
     service_account_kubeconfig,
@@ -41,6 +42,8 @@ def replicas(control_plane: Any, kubectl: Kubectl, tmp_path_factory: pytest.Temp
         kubectl.apply({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": RELEASE, "namespace": ns}})
     for ns in TENANTS:
         provide_claim(kubectl, ns)
+        for fed in ("ha1", "ha2"):  # the tenant chart's grant, for each Participant the test creates there
+            grant_tenant_access(kubectl, ns, (COORD, fed), fed)
     config = service_account_kubeconfig(kubectl, control_plane.kubeconfig, work / "operator.kubeconfig")
 
     def replica(name: str, priority: int) -> OperatorProcess:

@@ -16,7 +16,11 @@ from typing import Any
 from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm.spec.terms import privacy_summary, terms_digest, unmet_requirements
 
-__all__ = ["Decision", "Sibling", "accepted_terms", "decide", "siblings_by_namespace"]
+__all__ = ["ACCESS_NOT_GRANTED", "Decision", "Sibling", "accepted_terms", "access_not_granted", "decide",
+           "siblings_by_namespace"]
+
+#: The reason on a Participant (or Federation) whose namespace has not granted the operator access.
+ACCESS_NOT_GRANTED = "AccessNotGranted"
 
 
 @dataclass(frozen=True)
@@ -129,3 +133,26 @@ def decide(participant: Participant, federation: Federation | None, *, phase: Ph
             "(podSelector), with its port (e.g. ports: [5432])",
         )
     return Decision(True, "Admitted", f"admitted to Federation {where} as {participant.identity}")
+
+
+def access_not_granted(namespace: str, user: str, *, refused: str = "", coordinator: bool = False) -> str:
+    """What to do when RBAC refuses the operator in ``namespace``: the third consent is the namespace's own.
+
+    A tenant namespace grants the operator its rights by installing the tenant chart (its Role and RoleBinding);
+    a coordinator namespace by being listed in the operator chart's ``coordinatorNamespaces``. ``user`` is the
+    operator's identity as the API server named it (``system:serviceaccount:<namespace>:<name>``), ``refused``
+    what the API server refused (``get secrets``).
+    """
+    said = f" (refused: {refused})" if refused else ""
+    if coordinator:
+        return (f"the operator ({user}) has no access to namespace {namespace!r}{said}, so it cannot create this "
+                "Federation's aggregator; add the namespace to the operator chart's coordinatorNamespaces "
+                "(helm upgrade ... --set coordinatorNamespaces={...})")
+    account = user.removeprefix("system:serviceaccount:")
+    sa_namespace, _, sa_name = account.partition(":")
+    chart_values = (f" --set operator.serviceAccount.namespace={sa_namespace},operator.serviceAccount.name={sa_name}"
+                    if sa_name else "")
+    return (f"namespace {namespace!r} has not granted the operator ({user}) access{said}, so it cannot create this "
+            f"Participant's certificate, config, NetworkPolicy and Job; install the tenant chart here (helm install "
+            f"... charts/fedcrm-tenant -n {namespace}{chart_values}; its Role and RoleBinding are the tenant's "
+            "consent), or create that Role and RoleBinding yourself (docs/operator.md#rbac)")

@@ -24,10 +24,17 @@ from fedcrm.pki import CertificateAuthority
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm_operator import builders
-from fedcrm_operator.admission import Decision, accepted_terms, decide, siblings_by_namespace
+from fedcrm_operator.admission import (
+    ACCESS_NOT_GRANTED,
+    Decision,
+    accepted_terms,
+    access_not_granted,
+    decide,
+    siblings_by_namespace,
+)
 from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
 from fedcrm_operator.conditions import condition, find, set_condition, stamped
-from fedcrm_operator.kube import Kube
+from fedcrm_operator.kube import AccessDenied, Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, changed_sections, frozen_digest, parse_federation, parse_participant
 from fedcrm_operator.settings import OperatorSettings
@@ -37,20 +44,23 @@ __all__ = ["COORDINATOR_KINDS", "TENANT_KINDS", "Outcome", "cleanup", "fetch_agg
 
 log = logging.getLogger("fedcrm.operator")
 
-#: Kinds of children, for sweeps by label. Pods are listed so deletion waits for a Job's pods too.
+#: Kinds of children in tenant namespaces, for sweeps by label. Pods are listed so deletion waits for a Job's
+#: pods too. Not Secrets: a tenant's Role lets the operator read only the certificate Secrets it names
+#: (``resourceNames``), never list them, so those are deleted by name (:func:`_sweep_certificates`).
 TENANT_KINDS = [
     ("batch/v1", "Job"),
     ("v1", "Pod"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("v1", "ConfigMap"),
-    ("v1", "Secret"),
 ]
+#: Kinds of children in the coordinator namespace, where the operator chart's Role lets it list Secrets too.
 COORDINATOR_KINDS = [
     ("apps/v1", "StatefulSet"),
     ("v1", "Service"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("v1", "PersistentVolumeClaim"),
     *TENANT_KINDS,
+    ("v1", "Secret"),
 ]
 
 
@@ -156,21 +166,43 @@ def _tenant_keys(names: Names, participant: Participant) -> set[tuple[str, str, 
     }
 
 
+def _tenant_namespaces(federation: Federation, participant_bodies: list[dict[str, Any]], training: list[str]) -> set[str]:
+    """Where this federation's tenant children can be: the allowed namespaces, those of the Participants naming
+    it, and those training counts. The sweeps list these one by one, never the whole cluster."""
+    namespaces = set(federation.spec.participants.namespaces)
+    namespaces |= {b["metadata"]["namespace"] for b in participant_bodies}
+    namespaces |= {identity.split("/", 1)[0] for identity in training}
+    return namespaces
+
+
+def _sweep_certificates(kube: Kube, names: Names, participant_bodies: list[dict[str, Any]], keep: set[str]) -> None:
+    """Delete the certificate Secret of every Participant naming this federation that is not in ``keep``
+    (identities): by name, since the tenant's Role does not let the operator list Secrets. A Participant that
+    is gone takes its Secret with it (owner reference)."""
+    for body in participant_bodies:
+        meta = body["metadata"]
+        if f"{meta['namespace']}/{meta['name']}" in keep:
+            continue
+        kube.delete_named("v1", "Secret", meta["namespace"], names.client_secret(meta["name"]))
+
+
 CHILDREN_CONDITION = "ChildrenCreated"
 
 
-def _report_children(kube: Kube, body: dict[str, Any] | None, problem: str | None) -> None:
-    """The tenant's own Participant says whether its children could be created; patched only on a change."""
+def _report_children(kube: Kube, body: dict[str, Any] | None, problem: tuple[str, str] | None) -> None:
+    """The tenant's own Participant says whether its children could be created; patched only on a change.
+    ``problem``: the reason (``ApiError``, ``AccessNotGranted``) and the message."""
     if body is None:
         return
     meta = body["metadata"]
     conditions = (body.get("status") or {}).get("conditions") or []
     wanted = (condition(CHILDREN_CONDITION, True, "Created", "certificate, config, NetworkPolicy and Job exist")
-              if problem is None else condition(CHILDREN_CONDITION, False, "ApiError", problem))
+              if problem is None else condition(CHILDREN_CONDITION, False, *problem))
     current = find(conditions, CHILDREN_CONDITION)
     if current is None and problem is None:
         return  # nothing to correct: absence means no problem was ever seen
-    if current and (current.get("status"), current.get("message")) == (wanted["status"], wanted["message"]):
+    if current and (current.get("status"), current.get("reason"), current.get("message")) == (
+            wanted["status"], wanted["reason"], wanted["message"]):
         return
     kube.patch_status(API, "Participant", meta["namespace"], meta["name"],
                       {"conditions": set_condition(conditions, wanted)})
@@ -235,37 +267,55 @@ def reconcile(
                  for p in candidates}
     admitted = [p for p in candidates if decisions[p.identity].admitted]
 
-    # Coordinator side.
-    ca = _ca(kube, names)
+    # Coordinator side. The operator chart grants the operator its rights only in its coordinatorNamespaces.
+    try:
+        ca = _ca(kube, names)
 
-    def server_certificate() -> dict[str, Any]:
-        issued = ca.issue_server(_server_hosts(names, settings))
-        return builders.server_secret(names, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
+        def server_certificate() -> dict[str, Any]:
+            issued = ca.issue_server(_server_hosts(names, settings))
+            return builders.server_secret(names, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
 
-    kube.ensure("v1", "Secret", names.namespace, names.server_secret, server_certificate)
-    for service in builders.aggregator_services(names, settings):
-        kube.apply(service)
-    kube.apply(builders.aggregator_network_policy(names, [p.metadata.namespace for p in admitted], settings))
-    if kube.has_kind("monitoring.coreos.com/v1", "ServiceMonitor"):
-        kube.apply(builders.service_monitor(names))
+        kube.ensure("v1", "Secret", names.namespace, names.server_secret, server_certificate)
+        for service in builders.aggregator_services(names, settings):
+            kube.apply(service)
+        kube.apply(builders.aggregator_network_policy(names, [p.metadata.namespace for p in admitted], settings))
+        if kube.has_kind("monitoring.coreos.com/v1", "ServiceMonitor"):
+            kube.apply(builders.service_monitor(names))
+    except AccessDenied as err:
+        if err.namespace not in (None, names.namespace):
+            raise
+        message = access_not_granted(names.namespace, err.user, refused=f"{err.verb} {err.resource}", coordinator=True)
+        conditions = set_condition(conditions, condition("Ready", False, ACCESS_NOT_GRANTED, message))
+        return Outcome({**status, "phase": status.get("phase") or Phase.pending.value,
+                        "observedGeneration": meta.get("generation", 0),
+                        "conditions": stamped(conditions, meta.get("generation", 0))}, decisions)
 
     # Tenant side: children of admitted participants; everything else of ours in tenant namespaces goes.
     # The API refusing one tenant's child (a quota, a policy, a webhook) is that tenant's problem: it is
     # written on its Participant and the other tenants go on.
+    # A namespace that has not granted the operator access (no tenant chart: RBAC 403) is the same: its
+    # Participant is told to install the tenant chart (AccessNotGranted).
     keep: set[tuple[str, str, str]] = set()
-    failed: dict[str, str] = {}
+    failed: dict[str, tuple[str, str]] = {}
     for p in admitted:
         keep |= _tenant_keys(names, p)
         try:
             _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings,
                              finished=phase in (Phase.succeeded, Phase.failed))
+        except AccessDenied as err:
+            failed[p.identity] = (ACCESS_NOT_GRANTED,
+                                  access_not_granted(p.metadata.namespace, err.user, refused=f"{err.verb} {err.resource}"))
+            log.warning("federation %s/%s: no access to namespace %s: %s", names.namespace, names.federation,
+                        p.metadata.namespace, err)
         except kopf.PermanentError as err:
-            failed[p.identity] = str(err)
+            failed[p.identity] = ("ApiError", str(err))
             log.warning("federation %s/%s: children of %s: %s", names.namespace, names.federation, p.identity, err)
         _report_children(kube, by_identity.get(p.identity), failed.get(p.identity))
     ready = [p for p in admitted if p.identity not in failed]
-    # Pods are left to their Jobs' garbage collection.
-    kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], names.selector() + ",fedcrm.io/role=training", keep=keep)
+    # Pods are left to their Jobs' garbage collection; certificates are deleted by name.
+    kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], names.selector() + ",fedcrm.io/role=training",
+                         namespaces=_tenant_namespaces(federation, participant_bodies, training_ids), keep=keep)
+    _sweep_certificates(kube, names, participant_bodies, keep={p.identity for p in admitted})
 
     # Enrollment -> training.
     message = ""
@@ -368,7 +418,18 @@ def progress_fields(aggregator: AggregatorStatus) -> dict[str, Any]:
     return fields
 
 
-def cleanup(kube: Kube, namespace: str, name: str) -> int:
-    """Delete every child of the federation in every namespace; returns how many were still there."""
-    return kube.delete_labelled(COORDINATOR_KINDS, Names(namespace, name).selector())
+def cleanup(kube: Kube, body: dict[str, Any], participant_bodies: list[dict[str, Any]]) -> int:
+    """Delete every child of the federation in its own and every tenant namespace it may have used; returns how
+    many were still there. ``participant_bodies``: the Participants naming it (the operator's index)."""
+    meta = body["metadata"]
+    names = Names(meta["namespace"], meta["name"])
+    spec = body.get("spec") or {}
+    training = list((body.get("status") or {}).get("participants") or [])
+    tenants = set((spec.get("participants") or {}).get("namespaces") or [])
+    tenants |= {b["metadata"]["namespace"] for b in participant_bodies}
+    tenants |= {identity.split("/", 1)[0] for identity in training}
+    tenants.discard(names.namespace)
+    _sweep_certificates(kube, names, participant_bodies, keep=set())
+    return (kube.delete_labelled(COORDINATOR_KINDS, names.selector(), namespaces=[names.namespace])
+            + kube.delete_labelled(TENANT_KINDS, names.selector(), namespaces=tenants))
 

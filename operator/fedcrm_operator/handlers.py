@@ -130,10 +130,12 @@ async def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf
 
 
 @kopf.on.delete(GROUP, VERSION, "federations")
-def federation_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def federation_deleted(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+                       participants_by_federation: kopf.Index, **_: Any) -> None:
     """Remove every child in every namespace; the finalizer stays until nothing is left."""
+    participants = [dict(b) for b in participants_by_federation.get(f"{namespace}/{name}", [])]
     with metrics.reconciling("federation"):
-        remaining = federations.cleanup(memo.kube, namespace, name)
+        remaining = federations.cleanup(memo.kube, dict(body), participants)
         if remaining:
             raise kopf.TemporaryError(f"waiting for {remaining} children to be deleted", delay=1)
     memo.federation_phases.pop(f"{namespace}/{name}", None)

@@ -4,7 +4,12 @@ Server-side apply makes every write idempotent: a re-delivered event or a
 restarted operator applies the same object again and nothing is duplicated.
 Objects that must never be regenerated (a CA key, certificates) are created
 once and read back on a 409. Errors that a retry can fix become
-``kopf.TemporaryError``; the rest propagate to the handler, which reports them.
+``kopf.TemporaryError``; RBAC refusing the operator in a namespace becomes
+:class:`AccessDenied` (the namespace did not grant the operator access, see
+docs/operator.md#rbac); the rest propagate to the handler, which reports them.
+
+Every call names its namespace: the operator has no cluster-wide rights on
+namespaced kinds, so it never lists or watches one across the cluster.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-__all__ = ["FIELD_MANAGER", "Kube", "connect"]
+__all__ = ["FIELD_MANAGER", "AccessDenied", "Kube", "connect"]
 
 FIELD_MANAGER = "fedcrm-operator"
 log = logging.getLogger("fedcrm.operator")
@@ -43,6 +49,27 @@ def _retryable(err: ApiException) -> bool:
     return err.status in (0, 409, 429) or err.status >= 500
 
 
+#: How the API server words an RBAC refusal (k8s.io/apiserver responsewriters.forbiddenMessage). Other 403s (a
+#: ResourceQuota, an admission policy) say something else and stay plain API errors.
+_RBAC_REFUSAL = re.compile(
+    r'User "(?P<user>[^"]*)" cannot (?P<verb>\S+) resource "(?P<resource>[^"]*)"'
+    r'(?: in API group "[^"]*")?(?: in the namespace "(?P<namespace>[^"]*)")?'
+)
+
+
+class AccessDenied(kopf.PermanentError):
+    """RBAC refused the operator: the namespace has not granted it the rights it needs there.
+
+    Tenant namespaces grant them with the tenant chart's Role and RoleBinding (the tenant's consent), the
+    coordinator namespaces with the operator chart's ``coordinatorNamespaces``. ``user`` is who the operator
+    is to the API server (its ServiceAccount), ``namespace`` where it was refused (None: cluster scope).
+    """
+
+    def __init__(self, message: str, *, user: str, namespace: str | None, verb: str, resource: str) -> None:
+        super().__init__(message)
+        self.user, self.namespace, self.verb, self.resource = user, namespace, verb, resource
+
+
 #: How long an applied object is trusted to be unchanged before it is applied again. Re-applying is
 #: idempotent but costs a request; the bound keeps a hand-deleted child from staying gone for long.
 APPLY_CACHE_SECONDS = 30.0
@@ -56,6 +83,7 @@ class Kube:
         self._applied: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._ensured: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
         self._kinds: dict[tuple[str, str], tuple[bool, float]] = {}
+        self._absent: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
         self.requests = 0
 
@@ -116,6 +144,7 @@ class Kube:
         with self._lock:
             self._applied.pop((kind, namespace, name), None)
             self._ensured.pop((kind, namespace, name), None)
+            self._absent.pop((kind, namespace, name), None)
 
     def ensure(self, api_version: str, kind: str, namespace: str, name: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The existing object, or ``build()`` created: for objects whose content must never be regenerated
@@ -129,6 +158,7 @@ class Kube:
         held = existing if existing is not None else self.create_once(build())
         with self._lock:
             self._ensured[key] = (held, time.monotonic())
+            self._absent.pop(key, None)
         return held
 
     def create_once(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -155,16 +185,19 @@ class Kube:
                 return None
             raise self._translate(err, f"read {kind} {namespace}/{name}") from err
 
-    def list(self, api_version: str, kind: str, *, namespace: str | None = None, selector: str | None = None) -> list[dict[str, Any]]:
+    def list(self, api_version: str, kind: str, *, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        """Objects of ``kind`` in one namespace (the operator's RBAC grants no cluster-wide list of them)."""
         try:
+            self.requests += 1
             found = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector)
         except ApiException as err:
-            raise self._translate(err, f"list {kind}") from err
+            raise self._translate(err, f"list {kind} in {namespace}") from err
         return [item.to_dict() if hasattr(item, "to_dict") else dict(item) for item in found.to_dict()["items"]]
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         """Delete, letting the garbage collector remove dependents (a Job's pods) in the background."""
         try:
+            self.requests += 1
             self._resource(api_version, kind).delete(
                 name=name, namespace=namespace, body={"propagationPolicy": "Background"}
             )
@@ -172,23 +205,58 @@ class Kube:
             if err.status != 404:
                 raise self._translate(err, f"delete {kind} {namespace}/{name}") from err
 
-    def delete_labelled(self, kinds: Iterable[tuple[str, str]], selector: str, *, keep: set[tuple[str, str, str]] = frozenset()) -> int:
-        """Delete every object of ``kinds`` matching ``selector`` in any namespace, except ``keep``.
+    def delete_named(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete one object known by name (where the operator may not list its kind: a tenant's Secrets).
 
+        A 404 is remembered for half a minute, so a sweep that names the same absent object on every pass
+        costs no request; creating it through :meth:`ensure` (or :meth:`forget`) clears that. A namespace that
+        has not granted the operator access (RBAC 403) counts as holding nothing of ours: nothing is raised.
+        """
+        key = (kind, namespace, name)
+        with self._lock:
+            gone = self._absent.get(key)
+        if gone is not None and time.monotonic() - gone < APPLY_CACHE_SECONDS:
+            return
+        self.forget(kind, namespace, name)
+        try:
+            self.requests += 1
+            self._resource(api_version, kind).delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
+        except ApiException as err:
+            if err.status != 404:
+                translated = self._translate(err, f"delete {kind} {namespace}/{name}")
+                if not isinstance(translated, AccessDenied):
+                    raise translated from err
+        with self._lock:
+            self._absent[key] = time.monotonic()
+
+    def delete_labelled(self, kinds: Iterable[tuple[str, str]], selector: str, *, namespaces: Iterable[str],
+                        keep: set[tuple[str, str, str]] = frozenset()) -> int:
+        """Delete every object of ``kinds`` matching ``selector`` in each of ``namespaces``, except ``keep``.
+
+        One list per kind and namespace, never across the cluster. A namespace that has not granted the
+        operator access (RBAC 403) is skipped: nothing of ours can have been created there (or the tenant
+        withdrew the grant, and its Participant's owner references remove our objects with it).
         Returns how many objects still existed (0 means the sweep found nothing left).
         """
+        kinds = list(kinds)
         remaining = 0
-        for api_version, kind in kinds:
-            if not self.has_kind(api_version, kind):
-                continue
-            for item in self.list(api_version, kind, selector=selector):
-                meta = item["metadata"]
-                if (kind, meta["namespace"], meta["name"]) in keep:
+        for namespace in sorted(set(namespaces)):
+            for api_version, kind in kinds:
+                if not self.has_kind(api_version, kind):
                     continue
-                remaining += 1
-                self.forget(kind, meta["namespace"], meta["name"])
-                if not meta.get("deletionTimestamp"):
-                    self.delete(api_version, kind, meta["namespace"], meta["name"])
+                try:
+                    found = self.list(api_version, kind, namespace=namespace, selector=selector)
+                except AccessDenied:
+                    log.debug("sweep: no access to %s in namespace %s", kind, namespace)
+                    continue
+                for item in found:
+                    meta = item["metadata"]
+                    if (kind, meta["namespace"], meta["name"]) in keep:
+                        continue
+                    remaining += 1
+                    self.forget(kind, meta["namespace"], meta["name"])
+                    if not meta.get("deletionTimestamp"):
+                        self.delete(api_version, kind, meta["namespace"], meta["name"])
         return remaining
 
     @staticmethod
@@ -199,4 +267,8 @@ class Kube:
             message = json.loads(err.body or "{}").get("message", err.reason)
         except ValueError:
             message = err.reason
+        refusal = _RBAC_REFUSAL.search(str(message)) if err.status == 403 else None
+        if refusal is not None:
+            return AccessDenied(f"{what}: {message}", user=refusal["user"], namespace=refusal["namespace"],
+                                verb=refusal["verb"], resource=refusal["resource"])
         return kopf.PermanentError(f"{what}: {message}")

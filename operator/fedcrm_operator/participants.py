@@ -13,9 +13,9 @@ from fedcrm.errors import ManifestError
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.spec.manifests import Federation, ParticipantPhase, Phase
 from fedcrm.spec.terms import terms_digest
-from fedcrm_operator.admission import accepted_terms, decide, siblings_by_namespace
+from fedcrm_operator.admission import ACCESS_NOT_GRANTED, accepted_terms, access_not_granted, decide, siblings_by_namespace
 from fedcrm_operator.conditions import condition, find, set_condition, stamped
-from fedcrm_operator.kube import Kube
+from fedcrm_operator.kube import AccessDenied, Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, parse_federation, parse_participant
 
@@ -98,21 +98,33 @@ def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[d
         decision = type(decision)(False, "FederationInvalid",
                                   f"Federation {ref.namespace}/{ref.name} has an invalid spec; its owner must fix it")
     conditions = set_condition(conditions, condition("Admitted", decision.admitted, decision.reason, decision.message))
+    denied: AccessDenied | None = None
     if not decision.admitted:
         phase, message = ParticipantPhase.refused, decision.message
     else:
         names = Names(ref.namespace, ref.name)
         job_name = names.training_job(participant.metadata.name)
-        phase, message = _job_phase(kube.get("batch/v1", "Job", participant.metadata.namespace, job_name))
+        try:
+            phase, message = _job_phase(kube.get("batch/v1", "Job", participant.metadata.namespace, job_name))
+        except AccessDenied as err:  # the namespace has not granted the operator access: say how to
+            denied, phase, message = err, ParticipantPhase.admitted, ""
     reason = phase.value
     if decision.admitted and phase is ParticipantPhase.failed:
-        reason, detail = _failure_detail(kube, participant.metadata.namespace, job_name)
+        try:
+            reason, detail = _failure_detail(kube, participant.metadata.namespace, job_name)
+        except AccessDenied:
+            detail = ""
         message = f"{message}: {detail}" if detail else message
     ready = phase in (ParticipantPhase.training, ParticipantPhase.succeeded)
     children = find(conditions, "ChildrenCreated")  # written by the Federation's pass
     # The API refused this tenant's training objects: that is why it is not training (and, once the others
     # started, why enrollment looks closed to it).
-    if not ready and children is not None and children.get("status") == "False":
+    if denied is not None:
+        ready, reason = False, ACCESS_NOT_GRANTED
+        message = (access_not_granted(participant.metadata.namespace, denied.user,
+                                      refused=f"{denied.verb} {denied.resource}")
+                   + "; its Federation goes on with the other tenants")
+    elif not ready and children is not None and children.get("status") == "False":
         ready, reason = False, str(children.get("reason") or "ApiError")
         message = ("the operator could not create this Participant's training objects: "
                    f"{children.get('message')}; its Federation goes on with the other tenants")
