@@ -552,3 +552,40 @@ def test_an_rbac_refusal_is_access_denied_and_a_quota_refusal_is_not() -> None:
     quota = Kube._translate(refusal('jobs.batch "f1-crm" is forbidden: exceeded quota: no-jobs, requested: '
                                     'count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0'), "create Job")
     assert not isinstance(quota, AccessDenied) and "exceeded quota" in str(quota)
+
+
+def test_children_of_participants_no_longer_admitted_are_removed_by_name_and_absent_ones_cost_nothing() -> None:
+    from fedcrm_operator.federations import _BY_NAME, _remove_children
+    from fedcrm_operator.kube import Kube
+    from kubernetes.client.exceptions import ApiException
+
+    deleted: list[tuple[str, str, str]] = []
+
+    class Resource:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+        def delete(self, *, name: str, namespace: str, body: dict[str, Any]) -> None:
+            deleted.append((self.kind, namespace, name))
+            raise ApiException(status=404, reason="Not Found")
+
+    class Offline(Kube):
+        """The real client's caches and error handling; resources that answer 404 to every delete."""
+
+        def __init__(self) -> None:
+            import threading
+
+            self._applied, self._ensured, self._kinds, self._absent, self._due = {}, {}, {}, {}, {}
+            self._lock, self.requests = threading.Lock(), 0
+
+        def _resource(self, api_version: str, kind: str) -> Any:
+            return Resource(kind)
+
+    kube = Offline()
+    bodies = [{"metadata": {"namespace": "tenant-a", "name": "crm"}}, {"metadata": {"namespace": "tenant-b", "name": "crm"}}]
+    _remove_children(kube, NAMES, bodies, keep={"tenant-a/crm"}, kinds=_BY_NAME)
+    assert sorted(deleted) == sorted([("Job", "tenant-b", "churn-crm"), ("ConfigMap", "tenant-b", "churn-crm-config"),
+                                      ("NetworkPolicy", "tenant-b", "churn-crm-training"), ("Secret", "tenant-b", "churn-crm-tls")])
+    _remove_children(kube, NAMES, bodies, keep={"tenant-a/crm"}, kinds=_BY_NAME)
+    assert len(deleted) == 4  # known absent: no second request
+    assert kube.due("sweep", 30) and not kube.due("sweep", 30)

@@ -46,7 +46,7 @@ log = logging.getLogger("fedcrm.operator")
 
 #: Kinds of children in tenant namespaces, for sweeps by label. Pods are listed so deletion waits for a Job's
 #: pods too. Not Secrets: a tenant's Role lets the operator read only the certificate Secrets it names
-#: (``resourceNames``), never list them, so those are deleted by name (:func:`_sweep_certificates`).
+#: (``resourceNames``), never list them, so those are deleted by name (:func:`_remove_children`).
 TENANT_KINDS = [
     ("batch/v1", "Job"),
     ("v1", "Pod"),
@@ -175,16 +175,29 @@ def _tenant_namespaces(federation: Federation, participant_bodies: list[dict[str
     return namespaces
 
 
-def _sweep_certificates(kube: Kube, names: Names, participant_bodies: list[dict[str, Any]], keep: set[str]) -> None:
-    """Delete the certificate Secret of every Participant naming this federation that is not in ``keep``
-    (identities): by name, since the tenant's Role does not let the operator list Secrets. A Participant that
-    is gone takes its Secret with it (owner reference)."""
+#: How often a pass also sweeps its tenant namespaces by label (one list per kind and namespace) for children
+#: that no Participant it knows names: one that moved to another Federation, or left by an older operator.
+#: Children of the Participants it knows are removed by name on every pass, and a deleted Participant's go with
+#: it (owner references).
+LABEL_SWEEP_SECONDS = 30.0
+
+
+def _remove_children(kube: Kube, names: Names, participant_bodies: list[dict[str, Any]], keep: set[str],
+                     *, kinds: tuple[tuple[str, str], ...]) -> None:
+    """Delete by name the children (of ``kinds``, by their deterministic names) of every Participant naming this
+    federation that is not in ``keep`` (identities). By name: the tenant's Role does not let the operator list
+    Secrets, and a name known absent costs no request (:meth:`Kube.delete_named`)."""
+    name_of = {"Secret": names.client_secret, "ConfigMap": names.participant_config,
+               "NetworkPolicy": names.participant_policy, "Job": names.training_job}
     for body in participant_bodies:
         meta = body["metadata"]
         if f"{meta['namespace']}/{meta['name']}" in keep:
             continue
-        kube.delete_named("v1", "Secret", meta["namespace"], names.client_secret(meta["name"]))
+        for api_version, kind in kinds:
+            kube.delete_named(api_version, kind, meta["namespace"], name_of[kind](meta["name"]))
 
+
+_BY_NAME = (("batch/v1", "Job"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"), ("v1", "Secret"))
 
 CHILDREN_CONDITION = "ChildrenCreated"
 
@@ -312,10 +325,11 @@ def reconcile(
             log.warning("federation %s/%s: children of %s: %s", names.namespace, names.federation, p.identity, err)
         _report_children(kube, by_identity.get(p.identity), failed.get(p.identity))
     ready = [p for p in admitted if p.identity not in failed]
-    # Pods are left to their Jobs' garbage collection; certificates are deleted by name.
-    kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], names.selector() + ",fedcrm.io/role=training",
-                         namespaces=_tenant_namespaces(federation, participant_bodies, training_ids), keep=keep)
-    _sweep_certificates(kube, names, participant_bodies, keep={p.identity for p in admitted})
+    # Pods are left to their Jobs' garbage collection.
+    _remove_children(kube, names, participant_bodies, keep={p.identity for p in admitted}, kinds=_BY_NAME)
+    if kube.due(f"sweep {names.namespace}/{names.federation}", LABEL_SWEEP_SECONDS):
+        kube.delete_labelled([k for k in TENANT_KINDS if k[1] != "Pod"], names.selector() + ",fedcrm.io/role=training",
+                             namespaces=_tenant_namespaces(federation, participant_bodies, training_ids), keep=keep)
 
     # Enrollment -> training.
     message = ""
@@ -429,7 +443,7 @@ def cleanup(kube: Kube, body: dict[str, Any], participant_bodies: list[dict[str,
     tenants |= {b["metadata"]["namespace"] for b in participant_bodies}
     tenants |= {identity.split("/", 1)[0] for identity in training}
     tenants.discard(names.namespace)
-    _sweep_certificates(kube, names, participant_bodies, keep=set())
+    _remove_children(kube, names, participant_bodies, keep=set(), kinds=(("v1", "Secret"),))
     return (kube.delete_labelled(COORDINATOR_KINDS, names.selector(), namespaces=[names.namespace])
             + kube.delete_labelled(TENANT_KINDS, names.selector(), namespaces=tenants))
 

@@ -84,6 +84,7 @@ class Kube:
         self._ensured: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
         self._kinds: dict[tuple[str, str], tuple[bool, float]] = {}
         self._absent: dict[tuple[str, str, str], float] = {}
+        self._due: dict[str, float] = {}
         self._lock = threading.Lock()
         self.requests = 0
 
@@ -129,6 +130,7 @@ class Kube:
             raise self._translate(err, f"apply {obj['kind']} {meta.get('namespace')}/{meta['name']}") from err
         with self._lock:
             self._applied[key] = (digest, time.monotonic())
+            self._absent.pop(key, None)
 
     def patch_status(self, api_version: str, kind: str, namespace: str, name: str, fields: dict[str, Any]) -> None:
         """A JSON merge patch of ``status`` (the status subresource), for the round follower."""
@@ -139,6 +141,17 @@ class Kube:
             )
         except ApiException as err:
             raise self._translate(err, f"patch status of {kind} {namespace}/{name}") from err
+
+    def due(self, key: str, seconds: float) -> bool:
+        """Whether work known by ``key`` is due: the first time, then once every ``seconds`` (for what a pass
+        does less often than it runs, such as a sweep that lists every tenant namespace)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._due.get(key)
+            if last is not None and now - last < seconds:
+                return False
+            self._due[key] = now
+        return True
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
