@@ -30,11 +30,12 @@ from fedcrm.models.artifacts import save_model
 from fedcrm.models.layout import ModelLayout
 from fedcrm.protocol import from_vector, pb, to_vector
 from fedcrm.reporting import RoundRecord, build_report, write_report
+from fedcrm.privacy.plans import statistics_noise_multiplier
 from fedcrm.spec.manifests import Federation
 from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.health import model_warnings
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
-from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout
+from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout, training_rows
 from fedcrm.training.secure_vectors import StatisticsEncoding, client_dp_fit_vector, fit_vector
 from fedcrm_aggregator.checkpoints import (
     Checkpoint,
@@ -78,6 +79,12 @@ class Coordinator:
         self.out_dir = out_dir
         self.spec = federation.spec
         self.stats_layout = StatisticsLayout(self.spec.task)
+        sigma = statistics_noise_multiplier(self.spec)
+        #: Under differential privacy each participant noises its statistics per record (public parameters).
+        self.statistics_noise = None if sigma is None else self.stats_layout.noise(sigma)
+        #: Sample-level DP without secure aggregation: each participant's exact training rows, sent beside its
+        #: noised statistics (the accountant's plan depends on them).
+        self._statistics_rows: dict[str, int] = {}
         self._cond = threading.Condition()
         self._sessions: dict[str, Session] = {}
         self._stage: tuple[int, int] | None = None  # (task kind, round)
@@ -202,7 +209,9 @@ class Coordinator:
     # ----------------------------------------------------------------- receivers (called under the lock)
     def _receive_statistics(self, identity: str, message: pb.StatisticsResult) -> np.ndarray:
         vector = from_vector(message.statistics, expected_length=self.stats_layout.size).astype(np.float64)
-        self.stats_layout.check(vector)
+        self.stats_layout.check(vector, noise=self.statistics_noise)
+        if self.privacy.mode == "sample":
+            self._statistics_rows[identity] = training_rows(message.rows)
         return vector
 
     def _receive_plain_fit(self, identity: str, message: pb.FitResult) -> np.ndarray:
@@ -459,8 +468,13 @@ class Coordinator:
             results = self.run_stage(pb.Task.STATISTICS, 0, self._receive_statistics)
             self._require(len(results), "statistics")
             contributors, total = sorted(results), ordered_sum(results.items())
-            # Each vector starts with its training rows, summed in the clear anyway; sample-mode accounting needs them.
-            rows = {i: int(round(float(v[0]))) for i, v in results.items()}
+            # Each vector starts with its training rows, summed in the clear anyway; sample-mode accounting needs them
+            # exactly, so under DP (the vector noised) they come beside it.
+            rows = {i: self._statistics_rows.get(i, max(1, int(round(float(v[0]))))) for i, v in results.items()}
+        if self.statistics_noise is not None:
+            # Noised per record by each participant: made consistent again, the exact row count where sample-level
+            # DP sends it anyway (post-processing, no privacy cost).
+            total = self.stats_layout.clamped(total, rows=sum(rows.values()) if self.privacy.mode == "sample" else None)
         self.preprocessing = self.stats_layout.preprocessing(total)
         self.layout = ModelLayout.build(self.spec.model, self.preprocessing)
         self._setup_privacy(rows)
@@ -497,7 +511,8 @@ class Coordinator:
         assert isinstance(encoding, StatisticsEncoding)
         try:
             self.stats_layout.check_sum(total, contributors=len(contributors),
-                                        resolution=encoding.resolution * len(contributors))
+                                        resolution=encoding.resolution * len(contributors),
+                                        noise=self.statistics_noise)
         except ValueError as err:
             raise FederationFailed(
                 f"statistics: the secure sum of {len(contributors)} participants' statistics is not one honest "

@@ -4,6 +4,11 @@
 of the noised sum, counted as soon as the FIT sum is unmasked (before
 anything else can fail), and written to ``checkpoint/privacy.json`` at once.
 
+The preprocessing statistics are one record-level release (each participant
+noises its own and re-sends the same vector when asked again): composed into
+each participant's accountant in ``sample`` mode, reported beside the
+federation's participant-level spend in ``client`` mode.
+
 ``sample`` mode: one accountant per participant, from its training rows
 (read from its statistics vector in the clear, or, under secure aggregation,
 the one figure it sends in the clear beside its masked statistics) and the
@@ -26,7 +31,13 @@ from typing import Any
 from fedcrm.models.artifacts import atomic_write
 from fedcrm.privacy.accounting import BudgetExhausted, RdpAccountant
 from fedcrm.privacy.mechanisms import ClientNoise
-from fedcrm.privacy.plans import client_accountant, client_noise, sample_accountant
+from fedcrm.privacy.plans import (
+    client_accountant,
+    client_noise,
+    sample_accountant,
+    statistics_epsilon,
+    statistics_noise_multiplier,
+)
 from fedcrm.spec.manifests import Federation
 
 __all__ = ["BudgetExhausted", "PrivacyLedger"]
@@ -162,6 +173,11 @@ class PrivacyLedger:
             "noise_multiplier": min(a.noise_multiplier for a in self.accountants.values()),
             "clipping_norm": self.dp.clip,
         }
+        # The statistics: one record-level release, noised by each participant itself. In sample mode it is part
+        # of every participant's epsilon_spent; in client mode (a participant-level guarantee) it stands beside it.
+        out["statistics"] = {"noise_multiplier": statistics_noise_multiplier(self.spec),
+                             "epsilon": statistics_epsilon(self.spec), "protects": "records",
+                             "in_epsilon_spent": self.mode == "sample"}
         if self.mode == "client" and self.noise is not None:
             out["survivors_min"] = self.noise.survivors_min
         if self.mode == "sample":

@@ -43,7 +43,7 @@ from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
 from fedcrm.spec.manifests import SecureAggregation
-from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
+from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout, training_rows
 from fedcrm.training.secure_vectors import (
     STATISTICS_BITS,
     StatisticsEncoding,
@@ -253,10 +253,7 @@ class SecureSums:
             raise ValueError("secure aggregation is on: statistics must be masked, not sent in the clear")
         if self.c.privacy.mode != "sample":
             return
-        if not 1 <= message.rows <= MAX_PARTICIPANT_ROWS:
-            raise ValueError(f"sample-level differential privacy needs the training rows (1 to "
-                             f"{MAX_PARTICIPANT_ROWS:,}), got {message.rows}")
-        self.statistics_rows[identity] = int(message.rows)
+        self.statistics_rows[identity] = training_rows(message.rows)
 
     @staticmethod
     def _check_result(message: pb.SecAggResult, phase: int, round_id: int, stage: int) -> None:

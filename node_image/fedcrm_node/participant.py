@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -29,6 +30,9 @@ from fedcrm.spec.loading import check_membership, parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
 from fedcrm.spec.terms import terms_differences, terms_digest
 from fedcrm_node.release_ledger import ReleaseLedger
+
+if TYPE_CHECKING:  # imported where used: pandas and the preprocessing load only once data does
+    from fedcrm.training.preprocessing import StatisticsLayout
 
 __all__ = ["NodeExit", "ParticipantNode"]
 
@@ -432,26 +436,56 @@ class ParticipantNode:
 
     def _statistics(self, task: pb.Task) -> pb.StatisticsResult:
         """Counts and sums of the training split: in the clear, or masked with each numeric value clipped to its
-        feature's bound (how many were clipped is logged per feature)."""
+        feature's bound (how many were clipped is logged per feature); under differential privacy, noised per
+        record first, in the clear or masked."""
         from fedcrm.training.preprocessing import StatisticsLayout
 
         assert self.federation is not None and self.frames is not None
         layout = StatisticsLayout(self.federation.spec.task)
-        if not task.HasField("secagg"):
+        private = self.own_federation.spec.privacy.differential_privacy.enabled
+        if not task.HasField("secagg") and not private:
             return pb.StatisticsResult(round=task.round, statistics=to_vector(layout.local(self.frames[0])))  # type: ignore[arg-type]
         from fedcrm.training.secure_vectors import StatisticsEncoding
 
-        stats, clipped = layout.bounded(self.frames[0])  # type: ignore[arg-type]
-        for name, count in clipped.items():
-            if count:
-                log.warning("statistics: clipped %d value(s) of %s to +-%g (its spec bound) before the secure sum",
-                            count, name, self.federation.spec.task.feature(name).bound)
+        if private:
+            stats = self._noised_statistics(layout)
+        else:
+            stats = self._bounded_statistics(layout)
+        # Only sample-level DP needs the row count (each participant's accountant); otherwise nothing in the clear.
+        rows = len(self.frames[0]) if self.federation.spec.privacy.differential_privacy.mode == "sample" else 0  # type: ignore[arg-type]
+        if not task.HasField("secagg"):
+            return pb.StatisticsResult(round=task.round, statistics=to_vector(stats), rows=rows)
         # The bounds come from the member list this participant's own id is checked against, never from weight_bound.
         encoding = StatisticsEncoding(layout, participants=len(task.secagg.members))
         keys = self._start_secure_sum(task, encoding, stats)
-        # Only sample-level DP needs the row count (each participant's accountant); otherwise nothing in the clear.
-        rows = len(self.frames[0]) if self.federation.spec.privacy.differential_privacy.mode == "sample" else 0  # type: ignore[arg-type]
         return pb.StatisticsResult(round=task.round, secagg_keys=keys, rows=rows)
+
+    def _bounded_statistics(self, layout: StatisticsLayout) -> np.ndarray:
+        """:meth:`StatisticsLayout.bounded`, logging what was clipped per feature."""
+        assert self.federation is not None and self.frames is not None
+        stats, clipped = layout.bounded(self.frames[0])  # type: ignore[arg-type]
+        for name, count in clipped.items():
+            if count:
+                log.warning("statistics: clipped %d value(s) of %s to +-%g (its spec bound) before summing",
+                            count, name, self.federation.spec.task.feature(name).bound)
+        return stats
+
+    def _noised_statistics(self, layout: StatisticsLayout) -> np.ndarray:
+        """The statistics under differential privacy: bounded, noised once with this participant's own noise
+        (from its own terms), and the same vector every time after (kept in the release ledger)."""
+        from fedcrm.privacy.plans import statistics_epsilon, statistics_noise_multiplier
+
+        if self.ledger.statistics is not None and len(self.ledger.statistics) == layout.size:
+            log.info("statistics: sending the noised statistics already released, not a fresh draw")
+            return np.asarray(self.ledger.statistics, dtype=np.float64)
+        spec = self.own_federation.spec
+        sigma = statistics_noise_multiplier(spec)
+        assert sigma is not None
+        noised = layout.noise(sigma).privatize(self._bounded_statistics(layout))
+        self.ledger.keep_statistics(noised.tolist())
+        log.info("statistics: noised per record (noise multiplier %.3g; epsilon %.4g of the budget, delta %g)",
+                 sigma, statistics_epsilon(spec), spec.privacy.differential_privacy.delta)
+        return noised
 
     def _evaluate(self, task: pb.Task) -> pb.EvaluationResult:
         from fedcrm.models.mlp import set_flat

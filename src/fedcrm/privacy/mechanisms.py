@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TAIL", "ClientNoise", "clip_l2", "discrete_gaussian", "secure_uniform"]
+__all__ = ["STATISTICS_LATTICE_BITS", "TAIL", "ClientNoise", "StatisticsNoise", "clip_l2", "discrete_gaussian",
+           "secure_uniform"]
 
 # Headroom, in noise standard deviations, between the clipped update and the quantization range.
 TAIL = 8.0
@@ -158,3 +159,55 @@ class ClientNoise:
     def decode(self, total: np.ndarray) -> np.ndarray:
         """The real-valued sum of clipped, noised updates from the integer sum."""
         return np.asarray(total, dtype=np.float64) / self.scale
+
+
+#: A real-valued statistic is rounded to ``2**-LATTICE_BITS`` of its per-record bound before noise on that lattice.
+STATISTICS_LATTICE_BITS = 10
+
+
+@dataclass(frozen=True)
+class StatisticsNoise:
+    """Record-level Gaussian noise for the preprocessing statistics (counts, sums, sums of squares).
+
+    One record changes slot ``j`` by at most ``maxima[j]`` (1 for a count, the feature's bound for a sum, its
+    square for a sum of squares) and changes at most ``touched`` slots. Measured in units of ``maxima``, the
+    vector's L2 sensitivity is ``sqrt(touched)``; each slot gets discrete Gaussian noise of standard deviation
+    ``noise_multiplier * sqrt(touched) * (1 + 2**-LATTICE_BITS) * maxima[j]`` on a lattice of step 1 (counts,
+    already whole) or ``maxima[j] * 2**-LATTICE_BITS`` (the value is rounded to the lattice first; the factor
+    covers what rounding adds to the sensitivity). Independent discrete Gaussians with integer sensitivities are
+    ``1 / (2 * noise_multiplier**2)``-zCDP together (Canonne, Kamath, Steinke 2020), which is the Gaussian's RDP
+    curve at sampling rate 1: the accountant counts it as one such release.
+    """
+
+    maxima: tuple[float, ...]
+    whole: tuple[bool, ...]
+    touched: int
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if len(self.maxima) != len(self.whole) or not 1 <= self.touched <= len(self.maxima):
+            raise ValueError("one per-record bound and one whole-number flag per slot, and 1 <= touched <= slots")
+        if not all(m > 0 and math.isfinite(m) for m in self.maxima):
+            raise ValueError("per-record bounds must be positive and finite")
+        if not (self.noise_multiplier > 0) or not math.isfinite(self.noise_multiplier):
+            raise ValueError("the noise multiplier must be positive and finite")
+
+    @property
+    def steps(self) -> np.ndarray:
+        m = np.asarray(self.maxima, dtype=np.float64)
+        return np.where(np.asarray(self.whole), 1.0, m * 2.0**-STATISTICS_LATTICE_BITS)
+
+    @property
+    def stds(self) -> np.ndarray:
+        """Per slot, the standard deviation of one participant's noise, in the slot's own units."""
+        factor = self.noise_multiplier * math.sqrt(self.touched) * (1 + 2.0**-STATISTICS_LATTICE_BITS)
+        return factor * np.asarray(self.maxima, dtype=np.float64)
+
+    def privatize(self, values: np.ndarray) -> np.ndarray:
+        """This participant's statistics (already bounded per record), rounded to the lattice and noised."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (len(self.maxima),) or not np.all(np.isfinite(values)):
+            raise ValueError(f"statistics must be {len(self.maxima)} finite numbers")
+        step = self.steps
+        noise = np.array([discrete_gaussian(s, 1)[0] for s in (self.stds / step).tolist()], dtype=np.float64)
+        return (np.rint(values / step) + noise) * step

@@ -6,10 +6,11 @@ these functions with the same manifest and the same public counts (the
 expected participants, the model size, a participant's training rows as
 sent in the clear statistics stage).
 
-How the budget is split: the whole (epsilon, delta) funds the planned
-``rounds`` (times local epochs for ``sample``) at one constant noise level;
-there is no per-round allocation to tune, and stopping early simply leaves
-budget unspent.
+How the budget is split: a fixed share (:data:`STATISTICS_SHARE`) funds
+the one release of the preprocessing statistics, and the planned ``rounds``
+(times local epochs for ``sample``) get the rest, composed with it, at one
+constant noise level; there is no per-round allocation to tune, and stopping
+early simply leaves budget unspent.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedcrm.privacy.accounting import RdpAccountant, calibrate_noise_multiplier
+from fedcrm.privacy.accounting import RdpAccountant, calibrate_noise_multiplier, epsilon_for
 from fedcrm.privacy.mechanisms import ClientNoise
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.spec.manifests import FederationSpec
 
-__all__ = ["SamplePlan", "client_accountant", "client_noise", "client_noise_multiplier", "sample_accountant",
-           "sample_plan", "survivors_min"]
+__all__ = ["STATISTICS_SHARE", "SamplePlan", "client_accountant", "client_noise", "client_noise_multiplier",
+           "sample_accountant", "sample_plan", "statistics_epsilon", "statistics_noise_multiplier", "survivors_min"]
+
+#: The share of epsilon the preprocessing statistics get when the noise multiplier is derived from the budget.
+#: Counts and sums over all rows need little noise for useful means; training needs the rest.
+STATISTICS_SHARE = 0.1
 
 
 def survivors_min(spec: FederationSpec, participants: int) -> int:
@@ -41,6 +46,31 @@ def survivors_min(spec: FederationSpec, participants: int) -> int:
         return max(1, floor)
     params = SecAggParams(threshold=sa.threshold, neighbours=sa.neighbours, bits=sa.bits)
     return max(1, min(participants, params.shares_needed(params.neighbour_count(participants))))
+
+
+def statistics_noise_multiplier(spec: FederationSpec) -> float | None:
+    """The noise multiplier of the statistics release (record-level, sampling rate 1); None without DP.
+
+    An explicit ``noiseMultiplier`` applies to it too; otherwise it is calibrated so that the statistics
+    alone spend :data:`STATISTICS_SHARE` of epsilon.
+    """
+    dp = spec.privacy.differential_privacy
+    if not dp.enabled:
+        return None
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    assert dp.epsilon is not None and dp.delta is not None
+    return calibrate_noise_multiplier(epsilon=STATISTICS_SHARE * dp.epsilon, delta=dp.delta, q=1.0, steps=1)
+
+
+def statistics_epsilon(spec: FederationSpec) -> float | None:
+    """What the statistics release alone spends, per record (None without DP)."""
+    sigma = statistics_noise_multiplier(spec)
+    if sigma is None:
+        return None
+    dp = spec.privacy.differential_privacy
+    assert dp.delta is not None
+    return epsilon_for(q=1.0, noise_multiplier=1.0, steps=0, delta=dp.delta, base_noise_multiplier=sigma)
 
 
 def client_noise_multiplier(spec: FederationSpec) -> float:
@@ -94,8 +124,9 @@ def sample_plan(spec: FederationSpec, train_rows: int) -> SamplePlan:
     steps = batches * spec.training.local_epochs
     q = 1.0 / batches
     sigma = dp.noise_multiplier
-    if sigma is None:
-        sigma = calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=q, steps=steps * spec.training.rounds)
+    if sigma is None:  # the statistics are per record too: each participant's own spend composes both
+        sigma = calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=q, steps=steps * spec.training.rounds,
+                                           base_noise_multiplier=statistics_noise_multiplier(spec))
     return SamplePlan(sample_rate=q, steps_per_round=steps, noise_multiplier=sigma)
 
 
@@ -104,4 +135,5 @@ def sample_accountant(spec: FederationSpec, train_rows: int) -> RdpAccountant:
     assert dp.epsilon is not None and dp.delta is not None
     plan = sample_plan(spec, train_rows)
     return RdpAccountant(epsilon=dp.epsilon, delta=dp.delta, noise_multiplier=plan.noise_multiplier,
-                         q=plan.sample_rate, steps_per_release=plan.steps_per_round)
+                         q=plan.sample_rate, steps_per_release=plan.steps_per_round,
+                         statistics_noise_multiplier=statistics_noise_multiplier(spec))

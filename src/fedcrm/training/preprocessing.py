@@ -24,12 +24,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedcrm.privacy.mechanisms import StatisticsNoise
 from fedcrm.spec.manifests import FeatureType, Task, Transform
 
 if TYPE_CHECKING:  # the aggregator uses this module and never imports pandas
     import pandas as pd
 
 __all__ = ["CategoricalVocab", "EncodedData", "NumericStats", "Preprocessing", "StatisticsLayout", "encode"]
+
+#: Noised statistics are refused only this many noise standard deviations outside what honest data allows.
+NOISE_TOLERANCE = 8.0
 
 # z-scores beyond this are clipped: one extreme account must not dominate a batch.
 _Z_CLIP = 6.0
@@ -104,6 +108,14 @@ class Preprocessing:
 MAX_PARTICIPANT_ROWS = 100_000_000
 
 
+def training_rows(value: int) -> int:
+    """A participant's training rows as sent for sample-level DP accounting, refused (ValueError) out of range."""
+    if not 1 <= value <= MAX_PARTICIPANT_ROWS:
+        raise ValueError(f"sample-level differential privacy needs the training rows (1 to {MAX_PARTICIPANT_ROWS:,}), "
+                         f"got {value}")
+    return int(value)
+
+
 class StatisticsLayout:
     """The fixed layout of a participant's statistics vector for one task.
 
@@ -121,6 +133,51 @@ class StatisticsLayout:
             self.slots.append((f.name, f.type, offset, width))
             offset += width
         self.size = offset
+
+    def noise(self, noise_multiplier: float) -> StatisticsNoise:
+        """Record-level noise for this layout: what one record can change, slot by slot (see
+        :class:`fedcrm.privacy.mechanisms.StatisticsNoise`); the vector must be :meth:`bounded`."""
+        maxima: list[float] = [1.0, 1.0]  # rows, positives
+        whole: list[bool] = [True, True]
+        touched = 2
+        for name, kind, _, width in self.slots:
+            if kind is FeatureType.numeric:
+                bound = self.task.feature(name).bound
+                maxima += [1.0, bound, bound * bound]
+                whole += [True, False, False]
+                touched += 3
+            elif kind is FeatureType.boolean:
+                maxima += [1.0, 1.0]
+                whole += [True, True]
+                touched += 2
+            else:  # a record is in at most one category of a feature
+                maxima += [1.0] * width
+                whole += [True] * width
+                touched += 1 if width else 0
+        return StatisticsNoise(maxima=tuple(maxima), whole=tuple(whole), touched=touched,
+                               noise_multiplier=noise_multiplier)
+
+    def clamped(self, total: np.ndarray, *, rows: int | None = None) -> np.ndarray:
+        """Noised pooled statistics made consistent again (post-processing, so no privacy cost): counts within
+        zero and the rows, sums within their bounds, sums of squares at least what the sum implies. ``rows``: the
+        exact pooled row count where it is public anyway (sample-level DP sends each participant's rows)."""
+        out = np.asarray(total, dtype=np.float64).copy()
+        out[0] = max(1.0, float(rows) if rows is not None else round(out[0]))
+        n_rows = out[0]
+        out[1] = min(max(out[1], 0.0), n_rows)
+        for name, kind, off, width in self.slots:
+            if kind is FeatureType.numeric:
+                bound = self.task.feature(name).bound
+                n = min(max(out[off], 0.0), n_rows)
+                sums = min(max(out[off + 1], -n * bound), n * bound)
+                squares = min(max(out[off + 2], sums * sums / n if n else 0.0), n * bound * bound)
+                out[off : off + 3] = (n, sums, squares)
+            elif kind is FeatureType.boolean:
+                present = min(max(out[off], 0.0), n_rows)
+                out[off : off + 2] = (present, min(max(out[off + 1], 0.0), present))
+            else:
+                out[off : off + width] = np.clip(out[off : off + width], 0.0, n_rows)
+        return out
 
     def local(self, frame: pd.DataFrame) -> np.ndarray:
         """This participant's counts and sums (float64: sums of squares overflow float32)."""
@@ -160,13 +217,17 @@ class StatisticsLayout:
                     out[off + i] = float(counts.get(cat, 0))
         return out, clipped
 
-    def check(self, vector: np.ndarray) -> None:
+    def check(self, vector: np.ndarray, *, noise: StatisticsNoise | None = None) -> None:
         """Refuse (ValueError) a participant's statistics no honest :meth:`local` could produce.
 
         Summed in the clear, they set every participant's preprocessing: one NaN, a negative count or a
         billion-row claim would otherwise poison the means, the vocabularies or the quantization bounds of
-        the whole federation.
+        the whole federation. ``noise``: the vector is noised (differential privacy), so whole numbers and
+        consistency are checked only within :data:`NOISE_TOLERANCE` of its standard deviations.
         """
+        if noise is not None:
+            self._check_noised(vector, contributors=1, noise=noise)
+            return
         if vector.shape != (self.size,) or not np.all(np.isfinite(vector)):
             raise ValueError("statistics must be finite numbers, one per slot of the task's layout")
         rows, positives = vector[0], vector[1]
@@ -187,14 +248,19 @@ class StatisticsLayout:
             elif kind is FeatureType.boolean and not 0 <= vector[off + 1] <= vector[off]:
                 raise ValueError(f"{name}: trues ({vector[off + 1]:g}) must be between 0 and present ({vector[off]:g})")
 
-    def check_sum(self, total: np.ndarray, *, contributors: int, resolution: np.ndarray) -> None:
+    def check_sum(self, total: np.ndarray, *, contributors: int, resolution: np.ndarray,
+                  noise: StatisticsNoise | None = None) -> None:
         """Refuse (ValueError) a securely summed statistics vector no honest cohort could produce.
 
         Under secure aggregation no single vector can be inspected (:meth:`check` needs it in the clear): only
         the sum is checked, within ``resolution`` (the fixed-point step of each slot). A hostile participant
         can still shift the sums within the public bounds; what it cannot do is make them non-finite,
-        negative, fractional where counts are whole, or inconsistent with the row count.
+        negative, fractional where counts are whole, or inconsistent with the row count. ``noise``: each
+        contribution is noised, so the checks allow :data:`NOISE_TOLERANCE` standard deviations of the sum.
         """
+        if noise is not None:
+            self._check_noised(total, contributors=contributors, noise=noise)
+            return
         if total.shape != (self.size,) or not np.all(np.isfinite(total)):
             raise ValueError("the summed statistics must be finite numbers, one per slot of the task's layout")
         rows, positives = total[0], total[1]
@@ -218,6 +284,30 @@ class StatisticsLayout:
             elif kind is FeatureType.boolean and not 0 <= total[off + 1] <= total[off]:
                 raise ValueError(f"{name}: summed trues ({total[off + 1]:g}) must be between 0 and present "
                                  f"({total[off]:g})")
+
+    def _check_noised(self, total: np.ndarray, *, contributors: int, noise: StatisticsNoise) -> None:
+        """Range checks on a noised vector (one participant's, or a sum of ``contributors``): what noise cannot
+        explain, :data:`NOISE_TOLERANCE` standard deviations out (about 1e-15 for one honest slot)."""
+        if total.shape != (self.size,) or not np.all(np.isfinite(total)):
+            raise ValueError("statistics must be finite numbers, one per slot of the task's layout")
+        slack = NOISE_TOLERANCE * math.sqrt(contributors) * noise.stds
+        rows = total[0]
+        if not -slack[0] <= rows <= contributors * MAX_PARTICIPANT_ROWS + slack[0]:
+            raise ValueError(f"the row count ({rows:g}) is out of range for {contributors} participant(s), even "
+                             "allowing for the privacy noise")
+        upper_rows = rows + slack[0]
+        for name, kind, off, width in self.slots:
+            for j in range(off, off + (width if kind is FeatureType.categorical else 1)):
+                if not -slack[j] <= total[j] <= upper_rows + slack[j]:
+                    raise ValueError(f"{name}: a count ({total[j]:g}) is out of range for {rows:g} rows, even "
+                                     "allowing for the privacy noise")
+            if kind is FeatureType.numeric:
+                bound = self.task.feature(name).bound
+                n_max = total[off] + slack[off]
+                if abs(total[off + 1]) > n_max * bound + slack[off + 1] or total[off + 2] < -slack[off + 2] \
+                        or total[off + 2] > n_max * bound * bound + slack[off + 2]:
+                    raise ValueError(f"{name}: the summed values are out of range for {total[off]:g} values within "
+                                     f"+-{bound:g}, even allowing for the privacy noise")
 
     def preprocessing(self, total: np.ndarray) -> Preprocessing:
         """Global statistics from the sum of every participant's :meth:`local` vector."""
