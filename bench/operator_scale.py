@@ -4,6 +4,10 @@ Scenarios (each on a fresh set of namespaces of one running control plane):
   - 1 federation x 50 participants (50 tenant namespaces)
   - 20 federations x 5 participants (the same 5 tenant namespaces)
   - with --quick only 1 federation x 3 participants (a smoke test, about a minute)
+Each scenario's coordinator namespace is one of the chart's coordinatorNamespaces
+(created before `helm install`, as the chart requires), and every tenant
+namespace grants the operator access for each of its Participants as the tenant
+chart would (`grant_tenant_access`), before the clock starts.
 For each: seconds from `kubectl apply` of every manifest to every child
 existing (per participant: certificate Secret, ConfigMap, NetworkPolicy, Job
 with its pod bound to a node; per federation: CA and server Secrets,
@@ -33,6 +37,7 @@ from controlplane import ControlPlane  # noqa: E402
 from operator_harness import (  # noqa: E402
     Kubectl,
     OperatorProcess,
+    grant_tenant_access,
     install_chart,
     provide_claim,
     service_account_kubeconfig,
@@ -42,8 +47,12 @@ from operator_harness import (  # noqa: E402
 TASK = {"target": "converted", "features": [{"name": "revenue", "type": "numeric"}]}
 
 
+def coordinator_namespace(prefix: str) -> str:
+    return f"{prefix}-coord"
+
+
 def manifests(prefix: str, federations: int, participants: int) -> tuple[list[dict[str, Any]], list[str]]:
-    coord = f"{prefix}-coord"
+    coord = coordinator_namespace(prefix)
     tenants = [f"{prefix}-t{i:02d}" for i in range(participants)]
     docs: list[dict[str, Any]] = []
     for f in range(federations):
@@ -69,7 +78,7 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 
 def all_children_exist(kubectl: Kubectl, prefix: str, federations: int, participants: int) -> bool:
-    coord = f"{prefix}-coord"
+    coord = coordinator_namespace(prefix)
     sts = [s for s in kubectl.items("statefulsets", namespace=coord)]
     if len(sts) < federations:
         return False
@@ -83,10 +92,16 @@ def all_children_exist(kubectl: Kubectl, prefix: str, federations: int, particip
 
 def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, federations: int, participants: int) -> dict[str, Any]:
     docs, namespaces = manifests(prefix, federations, participants)
-    for ns in namespaces:
+    tenants = namespaces[1:]  # the coordinator namespace, namespaces[0], install_chart created (its Role is there)
+    for ns in tenants:
         kubectl("create", "namespace", ns)
-    for ns in namespaces[1:]:
         provide_claim(kubectl, ns, "crm")
+    # Each tenant's consent, as `helm install` of the tenant chart gives it: without it every Participant would
+    # sit at AccessNotGranted and no child would ever exist in a tenant namespace.
+    for doc in docs:
+        if doc["kind"] == "Participant":
+            ref = doc["spec"]["federationRef"]
+            grant_tenant_access(kubectl, doc["metadata"]["namespace"], (ref["namespace"], ref["name"]), doc["metadata"]["name"])
     reconciles_before = _operator_reconciles(operator)
     started = time.perf_counter()
     kubectl.apply(*docs)
@@ -125,7 +140,8 @@ def main() -> int:
     scenarios = [("wide", 1, 3)] if args.quick else [("wide", 1, 50), ("many", 20, 5)]
     with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp, ControlPlane(gpu_nodes=2, cpu_nodes=2) as cp:
         kubectl = Kubectl(cp.bin_dir / "kubectl", cp.kubeconfig)
-        install_chart(cp.bin_dir / "helm", cp.kubeconfig)
+        install_chart(cp.bin_dir / "helm", cp.kubeconfig,
+                      coordinator_namespaces=tuple(coordinator_namespace(prefix) for prefix, _, _ in scenarios))
         operator = OperatorProcess(service_account_kubeconfig(kubectl, cp.kubeconfig, Path(tmp) / "sa.kubeconfig"), Path(tmp)).start()
         try:
             idle_rss, _ = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
