@@ -34,6 +34,7 @@ from operator_harness import (
     Kubectl,
     OperatorProcess,
     free_port,
+    grant_tenant_access,
     install_chart,
     provide_claim,
     service_account_kubeconfig,
@@ -154,6 +155,9 @@ def _operator_reconciles_something(kubectl: Kubectl) -> None:
     for ns in [COORD, *TENANTS]:
         kubectl("create", "namespace", ns, check=False)
     provide_claim(kubectl, TENANTS[0])
+    # The tenant's grant, as installing the tenant chart gives it: without it the operator can create none of the
+    # Participant's children and it only says AccessNotGranted.
+    grant_tenant_access(kubectl, TENANTS[0], (COORD, "dash"), "crm")
     kubectl.apply(
         {"apiVersion": "fedcrm.io/v1alpha1", "kind": "Federation", "metadata": {"name": "dash", "namespace": COORD},
          "spec": {"task": {"target": "converted", "features": [{"name": "revenue", "type": "numeric"}]},
