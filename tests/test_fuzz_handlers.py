@@ -1,4 +1,4 @@
-"""Hostile bytes at every door: the aggregator's receivers and both sides of the secure-sum stage machines.
+"""Hostile bytes at every door: the aggregator's receivers, both sides of the secure-sum stage machines, the member list.
 
 Whatever a participant (or, for the client, an aggregator) sends, the handlers may refuse it only with the
 protocol's own errors — ValueError (and its ProtocolViolation) for a bad message, BelowThreshold when too few are
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from secagg_harness import AFTER_ADVERTISE, Round
+from secagg_harness import AFTER_ADVERTISE, FEDERATION, Round, identity_of, signer_for, verifier
 
 from fedcrm.protocol import pb
 from fedcrm.secagg.client import AdvertisedKeys, SecAggClient, UnmaskReply
+from fedcrm.secagg.member_lists import MemberAgreement
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.server import BelowThreshold
 from fedcrm.spec.loading import load_federation
@@ -150,3 +151,36 @@ def test_a_participant_refuses_whatever_an_aggregator_relays_with_a_protocol_err
     _calls_allowed(client.sign_survivors, survivors)
     _calls_allowed(client.unmask, survivors=survivors, signatures=signatures)
 
+
+
+# --------------------------------------------------------------------------- the member-list agreement, participant side
+
+
+@FUZZ
+@given(names=st.lists(st.sampled_from([identity_of(i) for i in range(6)]) | st.text(max_size=4), max_size=6),
+       member_ids=st.lists(st.integers(0, 8), max_size=6),
+       signatures=st.dictionaries(st.integers(0, 8), st.tuples(blobs, blobs, blobs), max_size=5),
+       echoes=st.dictionaries(st.integers(0, 8), blobs, max_size=5),
+       reveals=st.dictionaries(st.integers(0, 8), blobs, max_size=5), honest_first=st.booleans())
+def test_the_member_list_agreement_refuses_garbage_with_a_protocol_error(
+        names: list[str], member_ids: list[int], signatures: dict[int, tuple[bytes, bytes, bytes]],
+        echoes: dict[int, bytes], reveals: dict[int, bytes], honest_first: bool) -> None:
+    """An aggregator relays anything in the three SECAGG_MEMBERS steps and the first sum's agreement fields; the
+    participant's side answers or refuses with a ProtocolViolation, never another exception."""
+    from fedcrm_node.secure_sums import answer_members
+
+    agreement = MemberAgreement(federation=FEDERATION, terms="t", client_id=0, signer=signer_for(identity_of(0)),
+                                verifier=verifier(), minimum=2)
+    task = pb.Task(kind=pb.Task.SECAGG_MEMBERS, round=1)
+    task.secagg.members.extend([identity_of(i) for i in range(3)] if honest_first else names)
+    task.secagg.member_ids.extend([0, 1, 2] if honest_first else member_ids)
+    _calls_allowed(answer_members, agreement, task)  # step 1: sign
+    for cid, (signature, certificate, commitment) in signatures.items():
+        task.secagg.member_signatures[cid].CopyFrom(
+            pb.MemberSignature(signature=signature, certificate=certificate, commitment=commitment))
+    _calls_allowed(answer_members, agreement, task)  # step 2: accept and echo
+    for cid, echo in echoes.items():
+        task.secagg.member_echoes[cid] = echo
+    _calls_allowed(answer_members, agreement, task)  # step 3: check the echoes and reveal
+    _calls_allowed(agreement.settle, reveals)
+    assert agreement.salt is None  # nothing relayed here was signed by the members it names

@@ -24,9 +24,12 @@ from hypothesis import strategies as st
 
 from fedcrm.secagg import crypto, shamir, signing
 from fedcrm.secagg.client import SECRET_BYTES, SHARE_BYTES, AdvertisedKeys, ProtocolViolation, SecAggClient
+from fedcrm.secagg.graph import neighbourhoods, public_seed
+from fedcrm.secagg import member_lists
+from fedcrm.secagg.member_lists import MemberAgreement, MemberSignature, member_list_digest, members_message
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.signing import PeerVerifier, Signer, UntrustedPeer
-from secagg_harness import Round, federation_ca, identity_of, signer_for
+from secagg_harness import FEDERATION, Round, federation_ca, identity_of, signer_for, verifier
 
 
 class TrustingVerifier(PeerVerifier):
@@ -344,3 +347,253 @@ def test_the_client_refuses_a_member_list_that_misplaces_it() -> None:
     with pytest.raises(ProtocolViolation, match="gives id 2 to 'tenant-5/crm'"):
         SecAggClient(client_id=2, round_id=1, params=r.params, vector_length=8, signer=signer_for(identity_of(2)),
                      verifier=PeerVerifier(federation_ca().cert_pem), members=members, public_seed=r.public_seed)
+
+
+# (c) Re-rolling the member list -------------------------------------------------------------------------------------
+#
+# Within a round a participant checks only its own neighbourhood, and the graph's seed hashes the member list. An
+# aggregator that shows the victim another list than everyone else re-rolls the victim's neighbourhood: the honest
+# members, running under the real list, sign their keys over another seed and look like dropouts to the victim, so
+# a list in which t - 1 of the victim's neighbours collude leaves its self-mask seed to the colluders and the
+# victim's own unmasking share.
+
+TERMS = "terms-v1"
+
+
+def _reroll(members: dict[int, str], victim: int, colluders: set[int], params: SecAggParams,
+            round_: int = 1) -> dict[int, str]:
+    """Grind lists (the real one less one to three honest members) until t - 1 of the victim's neighbours collude."""
+    rng = np.random.default_rng(7)
+    honest = sorted(set(members) - colluders - {victim})
+    for _ in range(200_000):
+        drop = set(rng.choice(honest, size=int(rng.integers(1, 4)), replace=False).tolist())
+        shown = {cid: name for cid, name in members.items() if cid not in drop}
+        seed = public_seed(FEDERATION, round_, 1, shown)
+        around = neighbourhoods(sorted(shown), params.neighbour_count(len(shown)), seed)[victim]
+        if len(set(around) & colluders) + 1 >= params.shares_needed(len(around)):
+            return shown
+    raise AssertionError("no list found")
+
+
+def _isolate(victim_client: SecAggClient, colluders: set[int], x: np.ndarray, round_id: int) -> np.ndarray:
+    """Play the colluders around the victim under the list it was shown; return what the aggregator rebuilds."""
+    victim = victim_client.client_id
+    seed = victim_client.public_seed
+    params, d = victim_client.params, victim_client.vector_length
+    mine = victim_client.advertise_keys()
+    around = [w for w in victim_client.graph_neighbours if w in colluders]
+    fake = {w: (crypto.generate_private_key(), crypto.generate_private_key()) for w in around}
+    roster = {}
+    for w, (c_sk, s_sk) in fake.items():
+        c_pk, s_pk = crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)
+        colluder = signer_for(identity_of(w))  # a colluder signs its own keys over the shown list's seed
+        roster[w] = AdvertisedKeys(c_pk=c_pk, s_pk=s_pk, certificate=colluder.certificate,
+                                   signature=colluder.sign(signing.keys_message(round_id, seed, w, c_pk, s_pk)))
+    sent = victim_client.share_keys(roster)  # the honest neighbours never advertised under this list: "dropped"
+    b_shares = {}
+    for w, ct in sent.items():
+        key = crypto.agree(fake[w][0], mine.c_pk, info=crypto.share_key_info(round_id, victim, w))
+        b_shares[w + 1] = crypto.decrypt(key, ct, aad=crypto.share_aad(round_id, victim, w))[:SHARE_BYTES]
+    inbox = {}
+    for w, (c_sk, _) in fake.items():
+        key = crypto.agree(c_sk, mine.c_pk, info=crypto.share_key_info(round_id, w, victim))
+        inbox[w] = crypto.encrypt(key, bytes(2 * SHARE_BYTES), aad=crypto.share_aad(round_id, w, victim))
+    y = victim_client.masked_input(inbox, x)
+    survivors = sorted([victim, *around])
+    victim_client.sign_survivors(survivors)
+    message = signing.survivors_message(round_id, seed, survivors)
+    reply = victim_client.unmask(survivors=survivors, signatures={
+        w: signer_for(identity_of(w)).sign(message) for w in around})
+    b_shares[victim + 1] = reply.self_mask_shares[victim]
+    t = params.shares_needed(len(victim_client.graph_neighbours))
+    b = shamir.reconstruct(b_shares, threshold=t, secret_length=SECRET_BYTES)
+    seeds = {w: crypto.agree(s_sk, mine.s_pk, info=crypto.mask_info(round_id, w, victim)) for w, (_, s_sk) in fake.items()}
+    r = Round.__new__(Round)
+    r.d, r.params = d, params
+    return _strip(r, victim, y, b, seeds)
+
+
+def _sparse_federation(n: int = 50, colluding: int = 15) -> tuple[dict[int, str], int, set[int], SecAggParams]:
+    ids = [3 * i + 2 for i in range(n)]
+    members = {cid: identity_of(cid) for cid in ids}
+    return members, ids[0], set(ids[-colluding:]), SecAggParams(threshold=0.6, neighbours="logarithmic")
+
+
+def _agreement(cid: int, minimum: int = 2) -> MemberAgreement:
+    return MemberAgreement(federation=FEDERATION, terms=TERMS, client_id=cid, signer=signer_for(identity_of(cid)),
+                           verifier=verifier(), minimum=minimum)
+
+
+def _signature_over(cid: int, members: dict[int, str]) -> MemberSignature:
+    """What member ``cid`` signs for ``members`` in step 1 (a fresh commitment each time: a colluder signs anything)."""
+    return _agreement(cid).sign(members)
+
+
+def _agree(members: dict[int, str], agreements: dict[int, MemberAgreement]) -> bytes:
+    """An aggregator that relays the agreement's three steps faithfully, one list for all; returns the graph salt."""
+    signatures = {cid: agreements[cid].sign(members) for cid in members}
+    for a in agreements.values():
+        a.accept(members, signatures)
+    echoes = {cid: agreements[cid].echo() for cid in members}
+    reveals = {cid: agreements[cid].reveal(echoes) for cid in members}
+    salts = {a.settle(reveals) for a in agreements.values()}
+    assert len(salts) == 1
+    return salts.pop()
+
+
+def _victim_client(victim: int, members: dict[int, str], params: SecAggParams, seed: bytes,
+                   agreement: MemberAgreement | None) -> SecAggClient:
+    return SecAggClient(client_id=victim, round_id=9, params=params, vector_length=64,
+                        signer=signer_for(identity_of(victim)), verifier=PeerVerifier(federation_ca().cert_pem),
+                        members=members, public_seed=seed, agreement=agreement)
+
+
+def _isolated(members: dict[int, str], victim: int, colluders: set[int], params: SecAggParams, seed: bytes) -> bool:
+    around = neighbourhoods(sorted(members), params.neighbour_count(len(members)), seed)[victim]
+    return len(set(around) & colluders) + 1 >= params.shares_needed(len(around))
+
+
+def test_a_rerolled_member_list_isolated_the_victim_without_the_agreement() -> None:
+    members, victim, colluders, params = _sparse_federation()
+    assert not _isolated(members, victim, colluders, params, public_seed(FEDERATION, 1, 1, members))  # the real graph
+    shown = _reroll(members, victim, colluders, params)
+    x = np.arange(64, dtype=np.uint32) * 7919
+    client = _victim_client(victim, shown, params, public_seed(FEDERATION, 1, 1, shown), agreement=None)
+    assert np.array_equal(_isolate(client, colluders, x, round_id=9), x)
+
+
+def test_a_member_list_shown_to_the_victim_alone_is_refused_with_the_agreement() -> None:
+    members, victim, colluders, params = _sparse_federation()
+    shown = _reroll(members, victim, colluders, params)
+    agreement = _agreement(victim)
+    relayed = {victim: agreement.sign(shown)}  # the victim signs the first list it is shown
+    # Honest members signed the real list (once each), colluders sign anything: no honest signature covers `shown`.
+    for cid in shown:
+        if cid != victim:
+            relayed[cid] = _signature_over(cid, shown if cid in colluders else members)
+    with pytest.raises(ProtocolViolation, match="not signed by every member on it"):
+        agreement.accept(shown, relayed)
+    with pytest.raises(ProtocolViolation, match="no member list was agreed"):
+        _victim_client(victim, shown, params, public_seed(FEDERATION, 1, 1, shown), agreement)
+
+
+def test_a_ground_member_list_shown_to_everyone_no_longer_chooses_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The aggregator leaves out the honest members whose absence (it can always claim they were not connected)
+    gives a list whose hash isolates the victim, and shows that list to everyone. They all sign it, but the seed
+    now carries every member's random bytes, revealed only once the list and every commitment were fixed."""
+    members, victim, colluders, params = _sparse_federation()
+    shown = _reroll(members, victim, colluders, params)
+    assert _isolated(shown, victim, colluders, params, public_seed(FEDERATION, 1, 1, shown))  # the grind's aim
+    draws = np.random.default_rng(11)  # the members' private bytes, fixed so that the test is reproducible
+    monkeypatch.setattr(member_lists, "secrets", type("Fixed", (), {
+        "token_bytes": staticmethod(lambda n: draws.bytes(n))}))
+    agreements = {cid: _agreement(cid) for cid in shown}
+    salt = _agree(shown, agreements)
+    client = _victim_client(victim, shown, params, public_seed(FEDERATION, 1, 1, shown, salt), agreements[victim])
+    with pytest.raises(ProtocolViolation, match="neighbours remain"):
+        _isolate(client, colluders, np.zeros(64, dtype=np.uint32), round_id=9)
+    # Over the salts the aggregator cannot choose, the ground list isolates the victim about as rarely as any list
+    # (0.1 % by the hypergeometric tail at these sizes), against always before.
+    rng = np.random.default_rng(5)
+    hits = sum(_isolated(shown, victim, colluders, params, public_seed(FEDERATION, 1, 1, shown, rng.bytes(32)))
+               for _ in range(300))
+    assert hits <= 3
+
+
+def test_two_parts_of_the_federation_cannot_be_shown_two_lists() -> None:
+    """Half the honest members see the real list, the victim's side a list without the others: the right side's
+    agreement cannot complete, and nobody signs a second list the aggregator could re-roll with."""
+    members, victim, colluders, params = _sparse_federation()
+    honest = sorted(set(members) - colluders)
+    left = set(honest[: len(honest) // 2]) | colluders
+    part = {cid: members[cid] for cid in sorted(left)}
+    agreements = {cid: _agreement(cid) for cid in honest}
+    relayed = {cid: agreements[cid].sign(part if cid in left else members) for cid in honest}
+    relayed.update({cid: _signature_over(cid, members) for cid in colluders})
+    for cid in honest:
+        if cid not in left:  # the right side signed the real list, which the left never signed
+            with pytest.raises(ProtocolViolation, match="not signed by every member on it"):
+                agreements[cid].accept(members, relayed)
+    with pytest.raises(ProtocolViolation, match="already signed another member list"):
+        agreements[honest[-1]].sign({cid: name for cid, name in members.items() if cid != victim})
+    with pytest.raises(ProtocolViolation, match="no member list was agreed"):
+        _victim_client(victim, members, params, public_seed(FEDERATION, 1, 1, members), agreements[victim])
+
+
+def test_different_commitments_shown_to_two_members_stop_the_reveal() -> None:
+    """Colluders sign two commitments and the aggregator shows each half of the honest members one of them: no
+    honest member reveals, since the echoes (every member's signature over the transcript) cannot all agree."""
+    ids = [3 * i + 2 for i in range(6)]
+    members = {cid: identity_of(cid) for cid in ids}
+    colluder, a, b = ids[-1], ids[0], ids[1]
+    agreements = {cid: _agreement(cid) for cid in ids[:-1]}
+    honest_sigs = {cid: agreements[cid].sign(members) for cid in agreements}
+    first, second = _signature_over(colluder, members), _signature_over(colluder, members)
+    agreements[a].accept(members, {**honest_sigs, colluder: first})
+    agreements[b].accept(members, {**honest_sigs, colluder: second})
+    for cid in ids[2:-1]:
+        agreements[cid].accept(members, {**honest_sigs, colluder: first})
+    echoes = {cid: ag.echo() for cid, ag in agreements.items()}
+    echoes[colluder] = signer_for(identity_of(colluder)).sign(member_lists.transcript_digest(
+        member_list_digest(FEDERATION, TERMS, members), {**{c: s.commitment for c, s in honest_sigs.items()},
+                                                        colluder: first.commitment}))
+    with pytest.raises(ProtocolViolation, match="did not sign the transcript"):
+        agreements[a].reveal(echoes)  # b echoed another transcript
+    with pytest.raises(ProtocolViolation, match="did not sign the transcript"):
+        agreements[b].reveal(echoes)
+
+
+def test_a_list_of_colluders_and_the_victim_is_bounded_by_its_own_minimum() -> None:
+    members, victim, colluders, _ = _sparse_federation()
+    few = {cid: members[cid] for cid in sorted(colluders | {victim})}  # 16 members, every one willing to sign
+    with pytest.raises(ProtocolViolation, match="minParticipants = 20"):
+        _agreement(victim, minimum=20).sign(few)
+    agreement = _agreement(victim, minimum=16)
+    relayed = {cid: _signature_over(cid, few) for cid in few if cid != victim}
+    relayed[victim] = agreement.sign(few)
+    agreement.accept(few, relayed)  # inherent: a sum of colluders and one victim, allowed at minParticipants 16
+
+
+def test_the_agreed_list_is_the_only_one_accepted_after() -> None:
+    members = {cid: identity_of(cid) for cid in (2, 5, 8, 11)}
+    agreements = {cid: _agreement(cid) for cid in members}
+    salt = _agree(members, agreements)
+    assert agreements[2].agreed == members and agreements[2].salt == salt
+    smaller = {cid: members[cid] for cid in (2, 5, 8)}
+    with pytest.raises(ProtocolViolation, match="not the one every member agreed on"):
+        _victim_client(2, smaller, SecAggParams(), public_seed(FEDERATION, 2, 1, smaller, salt), agreements[2])
+    with pytest.raises(ProtocolViolation, match="already signed another member list"):
+        agreements[2].sign(smaller)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_any_member_list_not_signed_by_every_member_on_it_is_refused(data: st.DataObject) -> None:
+    ids = sorted(data.draw(st.sets(st.integers(0, 40), min_size=2, max_size=8)))
+    members = {cid: identity_of(cid) for cid in ids}
+    me = data.draw(st.sampled_from(ids))
+    other = dict(members)
+    other[max(ids) + 1] = identity_of(max(ids) + 1)  # another list: one member more
+    # Each other member: signs this list, signs another list, signs with someone else's certificate, or not at all.
+    how = {cid: data.draw(st.sampled_from(["this", "other", "foreign", "none"])) for cid in ids if cid != me}
+    agreement = _agreement(me)
+    relayed = {me: agreement.sign(members)}
+    for cid, way in how.items():
+        if way == "this":
+            relayed[cid] = _signature_over(cid, members)
+        elif way == "other":
+            relayed[cid] = _signature_over(cid, other)
+        elif way == "foreign":
+            impostor = _signature_over(max(ids) + 1, other)
+            digest = member_list_digest(FEDERATION, TERMS, members)
+            relayed[cid] = MemberSignature(
+                signature=signer_for(identity_of(max(ids) + 1)).sign(members_message(digest, impostor.commitment)),
+                certificate=impostor.certificate, commitment=impostor.commitment)
+    if all(way == "this" for way in how.values()):
+        agreement.accept(members, relayed)
+        assert agreement.echo()
+    else:
+        with pytest.raises(ProtocolViolation, match="not signed by every member on it"):
+            agreement.accept(members, relayed)
+        with pytest.raises(ProtocolViolation, match="no member list accepted"):
+            agreement.echo()

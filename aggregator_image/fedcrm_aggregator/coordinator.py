@@ -65,6 +65,7 @@ STAGE_NAMES = {
     pb.Task.SECAGG_MASKED_INPUT: "secure aggregation (masked input)",
     pb.Task.SECAGG_CONSISTENCY: "secure aggregation (consistency check)",
     pb.Task.SECAGG_UNMASK: "secure aggregation (unmasking)",
+    pb.Task.SECAGG_MEMBERS: "secure aggregation (member list)",
 }
 
 # Decodes one participant's answer to a stage (raising ValueError to refuse it).
@@ -405,6 +406,8 @@ class Coordinator:
     def _usable(self) -> list[str]:
         with self._cond:
             return sorted(i for i, s in self._sessions.items() if s.usable)
+
+    usable = _usable  # the StageRunner interface: secure sums fix their member list from it
 
     def _setup_privacy(self, train_rows: dict[str, int]) -> None:
         assert self.layout is not None

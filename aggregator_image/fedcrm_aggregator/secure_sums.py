@@ -17,6 +17,16 @@ neighbourhoods) over the participants' task streams:
    t of them over the set it signed, sends shares of surviving neighbours'
    self-mask seeds and of dropped neighbours' mask keys, never both for one.
 
+The member list is fixed once per federation, before its first secure sum:
+the members usable then agree on it in three ``SECAGG_MEMBERS`` steps (sign
+the list with a commitment, echo the transcript, reveal), and the revealed
+bytes salt every public seed after (:mod:`fedcrm.secagg.member_lists`). A
+member that connects later sits the secure sums out. The list, signatures,
+echoes and reveals are kept in the run's output directory, so a restarted
+aggregator serves the same list; each participant's first secure sum on a
+connection carries the reveals (and, on a connection that did not take part
+in the agreement, everything else it needs to check them).
+
 Participants sign their keys with their certificate keys and recompute their
 neighbourhoods from the member list and the public seed
 (:func:`fedcrm.secagg.graph.public_seed`): none of what this module relays
@@ -30,7 +40,9 @@ times.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import weakref
 from typing import Any
 
 import numpy as np
@@ -39,10 +51,12 @@ from fedcrm.errors import FederationFailed, RoundAbandoned
 from fedcrm.protocol import from_vector, pb
 from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, UnmaskReply
 from fedcrm.secagg.graph import public_seed
+from fedcrm.secagg.member_lists import commitment_of, graph_salt, member_list_digest, transcript_digest
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
 from fedcrm.spec.manifests import SecureAggregation
+from fedcrm.spec.terms import terms_digest
 from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout, training_rows
 from fedcrm.training.secure_vectors import (
     STATISTICS_BITS,
@@ -57,7 +71,10 @@ from fedcrm_aggregator.sessions import Session
 from fedcrm_aggregator.stage_runner import StageRunner
 
 
-__all__ = ["SecureSums", "round_id_for"]
+__all__ = ["AGREEMENT_FILE", "SecureSums", "round_id_for"]
+
+#: In the run's output directory: the member list every secure sum uses, and its members' signatures over it.
+AGREEMENT_FILE = "secagg-members.json"
 
 log = logging.getLogger("fedcrm.aggregator")
 
@@ -91,6 +108,162 @@ class SecureSums:
         self.identities = {i: identity for identity, i in self.ids.items()}
         #: Sample-level DP only: each statistics contributor's training rows, the one figure it sends in the clear.
         self.statistics_rows: dict[str, int] = {}
+        #: The federation's member list, as ids, fixed by the first secure sum (see _member_list).
+        self.member_ids: list[int] | None = None
+        #: The agreement's three steps, by member id: (signature, certificate, commitment); echoes; reveals.
+        self.member_signatures: dict[int, tuple[bytes, bytes, bytes]] = {}
+        self.member_echoes: dict[int, bytes] = {}
+        self.member_reveals: dict[int, bytes] = {}
+        #: The graph salt once every member revealed (see fedcrm.secagg.member_lists).
+        self.salt: bytes | None = None
+        # Connections that took part in the agreement's last step, and those already sent the reveals.
+        self._primed: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._informed: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._agreement_file = runner.out_dir / AGREEMENT_FILE
+        self._load_agreement()
+
+    def _members(self) -> dict[int, str]:
+        return {i: self.identities[i] for i in self._member_list()}
+
+    def _agree(self, round_: int) -> bytes:
+        """Run the member-list agreement's three steps (those not yet done); returns the graph salt.
+
+        A step that leaves some member on the list without an answer abandons
+        the sum (the coordinator tries again, then fails the federation): the
+        list cannot shrink, since each member signs one list per federation.
+        """
+        if self.salt is not None:
+            return self.salt
+        members = self._members()
+        base = pb.SecAggTask(members=[self.identities[i] for i in sorted(self.identities)], member_ids=sorted(members))
+
+        def with_signatures(session: Session, task: pb.Task) -> None:
+            task.secagg.CopyFrom(base)
+            self._relay_signatures(task.secagg)
+
+        sent: list[Session] = []  # connections sent the last step: once they answer they hold all but the reveals
+
+        def with_echoes(session: Session, task: pb.Task) -> None:
+            sent.append(session)
+            with_signatures(session, task)
+            for cid, echo in self.member_echoes.items():
+                task.secagg.member_echoes[cid] = echo
+
+        def signed(identity: str, message: pb.SecAggResult) -> bool:
+            self._check_member_step(message)
+            m = message.member_signature
+            if not 0 < len(m.signature) <= 72 or not m.certificate or len(m.commitment) != 32:
+                raise ValueError("a member-list signature needs a signature, a certificate and a 32-byte commitment")
+            self.member_signatures.setdefault(self.ids[identity], (m.signature, m.certificate, m.commitment))
+            return True
+
+        def echoed(identity: str, message: pb.SecAggResult) -> bool:
+            self._check_member_step(message)
+            if not 0 < len(message.member_echo) <= 72:
+                raise ValueError("an echo must be one signature")
+            self.member_echoes[self.ids[identity]] = message.member_echo
+            return True
+
+        def revealed(identity: str, message: pb.SecAggResult) -> bool:
+            self._check_member_step(message)
+            cid = self.ids[identity]
+            if commitment_of(message.member_reveal) != self.member_signatures[cid][2]:
+                raise ValueError("the revealed bytes do not match the commitment")
+            self.member_reveals[cid] = message.member_reveal
+            return True
+
+        for what, have, receive, fill in (("signature over the member list", self.member_signatures, signed, None),
+                                          ("signature over the transcript", self.member_echoes, echoed, with_signatures),
+                                          ("revealed bytes", self.member_reveals, revealed, with_echoes)):
+            waiting = {members[i] for i in members if i not in have}
+            if waiting:
+                answered = self.c.run_stage(pb.Task.SECAGG_MEMBERS, round_, receive, cohort=waiting,
+                                            customize=fill or (lambda session, task: task.secagg.CopyFrom(base)))
+                self._primed.update(s for s in sent if s.identity in answered)
+                self._save_agreement()
+            missing = [members[i] for i in members if i not in have]
+            if missing:
+                raise BelowThreshold(f"member list: no {what} from {', '.join(missing[:10])}"
+                                     f"{' ...' if len(missing) > 10 else ''}; no sum runs under a list some member on it "
+                                     "did not agree to")
+        self.salt = self._salt()
+        self.c.emit("secagg_members_agreed", members=len(members))
+        return self.salt
+
+    def _salt(self) -> bytes:
+        members = self._members()
+        digest = member_list_digest(self.c.federation.key, terms_digest(self.c.spec), members)
+        transcript = transcript_digest(digest, {i: self.member_signatures[i][2] for i in members})
+        return graph_salt(transcript, {i: self.member_reveals[i] for i in members})
+
+    def _relay_signatures(self, task: pb.SecAggTask) -> None:
+        for cid, (signature, certificate, commitment) in self.member_signatures.items():
+            task.member_signatures[cid].CopyFrom(
+                pb.MemberSignature(signature=signature, certificate=certificate, commitment=commitment))
+
+    def _inform(self, session: Session, task: pb.SecAggTask) -> None:
+        """A connection's first secure sum carries the reveals, and the rest of the agreement if it took no part."""
+        if session in self._informed:
+            return
+        if session not in self._primed:
+            self._relay_signatures(task)
+            for cid, echo in self.member_echoes.items():
+                task.member_echoes[cid] = echo
+        for cid, reveal in self.member_reveals.items():
+            task.member_reveals[cid] = reveal
+        self._informed.add(session)
+
+    @staticmethod
+    def _check_member_step(message: pb.SecAggResult) -> None:
+        if message.stage != pb.Task.SECAGG_MEMBERS:
+            raise ValueError("not an answer to the member-list agreement")
+
+    # ----------------------------------------------------------------- the member list, once per federation
+    def _member_list(self) -> list[int]:
+        """The ids of every secure sum's member list: the members usable at the first secure sum, then fixed.
+
+        A member that never connected could not sign the list and is left out
+        of it (before the agreement it counted as a holder that never answers);
+        the list must never change afterwards, since each participant signs
+        one list per federation.
+        """
+        if self.member_ids is None:
+            self.member_ids = sorted(self.ids[i] for i in self.c.usable() if i in self.ids)
+            self._save_agreement()
+        return self.member_ids
+
+    def _load_agreement(self) -> None:
+        """A restarted aggregator serves the member list (and signatures) of its earlier incarnation."""
+        try:
+            saved = json.loads(self._agreement_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as err:
+            raise FederationFailed(f"cannot read the secure-aggregation member list {self._agreement_file}: {err}") \
+                from None
+        ids = saved.get("member_ids")
+        if saved.get("federation") != self.c.federation.key or saved.get("members") != self.c.expected \
+                or not isinstance(ids, list) or not set(ids) <= set(self.identities):
+            raise FederationFailed(f"{self._agreement_file} holds another federation's member list; remove it to "
+                                   "start the federation afresh")
+        self.member_ids = sorted(int(i) for i in ids)
+        self.member_signatures = {int(i): (bytes.fromhex(sig), bytes.fromhex(cert), bytes.fromhex(commitment))
+                                  for i, (sig, cert, commitment) in saved.get("signatures", {}).items()}
+        self.member_echoes = {int(i): bytes.fromhex(v) for i, v in saved.get("echoes", {}).items()}
+        self.member_reveals = {int(i): bytes.fromhex(v) for i, v in saved.get("reveals", {}).items()}
+        if set(self.member_reveals) >= set(self.member_ids):
+            self.salt = self._salt()
+
+    def _save_agreement(self) -> None:
+        temporary = self._agreement_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps({
+            "federation": self.c.federation.key, "members": self.c.expected, "member_ids": self.member_ids,
+            "signatures": {str(i): [sig.hex(), cert.hex(), commitment.hex()]
+                           for i, (sig, cert, commitment) in sorted(self.member_signatures.items())},
+            "echoes": {str(i): v.hex() for i, v in sorted(self.member_echoes.items())},
+            "reveals": {str(i): v.hex() for i, v in sorted(self.member_reveals.items())},
+        }), encoding="utf-8")
+        temporary.replace(self._agreement_file)
 
     # ----------------------------------------------------------------- bounds
     def _weight_bound(self) -> float:
@@ -131,11 +304,12 @@ class SecureSums:
         base = pb.SecAggTask(
             phase=phase, round_id=round_id, threshold=self.spec.threshold, neighbours=str(self.spec.neighbours),
             bits=quantizer.bits, weight_bound=self.bound(kind), clip=self.spec.clip,
-            members=[self.identities[i] for i in sorted(self.identities)],
+            members=[self.identities[i] for i in sorted(self.identities)], member_ids=self._member_list(),
         )
         name = _NAMES[kind]
         try:
-            return self._stages(kind, round_, phase, round_id, base, quantizer)
+            salt = self._agree(round_)
+            return self._stages(kind, round_, phase, round_id, base, quantizer, salt)
         except (BelowThreshold, ProtocolViolation) as err:
             # ProtocolViolation here means a reconstructed key did not match its advertised key:
             # a participant sent a corrupt share. Either way the round's sum is never released.
@@ -143,8 +317,11 @@ class SecureSums:
             raise RoundAbandoned(f"round {round_} {name}: secure aggregation abandoned, no sum released: {err}") from None
 
     def _stages(self, kind: int, round_: int, phase: int, round_id: int, base: pb.SecAggTask,
-                quantizer: SegmentedQuantizer | StatisticsEncoding) -> tuple[list[str], np.ndarray]:
+                quantizer: SegmentedQuantizer | StatisticsEncoding, salt: bytes) -> tuple[list[str], np.ndarray]:
         c = self.c
+
+        member_ids = list(base.member_ids)
+        members = {i: self.identities[i] for i in member_ids}
 
         def with_base(session: Session, task: pb.Task) -> None:
             task.secagg.CopyFrom(base)
@@ -164,11 +341,15 @@ class SecureSums:
             k = message.secagg_keys
             return AdvertisedKeys(c_pk=k.c_pk, s_pk=k.s_pk, signature=k.signature, certificate=k.certificate)
 
-        # 1. AdvertiseKeys (the FIT / EVALUATE task itself)
-        keys = c.run_stage(kind, round_, receive_keys, customize=with_base)
-        seed = public_seed(c.federation.key, round_, phase, self.identities)
+        # 1. AdvertiseKeys (the FIT / EVALUATE task itself), to the members on the federation's list only
+        def advertise(session: Session, task: pb.Task) -> None:
+            with_base(session, task)
+            self._inform(session, task.secagg)
+
+        keys = c.run_stage(kind, round_, receive_keys, cohort=set(members.values()), customize=advertise)
+        seed = public_seed(c.federation.key, round_, phase, members, salt)
         params = self.statistics_params if kind == pb.Task.STATISTICS else self.params
-        server = SecAggServer(round_id=round_id, params=params, client_ids=sorted(self.identities),
+        server = SecAggServer(round_id=round_id, params=params, client_ids=member_ids,
                               vector_length=quantizer.size, public_seed=seed)
         for identity, k in keys.items():
             server.receive_keys(self.ids[identity], k)

@@ -46,5 +46,8 @@ class StageRunner(Protocol):
         """Send one task to every usable participant (of ``cohort``), collect the answers ``receiver`` accepts
         until the round timeout; returns identity -> what the receiver returned."""
 
+    def usable(self) -> list[str]:
+        """The participants connected and able to take part now, sorted."""
+
     def count_exposure(self) -> None:
         """Count the round's client-level release now: its noised sum can be seen from here on."""

@@ -25,6 +25,7 @@ from fedcrm.errors import DataError, FedcrmError, ManifestError
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.privacy.plans import noise_participants
 from fedcrm.protocol import PROTOCOL_VERSION, TlsFiles, client_channel, from_vector, pb, rpc, to_vector
+from fedcrm.secagg.member_lists import MemberAgreement
 from fedcrm.secagg.signing import PeerVerifier, Signer
 from fedcrm.spec.loading import check_membership, parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
@@ -98,6 +99,7 @@ class ParticipantNode:
         self.secagg_id = 0
         self.contribution = None  # the secure sum in progress, if any
         self._signing: tuple[Signer, PeerVerifier] | None = None  # (Signer, PeerVerifier) for secure aggregation
+        self._agreement: MemberAgreement | None = None  # the federation's member list, agreed once
         self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
         # Training results let out: a plain update sent, or the shares that unmask a secure sum of updates. Each
@@ -195,6 +197,8 @@ class ParticipantNode:
         elif kind in (pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_MASKED_INPUT, pb.Task.SECAGG_CONSISTENCY,
                       pb.Task.SECAGG_UNMASK):
             self._ack(stub.SubmitSecAgg(self._secure_answer(stub, task)), task)
+        elif kind == pb.Task.SECAGG_MEMBERS:
+            self._ack(stub.SubmitSecAgg(self._answer_members(task)), task)
         elif kind == pb.Task.FINISH:
             if task.succeeded:
                 log.info("federation finished: %s", task.message)
@@ -511,11 +515,29 @@ class ParticipantNode:
         try:
             self.contribution = SecureContribution(
                 client_id=self.secagg_id, round_=task.round, secagg=task.secagg, quantizer=quantizer, values=values,  # type: ignore[arg-type]
-                federation=self.federation.key, signer=signer, verifier=verifier,
+                federation=self.federation.key, signer=signer, verifier=verifier, agreement=self._member_agreement(),
             )
         except ValueError as err:  # ProtocolViolation: a member list that does not give this participant its id
             raise NodeExit(f"round {task.round}: refusing a secure-aggregation request: {err}", NodeExitCode.UNREACHABLE) from None
         return self.contribution.keys()
+
+    def _member_agreement(self) -> MemberAgreement:
+        """The federation's member-list agreement, made once; the fewest members a list may have is the own terms'."""
+        if self._agreement is None:
+            assert self.federation is not None
+            signer, verifier = self._secagg_credentials()
+            self._agreement = MemberAgreement(
+                federation=self.federation.key, terms=terms_digest(self.federation.spec), client_id=self.secagg_id,
+                signer=signer, verifier=verifier, minimum=max(2, self.federation.spec.training.min_participants))
+        return self._agreement
+
+    def _answer_members(self, task: pb.Task) -> pb.SecAggResult:
+        from fedcrm_node.secure_sums import answer_members
+
+        try:
+            return answer_members(self._member_agreement(), task)
+        except ValueError as err:  # ProtocolViolation: a member list or transcript this participant will not back
+            raise NodeExit(f"round {task.round}: refusing the member list: {err}", NodeExitCode.UNREACHABLE) from None
 
     def _secagg_credentials(self) -> tuple[Signer, PeerVerifier]:
         """This participant's signer (its mutual-TLS certificate and key) and a verifier of peers against the

@@ -51,6 +51,7 @@ class Task(_message.Message):
         SECAGG_MASKED_INPUT: _ClassVar[Task.Kind]
         SECAGG_UNMASK: _ClassVar[Task.Kind]
         SECAGG_CONSISTENCY: _ClassVar[Task.Kind]
+        SECAGG_MEMBERS: _ClassVar[Task.Kind]
     KIND_UNSPECIFIED: Task.Kind
     WELCOME: Task.Kind
     STATISTICS: Task.Kind
@@ -61,6 +62,7 @@ class Task(_message.Message):
     SECAGG_MASKED_INPUT: Task.Kind
     SECAGG_UNMASK: Task.Kind
     SECAGG_CONSISTENCY: Task.Kind
+    SECAGG_MEMBERS: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -88,7 +90,7 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., federation_json: _Optional[str] = ..., identity: _Optional[str] = ..., model_version: _Optional[int] = ..., model: _Optional[_Union[Vector, _Mapping]] = ..., preprocessing_json: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., succeeded: _Optional[bool] = ..., message: _Optional[str] = ..., secagg_id: _Optional[int] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ...) -> None: ...
 
 class SecAggTask(_message.Message):
-    __slots__ = ("phase", "round_id", "threshold", "neighbours", "bits", "weight_bound", "clip", "roster", "inbox", "dropped", "survivors", "members", "signatures")
+    __slots__ = ("phase", "round_id", "threshold", "neighbours", "bits", "weight_bound", "clip", "roster", "inbox", "dropped", "survivors", "members", "signatures", "member_ids", "member_signatures", "member_echoes", "member_reveals")
     class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PHASE_UNSPECIFIED: _ClassVar[SecAggTask.Phase]
@@ -120,6 +122,27 @@ class SecAggTask(_message.Message):
         key: int
         value: bytes
         def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class MemberSignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: MemberSignature
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[MemberSignature, _Mapping]] = ...) -> None: ...
+    class MemberEchoesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class MemberRevealsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +156,10 @@ class SecAggTask(_message.Message):
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ECHOES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_REVEALS_FIELD_NUMBER: _ClassVar[int]
     phase: SecAggTask.Phase
     round_id: int
     threshold: float
@@ -146,7 +173,21 @@ class SecAggTask(_message.Message):
     survivors: _containers.RepeatedScalarFieldContainer[int]
     members: _containers.RepeatedScalarFieldContainer[str]
     signatures: _containers.ScalarMap[int, bytes]
-    def __init__(self, phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., threshold: _Optional[float] = ..., neighbours: _Optional[str] = ..., bits: _Optional[int] = ..., weight_bound: _Optional[float] = ..., clip: _Optional[float] = ..., roster: _Optional[_Mapping[int, SecAggKeys]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., dropped: _Optional[_Iterable[int]] = ..., survivors: _Optional[_Iterable[int]] = ..., members: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+    member_ids: _containers.RepeatedScalarFieldContainer[int]
+    member_signatures: _containers.MessageMap[int, MemberSignature]
+    member_echoes: _containers.ScalarMap[int, bytes]
+    member_reveals: _containers.ScalarMap[int, bytes]
+    def __init__(self, phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., threshold: _Optional[float] = ..., neighbours: _Optional[str] = ..., bits: _Optional[int] = ..., weight_bound: _Optional[float] = ..., clip: _Optional[float] = ..., roster: _Optional[_Mapping[int, SecAggKeys]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., dropped: _Optional[_Iterable[int]] = ..., survivors: _Optional[_Iterable[int]] = ..., members: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Mapping[int, bytes]] = ..., member_ids: _Optional[_Iterable[int]] = ..., member_signatures: _Optional[_Mapping[int, MemberSignature]] = ..., member_echoes: _Optional[_Mapping[int, bytes]] = ..., member_reveals: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+
+class MemberSignature(_message.Message):
+    __slots__ = ("signature", "certificate", "commitment")
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    certificate: bytes
+    commitment: bytes
+    def __init__(self, signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., commitment: _Optional[bytes] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
     __slots__ = ("c_pk", "s_pk", "signature", "certificate")
@@ -203,7 +244,7 @@ class EvaluationResult(_message.Message):
     def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., counts: _Optional[_Union[Vector, _Mapping]] = ..., secagg_keys: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
 
 class SecAggResult(_message.Message):
-    __slots__ = ("round", "phase", "round_id", "stage", "shares", "masked", "self_mask_shares", "key_shares", "survivors_signature")
+    __slots__ = ("round", "phase", "round_id", "stage", "shares", "masked", "self_mask_shares", "key_shares", "survivors_signature", "member_signature", "member_echo", "member_reveal")
     class SharesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +275,9 @@ class SecAggResult(_message.Message):
     SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ECHO_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_REVEAL_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: SecAggTask.Phase
     round_id: int
@@ -243,7 +287,10 @@ class SecAggResult(_message.Message):
     self_mask_shares: _containers.ScalarMap[int, bytes]
     key_shares: _containers.ScalarMap[int, bytes]
     survivors_signature: bytes
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., stage: _Optional[_Union[Task.Kind, str]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., masked: _Optional[_Union[Vector, _Mapping]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ..., survivors_signature: _Optional[bytes] = ...) -> None: ...
+    member_signature: MemberSignature
+    member_echo: bytes
+    member_reveal: bytes
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[SecAggTask.Phase, str]] = ..., round_id: _Optional[int] = ..., stage: _Optional[_Union[Task.Kind, str]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., masked: _Optional[_Union[Vector, _Mapping]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ..., survivors_signature: _Optional[bytes] = ..., member_signature: _Optional[_Union[MemberSignature, _Mapping]] = ..., member_echo: _Optional[bytes] = ..., member_reveal: _Optional[bytes] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("message", "budget_spent", "releases")

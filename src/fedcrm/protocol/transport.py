@@ -23,7 +23,8 @@ __all__ = [
     "server_credentials",
 ]
 
-PROTOCOL_VERSION = 3  # 2: signed keys, member list, consistency check (secure aggregation); 3: statistics masked too
+PROTOCOL_VERSION = 4  # 2: signed keys, member list, consistency check (secure aggregation); 3: statistics masked too;
+# 4: the member-list agreement (SECAGG_MEMBERS), signed by every member on the list, and its graph salt
 
 _MAX_MESSAGE = 256 * 1024 * 1024
 GRPC_OPTIONS: list[tuple[str, int]] = [

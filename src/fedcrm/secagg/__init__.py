@@ -11,6 +11,7 @@ Modules: :mod:`~fedcrm.secagg.params` (the knobs), :mod:`~fedcrm.secagg.quantiza
 neighbours whom), :mod:`~fedcrm.secagg.shamir` (secret sharing),
 :mod:`~fedcrm.secagg.crypto` (X25519, AES-GCM, AES-CTR masks),
 :mod:`~fedcrm.secagg.signing` (certificate signatures over keys and survivor sets),
+:mod:`~fedcrm.secagg.member_lists` (one member list per federation, signed by every member on it),
 :mod:`~fedcrm.secagg.client` and :mod:`~fedcrm.secagg.server` (the two sides).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, SecAggClient, UnmaskReply
 from fedcrm.secagg.crypto import TamperedCiphertext
+from fedcrm.secagg.member_lists import MemberAgreement, MemberSignature
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import choose_scale, dequantize, quantize
 from fedcrm.secagg.server import BelowThreshold, SecAggServer, UnmaskRequest
@@ -27,6 +29,8 @@ from fedcrm.secagg.signing import PeerVerifier, Signer, UntrustedPeer
 __all__ = [
     "AdvertisedKeys",
     "BelowThreshold",
+    "MemberAgreement",
+    "MemberSignature",
     "NotEnoughShares",
     "PeerVerifier",
     "ProtocolViolation",

@@ -36,6 +36,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -45,6 +46,9 @@ from fedcrm.secagg import crypto, shamir, signing
 from fedcrm.secagg.graph import neighbourhoods
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import reduce, vector_dtype
+
+if TYPE_CHECKING:  # member_lists builds on this module
+    from fedcrm.secagg.member_lists import MemberAgreement
 
 __all__ = [
     "SECRET_BYTES",
@@ -128,13 +132,19 @@ class SecAggClient:
         verifier: signing.PeerVerifier,
         members: Mapping[int, str] | Sequence[str],
         public_seed: bytes,
+        agreement: MemberAgreement | None = None,
     ) -> None:
         """``members`` is the round's whole member list and ``public_seed`` its graph seed.
 
         This participant's neighbourhood is computed from both here, never
         taken from the aggregator: with them it cannot surround a participant
         with neighbours of its choosing. Raises :class:`ProtocolViolation` when
-        the member list does not give this participant's id to its own identity.
+        the member list does not give this participant's id to its own identity,
+        or, with an ``agreement``, when it is not the federation's agreed list
+        (:class:`~fedcrm.secagg.member_lists.MemberAgreement`; ``public_seed``
+        must then carry its salt). Without one the list is taken as given: a
+        round only binds it into the signatures of each neighbourhood, so an
+        aggregator can show parts of a sparse graph different lists.
         """
         if isinstance(client_id, bool) or not isinstance(client_id, int) or not (0 <= client_id < 2**63):
             raise ValueError(f"client_id must be an int in [0, 2**63), got {client_id!r}")
@@ -150,6 +160,8 @@ class SecAggClient:
                 f"the member list gives id {client_id} to {table.get(client_id)!r}, but this participant is "
                 f"{signer.identity!r}; refusing the round"
             )
+        if agreement is not None:
+            agreement.check(table)
         self.client_id = client_id
         self.round_id = round_id
         self.params = params

@@ -44,17 +44,22 @@ _SEED_LABEL = b"fedcrm-secagg/graph-seed/v1"
 _PUBLIC_SEED_LABEL = b"fedcrm-secagg/public-graph-seed/v2"
 
 
-def public_seed(federation: str, round_: int, phase: int, members: Mapping[int, str]) -> bytes:
-    """SHA-256 over the federation key, round number, phase and the member list (id and identity, in id order).
+def public_seed(federation: str, round_: int, phase: int, members: Mapping[int, str], salt: bytes = b"") -> bytes:
+    """SHA-256 over the federation key, round number, phase, the member list (id and identity, in id order) and salt.
 
     Nothing in it is chosen by the aggregator during the round: a restarted
     aggregator re-running a round gets the same graph (it cannot re-roll it),
     and a participant recomputes it from its own Federation's key and the
-    round it is asked to take part in.
+    round it is asked to take part in. ``salt`` is the federation's graph salt
+    from the member-list agreement (:mod:`fedcrm.secagg.member_lists`): random
+    bytes of every member, revealed only once the list was fixed, so that nobody
+    could pick a list for the graph it gives.
     """
     h = hashlib.sha256(_PUBLIC_SEED_LABEL)
     name = federation.encode("utf-8")
     h.update(struct.pack(">H", len(name)) + name)
+    if salt:
+        h.update(struct.pack(">H", len(salt)) + salt)
     h.update(struct.pack(">QQQ", round_, phase, len(members)))
     for cid in sorted(members):
         identity = members[cid].encode("utf-8")
