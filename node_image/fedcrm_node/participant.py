@@ -30,6 +30,7 @@ from fedcrm.secagg.signing import PeerVerifier, Signer
 from fedcrm.spec.loading import check_membership, parse_manifest
 from fedcrm.spec.manifests import Federation, Participant
 from fedcrm.spec.terms import terms_differences, terms_digest
+from fedcrm_node import retries
 from fedcrm_node.release_ledger import ReleaseLedger
 
 if TYPE_CHECKING:  # imported where used: pandas and the preprocessing load only once data does
@@ -153,7 +154,7 @@ class ParticipantNode:
                 NodeExitCode.UNREACHABLE,
             )
         log.info("%s the aggregator at %s", "connected to" if first else "reconnected to", self.aggregator)
-        stub = rpc.FederatedTrainingStub(channel)
+        stub = rpc.FederatedTrainingStub(retries.intercept(channel))  # results refused for room are sent again
         request = pb.ConnectRequest(protocol_version=PROTOCOL_VERSION, federation=f"{ref.namespace}/{ref.name}")
         try:
             for task in stub.Connect(request):
