@@ -143,10 +143,10 @@ def test_peak_memory_under_a_flood_stays_in_the_budget_whatever_the_number_of_pe
     few, many = grown[3], grown[12]
     print(f"many/few = {many / few:.2f}")
     # Measured on a loaded 2-CPU machine, three slots: +9..11 MiB for three peers, +14..19 MiB for twelve sending four
-    # times the flood (the transport's state for each busy connection, about 0.5 MiB, is not in the budget). The
+    # times the flood (the transport's state for each busy connection, 0.5 to 1 MiB, is not in the budget). The
     # aggregator before the budget: +79 MiB for either, +137..159 MiB for three peers sending 96 results each.
     assert few < budget and many < budget + (8 << 20), (few >> 20, many >> 20, budget >> 20)
-    assert many < 2 * few, (few >> 20, many >> 20)
+    assert many - few < (16 << 20), (few >> 20, many >> 20)  # the extra flood is 227 MiB
 
 
 def test_a_request_beyond_the_budget_is_refused_before_it_is_read() -> None:
