@@ -245,3 +245,17 @@ def test_bench_load_quick_completes_every_round_of_every_protocol(tmp_path: Path
     for name in (f"new/{base}" for base in ("checks-off", "v1") if base in out["results"]):
         _assert_finite(out["ratios"][name], ["round_s", "secagg_s", "aggregator_peak_rss", "bytes"], name)
     assert "process" in out["what_is_a_process"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_dp_utility_quick_runs_every_setting(tmp_path: Path) -> None:
+    _make_quick("bench-dp-utility", tmp_path)
+    out = json.loads((tmp_path / "dp_utility.json").read_text())
+    assert not _non_finite(out)
+    assert set(out["results"]) == {"central", "federated", "sample", "pooled"}
+    for name, row in out["results"].items():
+        _assert_finite(row, ["accuracy", "f1", "auc"], name)
+    for name in ("sample", "pooled"):
+        assert all(0 < run["epsilon_spent"] <= 1.0 for run in out["results"][name]["runs"]), name
+    assert "| pooled |" in (tmp_path / "dp_utility.md").read_text()

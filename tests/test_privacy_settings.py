@@ -28,7 +28,7 @@ def _dp(**fields: object) -> dict:
         ({"mode": "sample", "epsilon": 1, "delta": 1e-5, "clippingNorm": 0}, f"{DP}.clippingNorm: clippingNorm must be"),
         ({"mode": "sample", "epsilon": 1, "delta": 1e-5, "noiseMultiplier": -2}, f"{DP}.noiseMultiplier"),
         ({"mode": "sample"}, f"{DP}: mode 'sample' needs epsilon and delta"),
-        ({"mode": "none", "epsilon": 1}, f"{DP}: epsilon only apply with mode 'sample' or 'client'"),
+        ({"mode": "none", "epsilon": 1}, f"{DP}: epsilon only apply with mode 'sample', 'client' or 'pooled'"),
         ({"mode": "client", "epsilon": 1, "delta": 1e-5, "noiseMultiplier": 0.5},
          "cannot fund even one round at noiseMultiplier 0.5"),
         ({"mode": "client", "epsilon": 1, "delta": 1e-5, "clipingNorm": 1}, "unknown field (did you mean 'clippingNorm'?)"),

@@ -40,6 +40,7 @@ class Checkpoint:
     dropped: dict[str, str] = field(default_factory=dict)
     in_progress: int | None = None
     incarnations: int = 1
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimiser's moments
 
 
 def _folder(out_dir: Path) -> Path:
@@ -69,7 +70,7 @@ def save_checkpoint(out_dir: Path, cp: Checkpoint) -> None:
     folder = _folder(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, weights=cp.weights.astype(np.float32))
+    np.savez(buf, weights=cp.weights.astype(np.float32), **cp.server_state)
     # Weights first: state.json names a round only once its weights are durable.
     atomic_write(folder / f"weights-{cp.rounds_completed}.npz", buf.getvalue())
     state = {
@@ -111,6 +112,7 @@ def load_checkpoint(out_dir: Path, federation: str) -> Checkpoint | None:
         raise ValueError(f"{path} belongs to federation {state['federation']}, not {federation}; use another output folder")
     with np.load(_folder(out_dir) / state["weights"]) as npz:
         weights = npz["weights"].astype(np.float32)
+        server_state = {k: npz[k] for k in npz.files if k.startswith("server_")}
     return Checkpoint(
         federation=state["federation"],
         rounds_completed=state["rounds_completed"],
@@ -122,4 +124,5 @@ def load_checkpoint(out_dir: Path, federation: str) -> Checkpoint | None:
         dropped=dict(state.get("dropped", {})),
         in_progress=state.get("in_progress"),
         incarnations=int(state.get("incarnations", 1)) + 1,
+        server_state=server_state,
     )

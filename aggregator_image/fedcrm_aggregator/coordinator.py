@@ -30,12 +30,13 @@ from fedcrm.models.artifacts import save_model
 from fedcrm.models.layout import ModelLayout
 from fedcrm.protocol import from_vector, pb, to_vector
 from fedcrm.reporting import RoundRecord, build_report, write_report
-from fedcrm.privacy.plans import statistics_noise_multiplier
+from fedcrm.privacy.plans import statistics_noise_multiplier, statistics_shares
 from fedcrm.spec.manifests import Federation
 from fedcrm.training.fedavg import fedavg_step, ordered_sum
 from fedcrm.training.health import model_warnings
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout, training_rows
+from fedcrm.training.server_optimizers import ServerOptimizerState
 from fedcrm.training.secure_vectors import StatisticsEncoding, client_dp_fit_vector, fit_vector
 from fedcrm_aggregator.checkpoints import (
     Checkpoint,
@@ -80,9 +81,12 @@ class Coordinator:
         self.out_dir = out_dir
         self.spec = federation.spec
         self.stats_layout = StatisticsLayout(self.spec.task)
+        #: How each round's aggregate moves the model (FedAvg, FedAvgM, FedAdam); its moments are checkpointed.
+        self.server = ServerOptimizerState(self.spec.training.server_optimizer)
         sigma = statistics_noise_multiplier(self.spec)
         #: Under differential privacy each participant noises its statistics per record (public parameters).
-        self.statistics_noise = None if sigma is None else self.stats_layout.noise(sigma)
+        self.statistics_noise = None if sigma is None else self.stats_layout.noise(
+            sigma, shares=statistics_shares(self.spec, len(self.expected)))
         #: Sample-level DP without secure aggregation: each participant's exact training rows, sent beside its
         #: noised statistics (the accountant's plan depends on them).
         self._statistics_rows: dict[str, int] = {}
@@ -412,7 +416,8 @@ class Coordinator:
     def _setup_privacy(self, train_rows: dict[str, int]) -> None:
         assert self.layout is not None
         try:
-            warnings = self.privacy.setup(dimension=self.layout.size, train_rows=train_rows)
+            warnings = self.privacy.setup(dimension=self.layout.size, train_rows=train_rows,
+                                          pooled_rows=self.preprocessing.rows if self.preprocessing else 0)
         except ValueError as err:
             raise FederationFailed(f"spec.privacy.differentialPrivacy: {err}") from None
         for w in warnings:
@@ -435,6 +440,7 @@ class Coordinator:
                 "budget already spent is unknown. Restore it from a backup, or start a new Federation"
             )
         self.preprocessing, self.layout, self.weights = cp.preprocessing, cp.layout, cp.weights
+        self.server.restore(cp.server_state)
         self.version = cp.rounds_completed
         self.history = cp.history
         if cp.history:
@@ -460,6 +466,7 @@ class Coordinator:
             federation=self.federation.key, rounds_completed=len(self.history), weights=self.weights,
             preprocessing=self.preprocessing, layout=self.layout, history=self.history,
             participant_rounds=rounds, dropped=dict(self._dropped_reasons), incarnations=self.incarnations,
+            server_state=self.server.arrays(),
         ))
 
     def _statistics(self) -> None:
@@ -558,9 +565,14 @@ class Coordinator:
         self._require(len(contributors), f"round {round_} training")
         try:
             step = fedavg_step(self.weights, fit_total)
+            direction = step.delta
+            if self.privacy.mode == "pooled":
+                # The decoded sum is the noised sum of clipped per-record gradients over a Poisson sample of all
+                # records; its expected size is the rate times the (noised) pooled rows.
+                direction = -fit_total[: self.layout.size] / (self.privacy.dp.rate * max(self.preprocessing.rows, 1))
+            self.weights = self.server.step(self.weights, direction)
         except ValueError as err:
             raise FederationFailed(f"round {round_}: {err}") from None
-        self.weights = step.weights
         self.version = round_
         train_loss = step.train_loss
         try:

@@ -6,8 +6,12 @@ anything else can fail), and written to ``checkpoint/privacy.json`` at once.
 
 The preprocessing statistics are one record-level release (each participant
 noises its own and re-sends the same vector when asked again): composed into
-each participant's accountant in ``sample`` mode, reported beside the
-federation's participant-level spend in ``client`` mode.
+each participant's accountant in ``sample`` mode and into the federation's in
+``pooled`` mode, reported beside the participant-level spend in ``client`` mode.
+
+``pooled`` mode: one accountant for the federation's records, one sampled
+Gaussian step per round, counted like ``client`` mode (when the noised sum
+can first be seen).
 
 ``sample`` mode: one accountant per participant, from its training rows
 (read from its statistics vector in the clear, or, under secure aggregation,
@@ -30,19 +34,23 @@ from typing import Any
 
 from fedcrm.models.artifacts import atomic_write
 from fedcrm.privacy.accounting import BudgetExhausted, RdpAccountant
-from fedcrm.privacy.mechanisms import ClientNoise
+from fedcrm.privacy.mechanisms import ClientNoise, PooledNoise
 from fedcrm.privacy.plans import (
     client_accountant,
     client_noise,
+    pooled_accountant,
+    pooled_noise,
     sample_accountant,
     statistics_epsilon,
     statistics_noise_multiplier,
 )
-from fedcrm.spec.manifests import Federation
+from fedcrm.spec.manifests import Federation, FeatureType
 
 __all__ = ["BudgetExhausted", "PrivacyLedger"]
 
 _FORMAT = "fedcrm.privacy-ledger/v1"
+#: A numeric feature's bound at or above this (the default is 1e6) makes its noised statistics useless.
+LOOSE_BOUND = 1e6
 _FEDERATION = "*"
 
 
@@ -54,22 +62,27 @@ class PrivacyLedger:
         self.path = out_dir / "checkpoint" / "privacy.json"
         self.accountants: dict[str, RdpAccountant] = {}
         self.train_rows: dict[str, int] = {}
-        self.noise: ClientNoise | None = None
+        self.noise: ClientNoise | PooledNoise | None = None
+        self.pooled_rows = 0
 
     @property
     def mode(self) -> str:
         return self.dp.mode
 
     # ----------------------------------------------------------------- setup
-    def setup(self, *, dimension: int, train_rows: dict[str, int]) -> list[str]:
+    def setup(self, *, dimension: int, train_rows: dict[str, int], pooled_rows: int = 0) -> list[str]:
         """Build (or reload and check) the accountants once the model size and row counts are known.
 
-        Returns warnings for the user (a delta too large for the data).
+        ``pooled_rows``: the federation's training rows from the (noised) statistics, for the warnings of
+        ``pooled`` mode. Returns warnings for the user (a delta too large for the data).
         """
+        self.pooled_rows = pooled_rows
         if self.mode == "none":
             return []
         if self.mode == "client":
             self.noise = client_noise(self.spec, participants=len(self.participants), dimension=dimension)
+        elif self.mode == "pooled":
+            self.noise = pooled_noise(self.spec, participants=len(self.participants), dimension=dimension)
         saved = self._read()
         if saved is not None:
             self.train_rows = {k: int(v) for k, v in saved["train_rows"].items()} or dict(train_rows)
@@ -83,23 +96,33 @@ class PrivacyLedger:
         return self._warnings()
 
     def _keys(self) -> list[str]:
-        return [_FEDERATION] if self.mode == "client" else sorted(self.train_rows)
+        return [_FEDERATION] if self.mode in ("client", "pooled") else sorted(self.train_rows)
 
     def _fresh(self, key: str) -> RdpAccountant:
         if self.mode == "client":
             return client_accountant(self.spec)
+        if self.mode == "pooled":
+            return pooled_accountant(self.spec)
         return sample_accountant(self.spec, self.train_rows[key])
 
     def _warnings(self) -> list[str]:
         assert self.dp.delta is not None
         if self.mode == "client":
             records, what = len(self.participants), "participants (client-level DP protects whole participants)"
+        elif self.mode == "pooled":
+            records, what = self.pooled_rows, "training rows in the federation"
         else:
             records, what = min(self.train_rows.values(), default=0), "training rows at the smallest participant"
+        out = []
         if records and self.dp.delta > 1 / records:
-            return [f"spec.privacy.differentialPrivacy.delta {self.dp.delta:g} is larger than 1/{records} "
-                    f"({records} {what}): the guarantee is weak; use delta below {1 / records:.2g}"]
-        return []
+            out.append(f"spec.privacy.differentialPrivacy.delta {self.dp.delta:g} is larger than 1/{records} "
+                       f"({records} {what}): the guarantee is weak; use delta below {1 / records:.2g}")
+        loose = [f.name for f in self.spec.task.features if f.type is FeatureType.numeric and f.bound >= LOOSE_BOUND]
+        if loose:
+            out.append(f"spec.task.features {', '.join(loose)}: bound {LOOSE_BOUND:g} or more; the statistics' noise "
+                       "grows with each bound, so these features' means and scales are mostly noise. Set each bound "
+                       "close to the feature's real range after its transform")
+        return out
 
     # ----------------------------------------------------------------- persistence
     def _read(self) -> dict[str, Any] | None:
@@ -177,9 +200,11 @@ class PrivacyLedger:
         # of every participant's epsilon_spent; in client mode (a participant-level guarantee) it stands beside it.
         out["statistics"] = {"noise_multiplier": statistics_noise_multiplier(self.spec),
                              "epsilon": statistics_epsilon(self.spec), "protects": "records",
-                             "in_epsilon_spent": self.mode == "sample"}
-        if self.mode == "client" and self.noise is not None:
+                             "in_epsilon_spent": self.mode in ("sample", "pooled")}
+        if self.mode in ("client", "pooled") and self.noise is not None:
             out["survivors_min"] = self.noise.survivors_min
+        if self.mode == "pooled":
+            out["sample_rate"] = self.dp.rate
         if self.mode == "sample":
             out["participants"] = {k: {"epsilon_spent": a.spent(), "noise_multiplier": a.noise_multiplier,
                                        "sample_rate": a.q, "steps": a.steps} for k, a in self.accountants.items()}

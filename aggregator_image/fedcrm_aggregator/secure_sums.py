@@ -39,6 +39,7 @@ times.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from fedcrm.errors import FederationFailed, RoundAbandoned
+from fedcrm.privacy.plans import statistics_shares
 from fedcrm.protocol import from_vector, pb
 from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, UnmaskReply
 from fedcrm.secagg.graph import public_seed
@@ -59,7 +61,6 @@ from fedcrm.spec.manifests import SecureAggregation
 from fedcrm.spec.terms import terms_digest
 from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout, training_rows
 from fedcrm.training.secure_vectors import (
-    STATISTICS_BITS,
     StatisticsEncoding,
     client_dp_fit_quantizer,
     evaluation_quantizer,
@@ -101,9 +102,6 @@ class SecureSums:
         self.spec = spec
         self.incarnation = incarnation
         self.params = SecAggParams(threshold=spec.threshold, neighbours=spec.neighbours, bits=spec.bits)
-        # The statistics' sum has a modulus of its own, fixed in code (both sides derive it, see STATISTICS_BITS).
-        self.statistics_params = SecAggParams(threshold=spec.threshold, neighbours=spec.neighbours,
-                                              bits=STATISTICS_BITS)
         self.ids = {identity: i for i, identity in enumerate(runner.expected)}
         self.identities = {i: identity for identity, i in self.ids.items()}
         #: Sample-level DP only: each statistics contributor's training rows, the one figure it sends in the clear.
@@ -348,7 +346,8 @@ class SecureSums:
 
         keys = c.run_stage(kind, round_, receive_keys, cohort=set(members.values()), customize=advertise)
         seed = public_seed(c.federation.key, round_, phase, members, salt)
-        params = self.statistics_params if kind == pb.Task.STATISTICS else self.params
+        # The modulus is the quantizer's: fixed in code for the statistics and pooled DP-SGD (see sum_bits).
+        params = dataclasses.replace(self.params, bits=quantizer.bits)
         server = SecAggServer(round_id=round_id, params=params, client_ids=member_ids,
                               vector_length=quantizer.size, public_seed=seed)
         for identity, k in keys.items():
@@ -383,13 +382,14 @@ class SecureSums:
 
         c.run_stage(pb.Task.SECAGG_MASKED_INPUT, round_, receive_masked, cohort=shared.keys(), customize=inbox)
         dropped, survivors = server.close_masked_input()
-        noise = c.privacy.noise
-        if kind == pb.Task.FIT and noise is not None and len(survivors) < noise.survivors_min:
+        floor = self._noise_floor(kind)
+        if len(survivors) < floor:
             # Each survivor added only 1/t_min of the noise: fewer than t_min would release a sum with less
             # noise than the guarantee was planned with. Stop before any unmasking share is asked for.
+            what = "updates" if kind == pb.Task.FIT else "statistics"
             raise BelowThreshold(
-                f"only {len(survivors)} noised updates survived, client-level differential privacy needs at least "
-                f"t_min = {noise.survivors_min} (each carries 1/t_min of the noise)")
+                f"only {len(survivors)} noised {what} survived, {c.privacy.mode}-mode differential privacy needs at "
+                f"least t_min = {floor} (each carries 1/t_min of the noise)")
 
         # 4. ConsistencyCheck: every survivor signs the same survivor set.
         def survivor_set(session: Session, task: pb.Task) -> None:
@@ -435,6 +435,16 @@ class SecureSums:
         if self.c.privacy.mode != "sample":
             return
         self.statistics_rows[identity] = training_rows(message.rows)
+
+    def _noise_floor(self, kind: int) -> int:
+        """The fewest contributions a sum may be unmasked with: t_min where each carries only a share of the noise
+        (client and pooled training sums, pooled statistics), otherwise no floor beyond the threshold's."""
+        noise = self.c.privacy.noise
+        if kind == pb.Task.FIT and noise is not None:
+            return noise.survivors_min
+        if kind == pb.Task.STATISTICS:
+            return statistics_shares(self.c.spec, len(self.ids))
+        return 0
 
     @staticmethod
     def _check_result(message: pb.SecAggResult, phase: int, round_id: int, stage: int) -> None:

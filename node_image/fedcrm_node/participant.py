@@ -275,8 +275,8 @@ class ParticipantNode:
 
     def _check_task(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> None:
         """Before summarising, training or evaluating: masking as the own terms require, with their parameters (the
-        statistics' modulus is fixed in code, STATISTICS_BITS); no extra rounds."""
-        from fedcrm.training.secure_vectors import STATISTICS_BITS
+        statistics' and pooled training sums' moduli are fixed in code, see sum_bits); no extra rounds."""
+        from fedcrm.training.secure_vectors import sum_bits
 
         assert self.federation is not None
         privacy = self.federation.spec.privacy
@@ -292,7 +292,8 @@ class ParticipantNode:
             asked = {"phase": s.phase, "threshold": s.threshold, "neighbours": s.neighbours, "bits": s.bits,
                      "clip": s.clip}
             agreed = {"phase": phase, "threshold": secure.threshold, "neighbours": str(secure.neighbours),
-                      "bits": STATISTICS_BITS if task.kind == pb.Task.STATISTICS else secure.bits, "clip": secure.clip}
+                      "bits": sum_bits(self.federation.spec, statistics=task.kind == pb.Task.STATISTICS,
+                                       fit=task.kind == pb.Task.FIT), "clip": secure.clip}
             if secure.enabled and asked != agreed:
                 wrong = ", ".join(f"{k} {asked[k]} (agreed {agreed[k]})" for k in asked if asked[k] != agreed[k])
                 raise self._refuse(stub, f"round {task.round}: secure aggregation with other parameters: {wrong}")
@@ -305,15 +306,21 @@ class ParticipantNode:
         participant only its neighbourhood; there the aggregator's own check is what holds."""
         assert self.federation is not None
         spec = self.federation.spec
-        if spec.privacy.differential_privacy.mode != "client" or spec.privacy.secure_aggregation.neighbours != "complete":
+        statistics = task.secagg.phase == pb.SecAggTask.STATISTICS
+        mode = spec.privacy.differential_privacy.mode
+        if mode not in (("pooled",) if statistics else ("client", "pooled")) \
+                or spec.privacy.secure_aggregation.neighbours != "complete":
             return
-        from fedcrm.privacy.plans import survivors_min
+        from fedcrm.privacy.plans import noise_participants, survivors_min
 
-        need = survivors_min(spec, self.participants)
+        # Before the model arrives (statistics) the count is the member list's, as the noise share was sized.
+        need = survivors_min(spec, noise_participants(spec, len(task.secagg.members)) if statistics
+                             else self.participants)
         survivors = len(task.secagg.survivors)
         if survivors < need:
-            raise self._refuse(stub, f"round {task.round}: unmasking a sum of {survivors} noised updates; client-level "
-                               f"differential privacy needs at least t_min = {need}")
+            raise self._refuse(stub, f"round {task.round}: unmasking a sum of {survivors} noised updates; "
+                               f"{spec.privacy.differential_privacy.mode}-mode differential privacy needs at least "
+                               f"t_min = {need}")
 
     def _check_budget(self, stub: rpc.FederatedTrainingStub, round_: int) -> None:
         """With differential privacy, at most spec.training.rounds releases: the budget was planned for that many."""
@@ -365,6 +372,8 @@ class ParticipantNode:
         set_flat(self.model, self.weights)  # type: ignore[arg-type]
         dp = self.federation.spec.privacy.differential_privacy
         started = time.perf_counter()
+        if dp.mode == "pooled":
+            return self._pooled_fit(task, started)
         if dp.mode == "sample":
             outcome = self._train_private()
         else:
@@ -421,6 +430,27 @@ class ParticipantNode:
                      plan.sample_rate, plan.steps_per_round, plan.noise_multiplier)
         return self.private.train_round(spec.training.local_epochs)  # type: ignore[attr-defined]
 
+    def _pooled_fit(self, task: pb.Task, started: float) -> pb.FitResult:
+        """Pooled DP-SGD: this participant's Poisson sample, its clipped gradients summed, its share of one central
+        step's noise, masked (the terms require secure aggregation; an unmasked FIT was refused before)."""
+        from fedcrm.privacy.plans import pooled_noise
+        from fedcrm.privacy.pooled_gradients import clipped_gradient_sum
+        from fedcrm.training.secure_vectors import client_dp_fit_quantizer, client_dp_fit_vector
+
+        assert self.federation is not None and self.encoded is not None and self.weights is not None
+        dp = self.federation.spec.privacy.differential_privacy
+        if not task.HasField("secagg"):
+            raise NodeExit(f"round {task.round}: pooled DP-SGD sends only masked sums", NodeExitCode.UNREACHABLE)
+        part = clipped_gradient_sum(self.model, self.encoded.train, rate=dp.rate, clip=dp.clip)  # type: ignore[arg-type]
+        noise = pooled_noise(self.federation.spec, participants=self.participants, dimension=part.gradient_sum.size)
+        noised = noise.privatize(part.gradient_sum)
+        log.info("round %d: pooled DP-SGD, sampled %d of %d rows (rate %g) in %.2fs; noise multiplier %.4f shared "
+                 "by at least %d", task.round, part.sampled, len(self.encoded.train), dp.rate,
+                 time.perf_counter() - started, noise.noise_multiplier, noise.survivors_min)
+        loss_mean = part.loss_sum / part.sampled if part.sampled else 0.0
+        keys = self._start_secure_sum(task, client_dp_fit_quantizer(noise), client_dp_fit_vector(noised, loss_mean=loss_mean))
+        return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
+
     def _client_dp_fit(self, task: pb.Task, delta: np.ndarray, loss_mean: float, took: float) -> pb.FitResult:
         """Clip, discretise and noise the update (this participant's share of the noise), then send or mask it."""
         from fedcrm.privacy.plans import client_noise
@@ -453,7 +483,7 @@ class ParticipantNode:
         from fedcrm.training.secure_vectors import StatisticsEncoding
 
         if private:
-            stats = self._noised_statistics(layout)
+            stats = self._noised_statistics(layout, members=len(task.secagg.members))
         else:
             stats = self._bounded_statistics(layout)
         # Only sample-level DP needs the row count (each participant's accountant); otherwise nothing in the clear.
@@ -475,10 +505,11 @@ class ParticipantNode:
                             count, name, self.federation.spec.task.feature(name).bound)
         return stats
 
-    def _noised_statistics(self, layout: StatisticsLayout) -> np.ndarray:
+    def _noised_statistics(self, layout: StatisticsLayout, *, members: int) -> np.ndarray:
         """The statistics under differential privacy: bounded, noised once with this participant's own noise
-        (from its own terms), and the same vector every time after (kept in the release ledger)."""
-        from fedcrm.privacy.plans import statistics_epsilon, statistics_noise_multiplier
+        (from its own terms; its share of it in pooled mode, sized from the member list it checks its own id
+        against), and the same vector every time after (kept in the release ledger)."""
+        from fedcrm.privacy.plans import statistics_epsilon, statistics_noise_multiplier, statistics_shares
 
         if self.ledger.statistics is not None and len(self.ledger.statistics) == layout.size:
             log.info("statistics: sending the noised statistics already released, not a fresh draw")
@@ -486,7 +517,8 @@ class ParticipantNode:
         spec = self.own_federation.spec
         sigma = statistics_noise_multiplier(spec)
         assert sigma is not None
-        noised = layout.noise(sigma).privatize(self._bounded_statistics(layout))
+        shares = statistics_shares(spec, members)
+        noised = layout.noise(sigma, shares=shares).privatize(self._bounded_statistics(layout))
         self.ledger.keep_statistics(noised.tolist())
         log.info("statistics: noised per record (noise multiplier %.3g; epsilon %.4g of the budget, delta %g)",
                  sigma, statistics_epsilon(spec), spec.privacy.differential_privacy.delta)
@@ -555,6 +587,8 @@ class ParticipantNode:
         if unmasks_update:
             self._check_budget(stub, task.round)  # these shares let the round's sum of updates out
             self._check_noised_survivors(stub, task)
+        elif task.kind == pb.Task.SECAGG_UNMASK and task.secagg.phase == pb.SecAggTask.STATISTICS:
+            self._check_noised_survivors(stub, task)  # pooled mode shares the statistics' noise too
         try:
             answer = self.contribution.answer(task)
         except ValueError as err:

@@ -251,8 +251,11 @@ def _run(options: RunOptions, console: Any) -> tuple[int, dict[str, Any]]:
     )
     dp = fed.spec.privacy.differential_privacy
     if dp.enabled:
+        from fedcrm.privacy.plans import privacy_plan
+
         console.print(f"differential privacy [bold]{dp.mode}[/]: budget epsilon {dp.epsilon:g}, delta {dp.delta:g}; "
                       "training stops before a round that would exceed it")
+        console.print(f"  plan: {privacy_plan(fed.spec)}")
     with RunProgress(console, fed.spec.training.rounds, len(inputs.participants), private=dp.enabled) as progress:
         result = run_federation(inputs, options.out, test_data=options.test_data, progress=progress,
                                 metrics_port=options.metrics_port)

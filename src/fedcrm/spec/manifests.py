@@ -141,11 +141,11 @@ class Feature(_Model):
             le=1e12,
             description=(
                 "Largest magnitude of a numeric feature's value after its transform, for the preprocessing "
-                "statistics under secure aggregation: each participant clips its values to [-bound, bound] before "
-                "summing them (and logs how many it clipped), so that the masked sums fit the modulus. The "
-                "resolution of the pooled sums grows with it (about bound^2 x participants x 1e-19 on a sum of "
-                "squares, far below float64 rounding for any sensible bound). Numeric features only; unused "
-                "without secure aggregation."
+                "statistics under secure aggregation or differential privacy: each participant clips its values to "
+                "[-bound, bound] before summing them (and logs how many it clipped), so that the masked sums fit "
+                "the modulus and one record's effect is bounded. With differential privacy the statistics' noise "
+                "grows with it (the noise on the feature's mean is about proportional to bound / rows): set it "
+                "close to the values' real range. Numeric features only; unused with neither."
             ),
         ),
     ] = 1e6
@@ -226,6 +226,27 @@ class ModelSpec(_Model):
     ] = None
 
 
+class ServerOptimizer(_Model):
+    """The step the aggregator takes with each round's aggregate (Reddi et al. 2021, "Adaptive Federated
+    Optimization"). ``none`` adds the mean update as it is (FedAvg); ``momentum`` is FedAvgM; ``adam`` is FedAdam,
+    which keeps a noisy aggregate (differential privacy) from setting the step size."""
+
+    name: Annotated[
+        Literal["none", "momentum", "adam"],
+        Field(description="'none' (FedAvg: add the mean update), 'momentum' (FedAvgM) or 'adam' (FedAdam)."),
+    ] = "none"
+    learning_rate: Annotated[
+        float, Field(gt=0, le=100, description="Server step size; 1.0 with 'none' is plain FedAvg.")
+    ] = 1.0
+    momentum: Annotated[
+        float, Field(ge=0, lt=1, description="Momentum ('momentum') or first-moment decay ('adam').")
+    ] = 0.9
+    beta2: Annotated[float, Field(gt=0, lt=1, description="Second-moment decay ('adam').")] = 0.99
+    epsilon: Annotated[
+        float, Field(gt=0, description="Adaptivity floor ('adam'): larger is closer to momentum SGD.")
+    ] = 1e-3
+
+
 class Training(_Model):
     """How the federation trains: rounds of local training followed by one aggregation each."""
 
@@ -259,6 +280,11 @@ class Training(_Model):
         float, Field(gt=0, lt=1, description="Share of each participant's records held out for evaluation.")
     ] = 0.2
     seed: Annotated[int, Field(ge=0, description="Seeds initialisation, splits and shuffling; same seed, same model.")] = 0
+    server_optimizer: Annotated[
+        ServerOptimizer,
+        Field(description="How the aggregator applies each round's aggregate (the mean update, or the mean gradient "
+                          "of differentialPrivacy mode 'pooled')."),
+    ] = Field(default_factory=lambda: ServerOptimizer())
 
     @model_validator(mode="after")
     def _prox(self) -> Training:
@@ -278,8 +304,10 @@ class DifferentialPrivacy(_Model):
     """
 
     mode: Annotated[
-        Literal["none", "sample", "client"],
-        Field(description="'none', 'sample' (DP-SGD per record) or 'client' (DP-FedAvg per participant)."),
+        Literal["none", "sample", "client", "pooled"],
+        Field(description="'none', 'sample' (DP-SGD per record, in each participant), 'client' (DP-FedAvg per "
+                          "participant) or 'pooled' (one central DP-SGD step per round over all participants' records, "
+                          "its noise shared out under secure aggregation)."),
     ] = "none"
     epsilon: Annotated[float | None, Field(description="Total privacy budget over the whole run.")] = None
     delta: Annotated[
@@ -293,6 +321,11 @@ class DifferentialPrivacy(_Model):
         float | None,
         Field(description="Noise standard deviation over the clipping norm; derived from the budget and the planned "
                           "rounds when unset."),
+    ] = None
+    sampling_rate: Annotated[
+        float | None,
+        Field(gt=0, le=1, description="'pooled' only: the Poisson rate at which every participant samples its records "
+                                      "each round (the same for all; 0.5 when unset)."),
     ] = None
 
     @field_validator("epsilon")
@@ -329,12 +362,15 @@ class DifferentialPrivacy(_Model):
     def _complete(self) -> DifferentialPrivacy:
         if self.mode == "none":
             given = [n for n, v in (("epsilon", self.epsilon), ("delta", self.delta),
-                                    ("clippingNorm", self.clipping_norm), ("noiseMultiplier", self.noise_multiplier))
+                                    ("clippingNorm", self.clipping_norm), ("noiseMultiplier", self.noise_multiplier),
+                                    ("samplingRate", self.sampling_rate))
                      if v is not None]
             if given:
-                raise ValueError(f"{', '.join(given)} only apply with mode 'sample' or 'client'; set the mode or "
-                                 "remove them")
+                raise ValueError(f"{', '.join(given)} only apply with mode 'sample', 'client' or 'pooled'; set the "
+                                 "mode or remove them")
             return self
+        if self.sampling_rate is not None and self.mode != "pooled":
+            raise ValueError(f"samplingRate applies to mode 'pooled' only (mode {self.mode!r} derives its own)")
         missing = [n for n, v in (("epsilon", self.epsilon), ("delta", self.delta)) if v is None]
         if missing:
             raise ValueError(f"mode {self.mode!r} needs {' and '.join(missing)}: the budget it must not exceed")
@@ -348,6 +384,11 @@ class DifferentialPrivacy(_Model):
     def clip(self) -> float:
         """The clipping norm, 1.0 when unset."""
         return 1.0 if self.clipping_norm is None else self.clipping_norm
+
+    @property
+    def rate(self) -> float:
+        """'pooled': the Poisson sampling rate, 0.5 when unset."""
+        return 0.5 if self.sampling_rate is None else self.sampling_rate
 
 
 class SecureAggregation(_Model):
@@ -551,6 +592,13 @@ class Federation(_Model):
         if dp.mode == "sample" and self.spec.training.algorithm == "fedprox":
             raise ValueError("spec.privacy.differentialPrivacy: mode 'sample' clips per-record gradients and cannot "
                              "account FedProx's proximal term; use algorithm fedavg or mode 'client'")
+        if dp.mode == "pooled" and not self.spec.privacy.secure_aggregation.enabled:
+            raise ValueError("spec.privacy.differentialPrivacy: mode 'pooled' shares the noise of one central step out "
+                             "among the participants, which only a secure sum can hide; set "
+                             "spec.privacy.secureAggregation.enabled: true (or use mode 'sample')")
+        if dp.mode == "pooled" and self.spec.training.algorithm == "fedprox":
+            raise ValueError("spec.privacy.differentialPrivacy: mode 'pooled' takes one gradient step per round and "
+                             "has no local training for FedProx to regularise; use algorithm fedavg")
         if dp.mode == "client" and dp.noise_multiplier is not None:
             from fedcrm.privacy.accounting import epsilon_for
 

@@ -32,9 +32,10 @@ def ordered_sum(vectors: Iterable[tuple[str, np.ndarray]]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FedAvgStep:
-    weights: np.ndarray  # the new global model (float32)
+    weights: np.ndarray  # the new global model (float32), plain FedAvg
     examples: float  # total training examples behind it
     train_loss: float  # mean training loss over those examples
+    delta: np.ndarray  # the weighted mean update (float64): what a server optimiser steps along
 
 
 def fedavg_step(weights: np.ndarray, fit_total: np.ndarray) -> FedAvgStep:
@@ -45,5 +46,6 @@ def fedavg_step(weights: np.ndarray, fit_total: np.ndarray) -> FedAvgStep:
     examples = float(fit_total[size])
     if examples <= 0:
         raise ValueError("the contributions carry no training examples")
-    new = (weights.astype(np.float64) + fit_total[:size] / examples).astype(np.float32)
-    return FedAvgStep(weights=new, examples=examples, train_loss=float(fit_total[size + 1] / examples))
+    delta = fit_total[:size] / examples
+    new = (weights.astype(np.float64) + delta).astype(np.float32)
+    return FedAvgStep(weights=new, examples=examples, train_loss=float(fit_total[size + 1] / examples), delta=delta)

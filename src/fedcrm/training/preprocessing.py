@@ -134,7 +134,7 @@ class StatisticsLayout:
             offset += width
         self.size = offset
 
-    def noise(self, noise_multiplier: float) -> StatisticsNoise:
+    def noise(self, noise_multiplier: float, *, shares: int = 1) -> StatisticsNoise:
         """Record-level noise for this layout: what one record can change, slot by slot (see
         :class:`fedcrm.privacy.mechanisms.StatisticsNoise`); the vector must be :meth:`bounded`."""
         maxima: list[float] = [1.0, 1.0]  # rows, positives
@@ -155,7 +155,7 @@ class StatisticsLayout:
                 whole += [True] * width
                 touched += 1 if width else 0
         return StatisticsNoise(maxima=tuple(maxima), whole=tuple(whole), touched=touched,
-                               noise_multiplier=noise_multiplier)
+                               noise_multiplier=noise_multiplier, shares=shares)
 
     def clamped(self, total: np.ndarray, *, rows: int | None = None) -> np.ndarray:
         """Noised pooled statistics made consistent again (post-processing, so no privacy cost): counts within
@@ -290,7 +290,7 @@ class StatisticsLayout:
         explain, :data:`NOISE_TOLERANCE` standard deviations out (about 1e-15 for one honest slot)."""
         if total.shape != (self.size,) or not np.all(np.isfinite(total)):
             raise ValueError("statistics must be finite numbers, one per slot of the task's layout")
-        slack = NOISE_TOLERANCE * math.sqrt(contributors) * noise.stds
+        slack = NOISE_TOLERANCE * math.sqrt(contributors) * noise.participant_stds
         rows = total[0]
         if not -slack[0] <= rows <= contributors * MAX_PARTICIPANT_ROWS + slack[0]:
             raise ValueError(f"the row count ({rows:g}) is out of range for {contributors} participant(s), even "

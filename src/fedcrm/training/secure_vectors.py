@@ -26,13 +26,13 @@ import math
 
 import numpy as np
 
-from fedcrm.privacy.mechanisms import ClientNoise
+from fedcrm.privacy.mechanisms import POOLED_BITS, ClientNoise, PooledNoise
 from fedcrm.secagg.segments import Segment, SegmentedQuantizer
-from fedcrm.spec.manifests import FeatureType
+from fedcrm.spec.manifests import FeatureType, FederationSpec
 from fedcrm.training.metrics import BINS
 from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
 
-__all__ = ["LOSS_CAP", "STATISTICS_BITS", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
+__all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
 
 #: The modulus of the statistics' secure sum, fixed here so that both sides derive it and neither takes it from the
 #: other: the vector is a few dozen values, so 8 bytes each cost nothing, and 62 bits (the most the arithmetic
@@ -42,6 +42,16 @@ STATISTICS_BITS = 62
 # Per-example loss assumed when bounding loss sums; binary cross-entropy of a
 # float32 logit cannot exceed ~104, and sums are a metric, not a parameter.
 LOSS_CAP = 120.0
+
+
+def sum_bits(spec: FederationSpec, *, statistics: bool = False, fit: bool = False) -> int:
+    """The modulus (in bits) of one secure sum, as both sides derive it from the terms and never take it from each
+    other: the statistics' and pooled DP-SGD's training sums are fixed in code, the rest use ``spec.bits``."""
+    if statistics:
+        return STATISTICS_BITS
+    if fit and spec.privacy.differential_privacy.mode == "pooled":
+        return POOLED_BITS
+    return spec.privacy.secure_aggregation.bits
 
 
 def validation_bound(train_rows: float, validation_fraction: float, participants: int) -> float:
@@ -66,8 +76,11 @@ def fit_vector(delta: np.ndarray, *, examples: int, loss_sum: float, clip: float
     return np.concatenate([weighted, [float(examples), min(loss_sum, examples * LOSS_CAP)]])
 
 
-def client_dp_fit_quantizer(noise: ClientNoise) -> SegmentedQuantizer:
-    """Client-level DP: the update is already integers within ``noise.element_bound``; each participant weighs 1."""
+def client_dp_fit_quantizer(noise: ClientNoise | PooledNoise) -> SegmentedQuantizer:
+    """Client-level DP: the update is already integers within ``noise.element_bound``; each participant weighs 1.
+
+    Pooled DP-SGD sends the same layout: its noised integer sum of clipped per-record gradients (modulo
+    ``2**POOLED_BITS``), a 1 and its training loss (a metric, outside the guarantee like every loss sum)."""
     n = noise.contributors_max
     return SegmentedQuantizer(
         [
