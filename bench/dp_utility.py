@@ -15,6 +15,11 @@ DP runs draw fresh noise every time, so each is repeated (``--repeats``) and
 reported as mean and spread. Prints a table and writes
 ``bench/results/dp_utility.json`` and ``dp_utility.md``. ``--quick`` runs one
 repeat of each with 5 rounds, as a smoke test of the pipeline.
+
+``--case papers`` runs the papers' scale instead (10 tenants x 10,000 rows, 50
+rounds, the generated manifest's batch size and learning rate), by default
+``central`` and ``pooled`` only (``--settings`` to choose; per-tenant DP-SGD
+at this scale is in the privacy table), into ``dp_utility_papers.*``.
 """
 
 from __future__ import annotations
@@ -43,9 +48,22 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _manifest(data: Path, work: Path, name: str, rounds: int) -> Path:
+#: The data and the training settings of each case (``training`` overrides the generated manifest's).
+CASES: dict[str, dict[str, Any]] = {
+    "small": {"synth": ["--clients", "10", "--rows", "1600", "--min-rows", "30", "--alpha", "0.5"], "rounds": 20,
+              "training": {"batchSize": 32, "learningRate": 0.001}, "settings": list(SETTINGS), "suffix": "",
+              "title": "`fedcrm synth --clients 10 --rows 1600 --min-rows 30 --alpha 0.5`, {rounds} rounds, batch 32, "
+                       "learning rate 0.001"},
+    "papers": {"synth": ["--clients", "10", "--rows", "10000"], "rounds": 50, "training": {},
+               "settings": ["central", "pooled"], "suffix": "_papers",
+               "title": "`fedcrm synth --clients 10 --rows 10000`, {rounds} rounds, the manifest's batch size and "
+                        "learning rate"},
+}
+
+
+def _manifest(data: Path, work: Path, name: str, rounds: int, training: dict[str, Any]) -> Path:
     doc = yaml.safe_load((data / "federation.yaml").read_text())
-    doc["spec"]["training"].update(rounds=rounds, batchSize=32, learningRate=0.001)
+    doc["spec"]["training"].update(rounds=rounds, **training)
     setting = SETTINGS[name]
     if "differentialPrivacy" in setting:
         doc["spec"]["privacy"]["differentialPrivacy"] = setting["differentialPrivacy"]
@@ -56,11 +74,11 @@ def _manifest(data: Path, work: Path, name: str, rounds: int) -> Path:
     return path
 
 
-def _run(name: str, data: Path, work: Path, rounds: int, repeat: int) -> dict[str, Any]:
+def _run(name: str, data: Path, work: Path, rounds: int, training: dict[str, Any], repeat: int) -> dict[str, Any]:
     out = work / f"{name}-{repeat}"
     command = "baseline" if name == "central" else "run"
     started = time.monotonic()
-    proc = subprocess.run([*FEDCRM, command, "--federation", str(_manifest(data, work, name, rounds)),
+    proc = subprocess.run([*FEDCRM, command, "--federation", str(_manifest(data, work, name, rounds, training)),
                            "--participant", *map(str, sorted((data / "participants").glob("*.yaml"))),
                            "--test-data", str(data / "test.csv"), "--out", str(out)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -85,8 +103,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     ref = results["central"]
-    lines = [f"`fedcrm synth --clients 10 --rows 1600 --min-rows 30 --alpha 0.5`, {meta['rounds']} rounds, batch 32, "
-             f"learning rate 0.001, epsilon 1, delta 1e-5; metrics on the held-out test set; DP rows: mean ± sd over "
+    lines = [f"{meta['title']}, epsilon 1, delta 1e-5; metrics on the held-out test set; DP rows: mean ± sd over "
              f"{meta['repeats']} runs.", "",
              "| setting | accuracy | vs central | F1 | AUC | vs central | one-class runs | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -102,32 +119,39 @@ def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each DP setting (default 3)")
-    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="one repeat, 5 rounds: a smoke test")
+    ap.add_argument("--case", choices=sorted(CASES), default="small", help="small skewed tenants (default) or the "
+                    "papers' scale")
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: every setting for 'small', "
+                    "central and pooled for 'papers'")
+    ap.add_argument("--rounds", type=int, help="default 20 ('small') or 50 ('papers')")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
-    repeats, rounds = (1, 5) if args.quick else (args.repeats, args.rounds)
+    case = CASES[args.case]
+    rounds = args.rounds or case["rounds"]
+    repeats, rounds = (1, 5) if args.quick else (args.repeats, rounds)
     with tempfile.TemporaryDirectory(prefix="fedcrm-dp-utility-") as tmp:
         work = Path(tmp)
         data = work / "data"
-        subprocess.run([*FEDCRM, "synth", "--clients", "10", "--rows", "1600", "--min-rows", "30", "--alpha", "0.5",
-                        "--rounds", str(rounds), "--out", str(data)], check=True, capture_output=True)
+        subprocess.run([*FEDCRM, "synth", *case["synth"], "--rounds", str(rounds), "--out", str(data)], check=True,
+                       capture_output=True)
         results: dict[str, Any] = {}
-        for name in SETTINGS:
+        for name in args.settings or case["settings"]:
             n = repeats if name in ("sample", "pooled") else 1
             runs = []
             for i in range(n):
-                runs.append(_run(name, data, work, rounds, i))
+                runs.append(_run(name, data, work, rounds, case["training"], i))
                 print(f"{name} {i + 1}/{n}: accuracy {100 * runs[-1]['accuracy']:.1f}%, AUC {runs[-1]['auc']:.3f} "
                       f"({runs[-1]['seconds']:.0f} s)", file=sys.stderr)
             results[name] = _summary(runs)
-    meta = {"rounds": rounds, "repeats": repeats}
+    meta = {"case": args.case, "rounds": rounds, "repeats": repeats, "title": case["title"].format(rounds=rounds)}
     table = _table(results, meta)
     print(json.dumps({"settings": meta, "results": results}, indent=1))
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "dp_utility.json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
-    (args.results / "dp_utility.md").write_text(table)
+    stem = "dp_utility" + case["suffix"]
+    (args.results / f"{stem}.json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
+    (args.results / f"{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -154,3 +155,31 @@ def test_delta_above_one_over_records_is_warned(tmp_path: Path) -> None:
     fed = _federation("sample", delta=0.05)
     warnings = PrivacyLedger(fed, ["a/p1", "a/p2"], tmp_path).setup(dimension=10, train_rows={"a/p1": 50, "a/p2": 900})
     assert warnings and "larger than 1/50" in warnings[0] and "guarantee is weak" in warnings[0]
+
+
+def _swamp_federation(mode: str, rounds: int, **dp: object) -> Federation:
+    doc: dict[str, Any] = {
+        "metadata": {"name": "f", "namespace": "ns"},
+        "spec": {"task": {"target": "y", "features": [{"name": "x", "type": "numeric", "bound": 10.0}]},
+                 "training": {"rounds": rounds, "batchSize": 32, "minParticipants": 2},
+                 "privacy": {"secureAggregation": {"enabled": True},
+                             "differentialPrivacy": {"mode": mode, "epsilon": 1.0, "delta": 1e-5, **dp}}}}
+    return Federation.model_validate(doc)
+
+
+def test_a_plan_whose_noise_drowns_the_run_is_named_before_training(tmp_path: Path) -> None:
+    """The small-tenant case: tenants of 24 and 100 rows drown in their own DP-SGD noise, a 1,280-row tenant does
+    not; pooled DP-SGD over the same rows does not; client-level DP with ten participants does."""
+    d = 4364  # the synthetic task's model
+    sample = PrivacyLedger(_swamp_federation("sample", 20), ["t/a", "t/b", "t/c"], tmp_path / "s")
+    (warning,) = [w for w in sample.setup(dimension=d, train_rows={"t/a": 24, "t/b": 100, "t/c": 1280})
+                  if "noise over the whole run" in w]
+    assert "at 2 participant(s)" in warning and "worst t/a" in warning and "mode: pooled" in warning
+    pooled = PrivacyLedger(_swamp_federation("pooled", 20), ["t/a", "t/b", "t/c"], tmp_path / "p")
+    assert not [w for w in pooled.setup(dimension=d, train_rows={}, pooled_rows=2668) if "whole run" in w]
+    people = [f"t/{i}" for i in range(10)]
+    client = PrivacyLedger(_swamp_federation("client", 50), people, tmp_path / "c")
+    assert [w for w in client.setup(dimension=d, train_rows={}) if "whole run" in w]
+    # The papers' scale: 8,000 rows per tenant, 50 rounds, batch 64: DP-SGD that works is not warned about.
+    papers = PrivacyLedger(_swamp_federation("sample", 50), ["t/a"], tmp_path / "big")
+    assert not [w for w in papers.setup(dimension=d, train_rows={"t/a": 8000}) if "whole run" in w]

@@ -29,6 +29,7 @@ a second look at the same data.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ from fedcrm.spec.manifests import Federation, FeatureType
 __all__ = ["BudgetExhausted", "PrivacyLedger"]
 
 _FORMAT = "fedcrm.privacy-ledger/v1"
+#: A run whose noise-to-signal ratio (see PrivacyLedger._swamped) is above this is warned about.
+SWAMPED = 1.0
 #: A numeric feature's bound at or above this (the default is 1e6) makes its noised statistics useless.
 LOOSE_BOUND = 1e6
 _FEDERATION = "*"
@@ -93,7 +96,7 @@ class PrivacyLedger:
             state = (saved or {}).get("accountants", {}).get(key)
             self.accountants[key] = RdpAccountant.from_state(state, expected=expected) if state else expected
         self._write()
-        return self._warnings()
+        return self._warnings() + self._swamped(dimension)
 
     def _keys(self) -> list[str]:
         return [_FEDERATION] if self.mode in ("client", "pooled") else sorted(self.train_rows)
@@ -123,6 +126,39 @@ class PrivacyLedger:
                        "grows with each bound, so these features' means and scales are mostly noise. Set each bound "
                        "close to the feature's real range after its transform")
         return out
+
+    def _swamped(self, dimension: int) -> list[str]:
+        """Plans whose noise drowns the whole run. One step's noise on the averaged gradient (or update) is about
+        sigma * C * sqrt(d) / B long (B records or participants averaged, d parameters); over T steps the noise
+        adds up like sqrt(T) and a consistent gradient like T, so the run's noise-to-signal ratio is at least
+        sigma * sqrt(d) / (B * sqrt(T)) (the signal is at most C per step). Above 1 the model may learn one class:
+        the small-tenant failure (a 24-row tenant at epsilon 1: 12; the papers' 8,000-row tenants: 0.01)."""
+        root = math.sqrt(max(dimension, 1))
+        rounds = self.spec.training.rounds
+        if self.mode == "sample":
+            ratios = {k: a.noise_multiplier * root / (max(a.q * self.train_rows[k], 1.0)
+                                                      * math.sqrt(a.steps_per_release * rounds))
+                      for k, a in self.accountants.items() if k in self.train_rows}
+            drowned = sorted((k for k, r in ratios.items() if r > SWAMPED), key=lambda k: -ratios[k])
+            if not drowned:
+                return []
+            worst = drowned[0]
+            return [f"differential privacy: at {len(drowned)} participant(s) the DP-SGD noise over the whole run is "
+                    f"larger than the gradients can be (worst {worst}: {ratios[worst]:.1f}x, noise multiplier "
+                    f"{self.accountants[worst].noise_multiplier:.3g} over {self.train_rows[worst]} rows); the model may "
+                    "learn little or one class. Pool the noise over all participants with "
+                    "spec.privacy.differentialPrivacy.mode: pooled, or raise epsilon, batchSize or train fewer rounds"]
+        if self.mode in ("client", "pooled") and self.noise is not None:
+            batch = (self.dp.rate * self.pooled_rows if self.mode == "pooled" else len(self.participants))
+            ratio = self.noise.noise_multiplier * root / (max(batch, 1.0) * math.sqrt(rounds))
+            if ratio > SWAMPED:
+                unit = "records sampled" if self.mode == "pooled" else "participants"
+                return [f"differential privacy: the noise over the whole run is {ratio:.1f}x larger than the averaged "
+                        f"{'gradients' if self.mode == 'pooled' else 'updates'} can be (noise multiplier "
+                        f"{self.noise.noise_multiplier:.3g}, {batch:.0f} {unit} per round, {dimension} parameters); "
+                        "the model may learn little. Raise epsilon, samplingRate or the number of participants, train "
+                        "fewer rounds, or use a smaller model"]
+        return []
 
     # ----------------------------------------------------------------- persistence
     def _read(self) -> dict[str, Any] | None:
