@@ -142,10 +142,9 @@ def test_an_aggregator_running_more_rounds_than_the_budget_planned_is_refused(
 def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants(
         small_federation: SynthResult, tmp_path: Path, lying_aggregator: Any) -> None:
     """Five participants planned (t_min = 4 at threshold 0.8), three show up: their sum would carry 3/4 of the
-    noise the epsilon assumes. No unmasking share is ever asked for: the secure sum's graph spans the whole member
-    list (absent members are holders that never answer), so it is abandoned when keys are advertised; the
-    aggregator's own t_min check before unmasking stands behind it for sparse graphs, whose neighbourhood
-    threshold is below t_min."""
+    noise the epsilon assumes. No unmasking share is ever asked for: the member list agreed before the first secure
+    sum holds the three that came, so the aggregator's own t_min check stops the round before unmasking (and with
+    this complete graph each participant would refuse to unmask it too)."""
     def planned_five(spec: dict[str, Any]) -> None:
         spec["participants"]["namespaces"] += ["tenant-98", "tenant-99"]  # two tenants that never come
         spec["training"].update(rounds=2, minParticipants=2, roundTimeoutSeconds=20)  # node processes import torch first
