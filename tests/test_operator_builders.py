@@ -1,18 +1,22 @@
-"""The operator's pure parts: object builders, admission, conditions, generated CRDs, network isolation."""
+"""The operator's pure parts: object builders, owner references, admission, conditions, the enrollment timer,
+generated CRDs, network isolation."""
 
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import yaml
-from fedcrm_operator import builders
+from fedcrm_operator import builders, enrollment
 from fedcrm_operator.admission import decide
 from fedcrm_operator.conditions import condition, set_condition
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import changed_sections, parse_federation
 from fedcrm_operator.settings import OperatorSettings
+from hypothesis import given
+from hypothesis import strategies as st
 from netpol import Pod, allowed, selects
 
 from fedcrm.spec.crds import crd_manifests
@@ -589,3 +593,161 @@ def test_children_of_participants_no_longer_admitted_are_removed_by_name_and_abs
     _remove_children(kube, NAMES, bodies, keep={"tenant-a/crm"}, kinds=_BY_NAME)
     assert len(deleted) == 4  # known absent: no second request
     assert kube.due("sweep", 30) and not kube.due("sweep", 30)
+
+
+# --------------------------------------------------------------------------- enrollment timer
+
+UTC = timezone.utc
+MOMENTS = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2900, 12, 31), timezones=st.just(UTC))
+
+
+@st.composite
+def rfc3339(draw: st.DrawFn) -> tuple[str, datetime]:
+    """A timestamp as some writer may put it (RFC 3339 and the ISO 8601 forms Kubernetes' date-time accepts),
+    and the instant it means (fractions past microseconds cut off)."""
+    moment = draw(MOMENTS)
+    zone = draw(st.sampled_from(["Z", "z", "offset", "offset-no-colon", "none", "-00:00"]))
+    minutes = draw(st.integers(-(23 * 60 + 59), 23 * 60 + 59)) if zone.startswith("offset") else 0
+    local = moment.astimezone(timezone(timedelta(minutes=minutes)))
+    digits = draw(st.integers(0, 9))
+    nanos = f"{local.microsecond:06d}{draw(st.integers(0, 999)):03d}"
+    fraction = "" if digits == 0 else draw(st.sampled_from([".", ","])) + nanos[:digits]
+    sign, magnitude = ("-" if minutes < 0 else "+"), abs(minutes)
+    suffix = {"offset": f"{sign}{magnitude // 60:02d}:{magnitude % 60:02d}",
+              "offset-no-colon": f"{sign}{magnitude // 60:02d}{magnitude % 60:02d}",
+              "none": ""}.get(zone, zone)
+    separator = draw(st.sampled_from(["T", "t", " "]))
+    text = local.strftime(f"%Y-%m-%d{separator}%H:%M:%S") + fraction
+    kept = int(nanos[:min(digits, 6)].ljust(6, "0")) if digits else 0
+    return text + suffix, moment.replace(microsecond=kept - local.microsecond + moment.microsecond)
+
+
+@given(rfc3339())
+def test_any_rfc3339_form_of_a_time_reads_as_that_instant(case: tuple[str, datetime]) -> None:
+    text, instant = case
+    parsed = enrollment.parse_time(text)
+    assert parsed == instant and parsed is not None and parsed.utcoffset() == timedelta(0), text
+
+
+@given(MOMENTS)
+def test_a_written_time_reads_back_to_the_second(moment: datetime) -> None:
+    written = enrollment.format_time(moment)
+    assert written.endswith("Z") and len(written) == 20
+    assert enrollment.parse_time(written) == moment.replace(microsecond=0)
+
+
+@given(st.one_of(st.text(max_size=40), st.none(), st.integers(), st.floats(), st.lists(st.integers())))
+def test_reading_anything_never_raises(value: Any) -> None:
+    parsed = enrollment.parse_time(value)
+    assert parsed is None or parsed.tzinfo is not None
+
+
+@pytest.mark.parametrize("text", ["", "now", "2024-02-30T00:00:00Z", "2024-01-01T24:00:00Z", "2024-01-01T00:00:00+24:00",
+                                  "2024-01-01T00:00:00+01:60", "2024-01-01", "00:00:00Z", "2024-1-1T00:00:00Z",
+                                  "2024-01-01T00:00:00Z trailing", "0001-01-01T00:00:00+01:00"])
+def test_what_is_not_a_timestamp_reads_as_none(text: str) -> None:
+    assert enrollment.parse_time(text) is None
+
+
+def test_a_leap_second_and_minute_precision_are_read() -> None:
+    assert enrollment.parse_time("2016-12-31T23:59:60Z") == datetime(2016, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert enrollment.parse_time("2024-05-01T10:30+02:00") == datetime(2024, 5, 1, 8, 30, tzinfo=UTC)
+
+
+NOW = datetime(2026, 11, 30, 20, 0, 0, tzinfo=UTC)
+
+
+def enrolling(timeout: float = 60, minimum: int = 2) -> Federation:
+    return federation(training={"minParticipants": minimum},
+                      participants={"namespaces": ["tenant-a", "tenant-b", "tenant-c"], "enrollmentTimeoutSeconds": timeout})
+
+
+def joined(*namespaces: str) -> list[Participant]:
+    return [participant(ns) for ns in namespaces]
+
+
+def test_enrollment_waits_below_the_minimum_and_forgets_an_earlier_minimum() -> None:
+    closing = enrollment.closes(enrolling(), joined("tenant-a"), {"minReachedAt": "2026-11-30T19:00:00Z"}, now=NOW)
+    assert not closing.start and closing.enrollment is None
+    assert (closing.condition["status"], closing.condition["reason"]) == ("False", "WaitingForParticipants")
+
+
+def test_the_minimum_reached_records_the_time_once_and_training_starts_after_the_timeout() -> None:
+    fed, two = enrolling(timeout=60), joined("tenant-a", "tenant-b")
+    first = enrollment.closes(fed, two, None, now=NOW)
+    assert not first.start and first.enrollment == {"minReachedAt": "2026-11-30T20:00:00Z"}
+    assert (first.condition["status"], first.condition["reason"]) == ("False", "MinimumReached")
+    assert "at 2026-11-30T20:01:00Z" in first.message
+    later = enrollment.closes(fed, two, first.enrollment, now=NOW + timedelta(seconds=59))
+    assert not later.start and later.enrollment == first.enrollment and later.message == first.message
+    due = enrollment.closes(fed, two, later.enrollment, now=NOW + timedelta(seconds=60))
+    assert due.start and due.enrollment == first.enrollment
+    assert (due.condition["status"], due.condition["reason"]) == ("True", "TimeoutReached")
+
+
+def test_every_allowed_namespace_joined_starts_at_once() -> None:
+    closing = enrollment.closes(enrolling(timeout=3600), joined("tenant-a", "tenant-b", "tenant-c"), None, now=NOW)
+    assert closing.start and closing.condition["reason"] == "AllJoined" and closing.enrollment is None
+
+
+@pytest.mark.parametrize("recorded", ["soon", "2026-13-01T00:00:00Z", 17, "2027-01-01T00:00:00Z"])
+def test_an_unreadable_or_future_time_restarts_the_timer_with_a_log_line(recorded: Any, caplog: pytest.LogCaptureFixture) -> None:
+    closing = enrollment.closes(enrolling(timeout=60), joined("tenant-a", "tenant-b"), {"minReachedAt": recorded}, now=NOW)
+    assert not closing.start and closing.enrollment == {"minReachedAt": "2026-11-30T20:00:00Z"}
+    assert "minReachedAt" in caplog.text and "restarts now" in caplog.text
+
+
+def test_a_time_a_little_ahead_of_this_clock_is_kept() -> None:
+    """Operator replicas' clocks differ by a little: that is no reason to restart the timeout."""
+    ahead = {"minReachedAt": "2026-11-30T20:00:30Z"}
+    assert enrollment.closes(enrolling(timeout=60), joined("tenant-a", "tenant-b"), ahead, now=NOW).enrollment == ahead
+
+
+@given(rfc3339(), st.floats(0.5, 10_000), st.floats(-30, 20_000))
+def test_training_starts_exactly_when_the_timeout_has_passed_since_the_recorded_time(
+        case: tuple[str, datetime], timeout: float, elapsed: float) -> None:
+    text, instant = case
+    now = instant + timedelta(seconds=elapsed)
+    closing = enrollment.closes(enrolling(timeout=timeout), joined("tenant-a", "tenant-b"), {"minReachedAt": text}, now=now)
+    assert closing.start == ((now - instant).total_seconds() >= timeout)
+    assert closing.enrollment == {"minReachedAt": text}  # read as it is, never rewritten
+
+
+# --------------------------------------------------------------------------- owner references
+
+
+def _owner(kind: str, namespace: str, name: str = "crm", uid: str = "0f1e") -> dict[str, Any]:
+    return {"apiVersion": "fedcrm.io/v1alpha1", "kind": kind,
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": {"team": "sales"}},
+            "spec": {}}
+
+
+def test_children_in_their_owners_namespace_get_one_controller_reference_through_kopf() -> None:
+    import kopf
+
+    fed, p = federation(), participant()
+    owner = _owner("Participant", "tenant-a")
+    built = builders.participant_config_map(NAMES, fed, p)
+    owned = builders.owned_by(built, owner)
+    assert "ownerReferences" not in built["metadata"]  # the builder's own dict is left alone
+    expected = kopf.build_owner_reference(kopf.Body(owner), controller=True, block_owner_deletion=False)
+    assert owned["metadata"]["ownerReferences"] == [expected]
+    assert expected == {"apiVersion": "fedcrm.io/v1alpha1", "kind": "Participant", "name": "crm", "uid": "0f1e",
+                        "controller": True, "blockOwnerDeletion": False}
+    assert builders.owned_by(owned, owner)["metadata"]["ownerReferences"] == [expected]  # once, however often
+    assert owned["metadata"]["labels"] == built["metadata"]["labels"]  # the tenant's labels stay on its object
+
+
+def test_a_federation_owns_its_coordinator_children_but_never_a_tenant_namespace_child() -> None:
+    fed, p = federation(), participant()
+    owner = _owner("Federation", "coord", name="churn")
+    for child in [builders.aggregator_stateful_set(NAMES, SETTINGS, config_digest="d"), builders.service_monitor(NAMES),
+                  *builders.aggregator_services(NAMES, SETTINGS), builders.aggregator_network_policy(NAMES, ["tenant-a"], SETTINGS)]:
+        refs = builders.owned_by(child, owner)["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["controller"]) for r in refs] == [("Federation", "churn", True)]
+    for child in [_job(fed, p), builders.participant_network_policy(NAMES, p, SETTINGS)]:
+        # The garbage collector would look for a Federation in tenant-a, find none and delete the child.
+        assert "ownerReferences" not in builders.owned_by(child, owner)["metadata"]
+    assert "ownerReferences" not in builders.owned_by(_job(fed, p), None)["metadata"]
+    unsaved = {**owner, "metadata": {**owner["metadata"], "uid": None, "namespace": "tenant-a"}}
+    assert "ownerReferences" not in builders.owned_by(_job(fed, p), unsaved)["metadata"]

@@ -9,7 +9,10 @@ NetworkPolicy admits) in one readable place, unit-testable without a cluster.
 from __future__ import annotations
 
 import base64
+import copy
 from typing import Any
+
+import kopf
 
 from fedcrm.data.credentials import MOUNT_PATH as CREDENTIALS_DIR
 from fedcrm.exit_codes import NodeExitCode
@@ -28,6 +31,7 @@ __all__ = [
     "aggregator_stateful_set",
     "ca_secret",
     "client_secret",
+    "owned_by",
     "participant_config_map",
     "participant_network_policy",
     "server_secret",
@@ -84,6 +88,29 @@ def _pod_security() -> dict[str, Any]:
         "fsGroup": CONTAINER_UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def owned_by(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
+    """``obj`` with a controller owner reference to ``owner`` (a Federation or Participant as the API serves
+    it), when both are in one namespace; otherwise ``obj`` unchanged. ``obj`` itself is never modified.
+
+    The reference is kopf's (:func:`kopf.append_owner_reference`, as :func:`kopf.adopt` sets it) with
+    ``controller: true``, so the garbage collector removes the child with its owner and ``kubectl`` shows who
+    manages it. Not :func:`kopf.adopt` itself: it would also copy the owner's labels (the tenant's own, for a
+    Participant) onto the child, whose labels the sweeps select on. ``blockOwnerDeletion`` stays false:
+    setting it needs ``update`` on the owner's ``finalizers`` subresource where the API server enforces
+    owner-reference permissions, and nothing here needs an owner's deletion to wait for its children.
+
+    An owner reference cannot cross namespaces (the garbage collector would look for the owner in the child's
+    namespace, find nothing and delete the child), so a Federation's children in tenant namespaces carry only
+    its labels and go through its finalizer.
+    """
+    meta = (owner or {}).get("metadata") or {}
+    if owner is None or not meta.get("uid") or meta.get("namespace") != obj["metadata"].get("namespace"):
+        return obj
+    out = copy.deepcopy(obj)
+    kopf.append_owner_reference(out, kopf.Body(owner), controller=True, block_owner_deletion=False)
+    return out
 
 
 # --------------------------------------------------------------------------- coordinator side

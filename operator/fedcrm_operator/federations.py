@@ -23,7 +23,7 @@ from fedcrm.errors import ManifestError
 from fedcrm.pki import CertificateAuthority
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm.spec.manifests import Federation, Participant, Phase
-from fedcrm_operator import builders
+from fedcrm_operator import builders, enrollment
 from fedcrm_operator.admission import (
     ACCESS_NOT_GRANTED,
     Decision,
@@ -90,11 +90,11 @@ def _candidates(bodies: list[dict[str, Any]]) -> list[Participant]:
     return sorted(out, key=lambda p: p.identity)
 
 
-def _ca(kube: Kube, names: Names) -> CertificateAuthority:
+def _ca(kube: Kube, names: Names, owner: dict[str, Any]) -> CertificateAuthority:
     """The federation's CA: created once, then always read back, so certificates stay valid across restarts."""
     def build() -> dict[str, Any]:
         fresh = CertificateAuthority.create(f"{names.namespace}/{names.federation}")
-        return builders.ca_secret(names, cert_pem=fresh.cert_pem, key_pem=fresh.key_pem)
+        return builders.owned_by(builders.ca_secret(names, cert_pem=fresh.cert_pem, key_pem=fresh.key_pem), owner)
 
     held = kube.ensure("v1", "Secret", names.namespace, names.ca_secret, build)
     data = held.get("data") or {}
@@ -111,25 +111,6 @@ def _server_hosts(names: Names, settings: OperatorSettings) -> list[str]:
     ]
 
 
-def _owner(participant_body: dict[str, Any]) -> dict[str, Any]:
-    meta = participant_body["metadata"]
-    return {
-        "apiVersion": API,
-        "kind": "Participant",
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": False,
-        "blockOwnerDeletion": False,
-    }
-
-
-def _with_owner(obj: dict[str, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
-    """Tenant children are owned by their Participant (same namespace), so deleting it removes them."""
-    if owner is not None:
-        obj["metadata"]["ownerReferences"] = [owner]
-    return obj
-
-
 def _tenant_children(
     kube: Kube, names: Names, federation: Federation, participant: Participant, body: dict[str, Any] | None,
     ca: CertificateAuthority, settings: OperatorSettings, *, finished: bool,
@@ -137,20 +118,19 @@ def _tenant_children(
     """The participant's certificate, config, policy and training Job (the Job only while the federation runs:
     a Job deleted after the federation finished is not brought back to dial a finished aggregator)."""
     ns, name = participant.metadata.namespace, participant.metadata.name
-    owner = _owner(body) if body and body.get("metadata", {}).get("uid") else None
 
     def certificate() -> dict[str, Any]:
         issued = ca.issue_client(participant.identity)
         secret = builders.client_secret(names, participant, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
-        return _with_owner(secret, owner)
+        return builders.owned_by(secret, body)
 
     def job() -> dict[str, Any]:
         connect_timeout = federation.spec.participants.enrollment_timeout_seconds + 600
-        return _with_owner(builders.training_job(names, federation, participant, settings, connect_timeout=connect_timeout), owner)
+        return builders.owned_by(builders.training_job(names, federation, participant, settings, connect_timeout=connect_timeout), body)
 
     kube.ensure("v1", "Secret", ns, names.client_secret(name), certificate)
-    kube.apply(_with_owner(builders.participant_config_map(names, federation, participant), owner))
-    kube.apply(_with_owner(builders.participant_network_policy(names, participant, settings), owner))
+    kube.apply(builders.owned_by(builders.participant_config_map(names, federation, participant), body))
+    kube.apply(builders.owned_by(builders.participant_network_policy(names, participant, settings), body))
     if not finished:
         kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
 
@@ -231,30 +211,6 @@ def _started_with(kube: Kube, names: Names) -> AggregatorConfig | None:
         return None
 
 
-def _enrollment_closes(federation: Federation, admitted: list[Participant], conditions: list[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]], str]:
-    """Whether training starts now; records when the minimum was first reached."""
-    spec = federation.spec
-    need = spec.training.min_participants
-    namespaces = {p.metadata.namespace for p in admitted}
-    if len(admitted) < need:
-        msg = f"{len(admitted)} of at least {need} participants admitted; waiting for more"
-        return False, set_condition(conditions, condition("Enrolled", False, "WaitingForParticipants", msg)), msg
-    if namespaces >= set(spec.participants.namespaces):
-        msg = f"every allowed namespace joined ({len(admitted)} participants)"
-        return True, set_condition(conditions, condition("Enrolled", True, "AllJoined", msg)), msg
-    reached = find(conditions, "Enrolled")
-    if not reached or reached.get("reason") != "MinimumReached":
-        msg = (f"{len(admitted)} participants admitted; training starts when every allowed namespace joins, "
-               f"or {spec.participants.enrollment_timeout_seconds:.0f}s from now")
-        return False, set_condition(conditions, condition("Enrolled", None, "MinimumReached", msg)), msg
-    since = dt.datetime.strptime(reached["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-    waited = (dt.datetime.now(dt.timezone.utc) - since).total_seconds()
-    if waited >= spec.participants.enrollment_timeout_seconds:
-        msg = f"enrollment timeout reached with {len(admitted)} participants"
-        return True, set_condition(conditions, condition("Enrolled", True, "TimeoutReached", msg)), msg
-    return False, conditions, reached.get("message", "")
-
-
 def reconcile(
     kube: Kube, body: dict[str, Any], participant_bodies: list[dict[str, Any]], settings: OperatorSettings
 ) -> Outcome:
@@ -282,18 +238,20 @@ def reconcile(
 
     # Coordinator side. The operator chart grants the operator its rights only in its coordinatorNamespaces.
     try:
-        ca = _ca(kube, names)
+        ca = _ca(kube, names, body)
 
         def server_certificate() -> dict[str, Any]:
             issued = ca.issue_server(_server_hosts(names, settings))
-            return builders.server_secret(names, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
+            return builders.owned_by(
+                builders.server_secret(names, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem), body)
 
         kube.ensure("v1", "Secret", names.namespace, names.server_secret, server_certificate)
         for service in builders.aggregator_services(names, settings):
-            kube.apply(service)
-        kube.apply(builders.aggregator_network_policy(names, [p.metadata.namespace for p in admitted], settings))
+            kube.apply(builders.owned_by(service, body))
+        kube.apply(builders.owned_by(
+            builders.aggregator_network_policy(names, [p.metadata.namespace for p in admitted], settings), body))
         if kube.has_kind("monitoring.coreos.com/v1", "ServiceMonitor"):
-            kube.apply(builders.service_monitor(names))
+            kube.apply(builders.owned_by(builders.service_monitor(names), body))
     except AccessDenied as err:
         if err.namespace not in (None, names.namespace):
             raise
@@ -334,7 +292,12 @@ def reconcile(
     # Enrollment -> training.
     message = ""
     if phase is Phase.enrolling:
-        start, conditions, message = _enrollment_closes(federation, ready, conditions)
+        closing = enrollment.closes(federation, ready, status.get("enrollment"), now=dt.datetime.now(dt.timezone.utc))
+        conditions, message, start = set_condition(conditions, closing.condition), closing.message, closing.start
+        if closing.enrollment is not None:
+            status["enrollment"] = closing.enrollment
+        elif "enrollment" in status:
+            status["enrollment"] = None  # a merge patch removes it; the next pass finds it absent
         if start:
             training_ids = [p.identity for p in ready]
             phase = Phase.training
@@ -348,10 +311,11 @@ def reconcile(
         # training started with (a refused change never reaches the aggregator).
         if status.get("trainingSpecDigest") == frozen_digest(federation) or _started_with(kube, names) is not None:
             held = kube.ensure("v1", "ConfigMap", names.namespace, names.aggregator_config,
-                               lambda: builders.aggregator_config_map(names, federation, training_ids, settings))
+                               lambda: builders.owned_by(
+                                   builders.aggregator_config_map(names, federation, training_ids, settings), body))
             digest = hashlib.sha256(held["data"][builders.AGGREGATOR_CONFIG_KEY].encode()).hexdigest()[:16]
             kube.ensure("apps/v1", "StatefulSet", names.namespace, names.aggregator,
-                        lambda: builders.aggregator_stateful_set(names, settings, config_digest=digest))
+                        lambda: builders.owned_by(builders.aggregator_stateful_set(names, settings, config_digest=digest), body))
         else:
             conditions = set_condition(conditions, condition(
                 "AggregatorReachable", False, "ConfigLost",

@@ -3,9 +3,10 @@
 Federations and Participants are reconciled on every change and, as a safety
 net for cross-object dependencies (a Participant that appears before its
 Federation, a Job that finishes), on a short timer. A Federation carries a
-finalizer because its children live in other namespaces, where owner
-references cannot reach; a Participant's children are owned by it (same
-namespace) and go with it.
+finalizer because some of its children live in other namespaces, where owner
+references cannot reach (those in its own namespace carry a controller owner
+reference too); a Participant's children are owned by it (same namespace,
+controller owner references) and go with it.
 """
 
 from __future__ import annotations

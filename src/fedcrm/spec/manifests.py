@@ -542,6 +542,18 @@ class Condition(_Model):
 CONDITIONS_LIST = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
+class EnrollmentStatus(_Model):
+    """The enrollment timer, written by the operator."""
+
+    min_reached_at: Annotated[
+        str | None,
+        Field(description="When spec.training.minParticipants were admitted (RFC 3339); training starts "
+                          "spec.participants.enrollmentTimeoutSeconds later unless every allowed namespace joins "
+                          "first. Removed if the admitted fall below the minimum again.",
+              json_schema_extra={"format": "date-time"}),
+    ] = None
+
+
 class FederationStatus(_Model):
     """Written by the operator; round progress comes from the aggregator."""
 
@@ -561,8 +573,13 @@ class FederationStatus(_Model):
     ] = Field(default_factory=dict)
     accuracy: Annotated[str, Field(description="Last round's accuracy in percent, for kubectl get.")] = ""
     conditions: Annotated[
-        list[Condition], Field(description="Ready, Enrolled, SpecAccepted.", json_schema_extra=CONDITIONS_LIST)
+        list[Condition],
+        Field(description="Ready, Enrolled, SpecAccepted, AggregatorReachable, ModelHealthy.",
+              json_schema_extra=CONDITIONS_LIST),
     ] = Field(default_factory=list)
+    enrollment: Annotated[
+        EnrollmentStatus | None, Field(description="The enrollment timer (absent until minParticipants are admitted).")
+    ] = None
     model_digest: Annotated[str | None, Field(description="sha256 of the final model.")] = None
     training_spec_digest: Annotated[
         str | None, Field(description="Digest of the task/model/training/privacy the running training uses.")
