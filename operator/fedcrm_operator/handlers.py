@@ -165,7 +165,9 @@ def participant_tick(**kwargs: Any) -> None:
     _participant_pass(**kwargs)
 
 
-@kopf.on.delete(GROUP, VERSION, "participants", optional=True)  # optional: no finalizer on the tenant's object
+# optional: this handler asks for no finalizer. The timer above puts kopf's on the Participant all the same (kopf
+# stops a timer through it); the operator removes it on deletion, and the children go by owner references.
+@kopf.on.delete(GROUP, VERSION, "participants", optional=True)
 def participant_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.participant_phases.pop(f"{body['metadata']['namespace']}/{body['metadata']['name']}", None)
     metrics.count_phases(metrics.PARTICIPANTS, memo.participant_phases, [p.value for p in ParticipantPhase])
