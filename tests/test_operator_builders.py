@@ -751,3 +751,72 @@ def test_a_federation_owns_its_coordinator_children_but_never_a_tenant_namespace
     assert "ownerReferences" not in builders.owned_by(_job(fed, p), None)["metadata"]
     unsaved = {**owner, "metadata": {**owner["metadata"], "uid": None, "namespace": "tenant-a"}}
     assert "ownerReferences" not in builders.owned_by(_job(fed, p), unsaved)["metadata"]
+
+
+class RecordingKube:
+    """Just enough of :class:`fedcrm_operator.kube.Kube` for one Federation pass: every object it would create or
+    apply is kept by (kind, namespace, name)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def _key(self, obj: dict[str, Any]) -> tuple[str, str, str]:
+        return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+    def ensure(self, api_version: str, kind: str, namespace: str, name: str, build: Any) -> dict[str, Any]:
+        return self.objects.setdefault((kind, namespace, name), build())
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        self.objects[self._key(obj)] = obj
+
+    def has_kind(self, api_version: str, kind: str) -> bool:
+        return True
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, namespace, name))
+
+    def patch_status(self, *_: Any) -> None:
+        pass
+
+    def delete_named(self, *_: Any) -> None:
+        pass
+
+    def due(self, *_: Any) -> bool:
+        return False
+
+
+def _participant_body(ns: str) -> dict[str, Any]:
+    return {"apiVersion": "fedcrm.io/v1alpha1", "kind": "Participant",
+            "metadata": {"name": "crm", "namespace": ns, "uid": f"uid-{ns}"},
+            "spec": {"federationRef": {"name": "churn", "namespace": "coord"},
+                     "data": {"pvc": {"claimName": "crm-data", "path": "leads.csv"}, "mapping": {"converted": "Converted"}}}}
+
+
+def test_a_pass_records_the_minimum_once_owns_what_it_may_and_removes_the_timer_below_the_minimum() -> None:
+    from fedcrm_operator.federations import reconcile
+
+    kube = RecordingKube()
+    body: dict[str, Any] = {
+        "apiVersion": "fedcrm.io/v1alpha1", "kind": "Federation",
+        "metadata": {"name": "churn", "namespace": "coord", "uid": "uid-fed", "generation": 1},
+        "spec": {"task": TASK, "training": {"minParticipants": 2},
+                 "participants": {"namespaces": ["tenant-a", "tenant-b", "tenant-c"], "enrollmentTimeoutSeconds": 3600}},
+    }
+    two = [_participant_body("tenant-a"), _participant_body("tenant-b")]
+    status = reconcile(kube, body, two, SETTINGS).status  # type: ignore[arg-type]
+    reached = status["enrollment"]["minReachedAt"]
+    assert status["phase"] == "Enrolling" and enrollment.parse_time(reached) is not None
+    assert next(c for c in status["conditions"] if c["type"] == "Enrolled")["reason"] == "MinimumReached"
+    again = reconcile(kube, {**body, "status": status}, two, SETTINGS).status  # type: ignore[arg-type]
+    assert again["enrollment"] == {"minReachedAt": reached}  # written once
+
+    for (kind, namespace, name), obj in kube.objects.items():
+        refs = [(r["kind"], r["uid"], r["controller"]) for r in obj["metadata"].get("ownerReferences", [])]
+        owner = ("Federation", "uid-fed", True) if namespace == "coord" else ("Participant", f"uid-{namespace}", True)
+        assert refs == [owner], (kind, namespace, name)
+    assert {ns for _, ns, _ in kube.objects} == {"coord", "tenant-a", "tenant-b"}
+
+    below = reconcile(kube, {**body, "status": again}, two[:1], SETTINGS).status  # type: ignore[arg-type]
+    assert "enrollment" in below and below["enrollment"] is None  # a merge patch's null removes it
+    gone = {k: v for k, v in below.items() if k != "enrollment"}
+    assert "enrollment" not in reconcile(kube, {**body, "status": gone}, two[:1], SETTINGS).status  # type: ignore[arg-type]
