@@ -502,7 +502,8 @@ def test_a_ground_member_list_shown_to_everyone_no_longer_chooses_the_graph(monk
 
 def test_two_parts_of_the_federation_cannot_be_shown_two_lists() -> None:
     """Half the honest members see the real list, the victim's side a list without the others: the right side's
-    agreement cannot complete, and nobody signs a second list the aggregator could re-roll with."""
+    agreement cannot complete, and a member that signs another list after it forgets its commitment to the first,
+    so that list cannot complete later either (nothing was revealed under it)."""
     members, victim, colluders, params = _sparse_federation()
     honest = sorted(set(members) - colluders)
     left = set(honest[: len(honest) // 2]) | colluders
@@ -514,8 +515,10 @@ def test_two_parts_of_the_federation_cannot_be_shown_two_lists() -> None:
         if cid not in left:  # the right side signed the real list, which the left never signed
             with pytest.raises(ProtocolViolation, match="not signed by every member on it"):
                 agreements[cid].accept(members, relayed)
-    with pytest.raises(ProtocolViolation, match="already signed another member list"):
-        agreements[honest[-1]].sign({cid: name for cid, name in members.items() if cid != victim})
+    again = agreements[honest[-1]].sign({cid: name for cid, name in members.items() if cid != victim})
+    assert again.commitment != relayed[honest[-1]].commitment  # new bytes: the first list's commitment is orphaned
+    with pytest.raises(ProtocolViolation, match="other than the one this participant signed"):
+        agreements[honest[-1]].accept(members, relayed)
     with pytest.raises(ProtocolViolation, match="no member list was agreed"):
         _victim_client(victim, members, params, public_seed(FEDERATION, 1, 1, members), agreements[victim])
 
@@ -562,7 +565,7 @@ def test_the_agreed_list_is_the_only_one_accepted_after() -> None:
     smaller = {cid: members[cid] for cid in (2, 5, 8)}
     with pytest.raises(ProtocolViolation, match="not the one every member agreed on"):
         _victim_client(2, smaller, SecAggParams(), public_seed(FEDERATION, 2, 1, smaller, salt), agreements[2])
-    with pytest.raises(ProtocolViolation, match="already signed another member list"):
+    with pytest.raises(ProtocolViolation, match="already revealed its random bytes for another member list"):
         agreements[2].sign(smaller)
 
 
@@ -597,3 +600,83 @@ def test_any_member_list_not_signed_by_every_member_on_it_is_refused(data: st.Da
             agreement.accept(members, relayed)
         with pytest.raises(ProtocolViolation, match="no member list accepted"):
             agreement.echo()
+
+
+# ----------------------------------------------------------------- abandoned lists: a silent member is left out
+
+
+def _four() -> tuple[dict[int, str], dict[int, MemberAgreement]]:
+    members = {cid: identity_of(cid) for cid in (2, 5, 8, 11)}
+    return members, {cid: _agreement(cid) for cid in members}
+
+
+def test_a_member_signs_a_smaller_list_after_the_sign_step_was_abandoned() -> None:
+    """Member 11 hangs before signing: the aggregator abandons the list and the others sign one without it, with new
+    random bytes; the abandoned list can never be accepted by them after (their commitments to it are forgotten)."""
+    members, agreements = _four()
+    first = {cid: agreements[cid].sign(members) for cid in (2, 5, 8)}
+    smaller = {cid: members[cid] for cid in (2, 5, 8)}
+    salt = _agree(smaller, {cid: agreements[cid] for cid in smaller})
+    assert all(agreements[cid].agreed == smaller and agreements[cid].salt == salt for cid in smaller)
+    late = {**first, 11: _signature_over(11, members)}  # 11 wakes up and signs the old list
+    with pytest.raises(ProtocolViolation, match="second member list"):
+        agreements[2].accept(members, late)
+
+
+def test_a_member_signs_a_smaller_list_after_the_echo_step_was_abandoned() -> None:
+    """Member 11 signs, then hangs before echoing: nobody could reveal (an echo is missing), so the others may still
+    sign a list without it. If 11's echo turns up later, the old transcript still cannot settle: its members moved on,
+    and the bytes they committed to under it are gone."""
+    members, agreements = _four()
+    agreements[11] = _agreement(11)
+    signatures = {cid: agreements[cid].sign(members) for cid in members}
+    for cid in members:
+        agreements[cid].accept(members, signatures)
+    echoes = {cid: agreements[cid].echo() for cid in (2, 5, 8)}
+    smaller = {cid: members[cid] for cid in (2, 5, 8)}
+    renewed = {cid: agreements[cid].sign(smaller) for cid in smaller}
+    assert all(renewed[cid].commitment != signatures[cid].commitment for cid in smaller)
+    echoes[11] = agreements[11].echo()  # too late
+    with pytest.raises(ProtocolViolation, match="no member list accepted"):
+        agreements[2].reveal(echoes)
+    salt = _agree(smaller, {cid: agreements[cid] for cid in smaller})
+    assert agreements[5].agreed == smaller and agreements[5].salt == salt
+
+
+def test_a_member_that_revealed_refuses_any_other_list() -> None:
+    """The aggregator (with member 11, a colluder) has every echo, collects the honest reveals, then 11 withholds its
+    own -- the aggregator now knows the list's salt and could keep it or re-roll. It cannot re-roll: every member that
+    revealed refuses another list, and the stalled one cannot settle without 11."""
+    members, agreements = _four()
+    signatures = {cid: agreements[cid].sign(members) for cid in members}
+    for a in agreements.values():
+        a.accept(members, signatures)
+    echoes = {cid: agreements[cid].echo() for cid in members}
+    reveals = {cid: agreements[cid].reveal(echoes) for cid in (2, 5, 8)}
+    smaller = {cid: members[cid] for cid in (2, 5, 8)}
+    for cid in smaller:
+        assert agreements[cid].bound
+        with pytest.raises(ProtocolViolation, match="already revealed its random bytes for another member list"):
+            agreements[cid].sign(smaller)
+        with pytest.raises(ProtocolViolation, match="second member list"):
+            agreements[cid].accept(smaller, signatures)
+    with pytest.raises(ProtocolViolation, match="revealed nothing"):
+        agreements[2].settle(reveals)
+    agreements[2].sign(members)  # the same list, asked again (a reconnection): it signs again
+    assert agreements[2].salt is None
+
+
+def test_a_member_never_reveals_under_a_list_it_left() -> None:
+    """An aggregator that abandons a list after the echoes, lets the members sign another, then comes back with the
+    first list's echoes: the member's bytes for the first list are forgotten, so it cannot reveal them."""
+    members, agreements = _four()
+    signatures = {cid: agreements[cid].sign(members) for cid in members}
+    for a in agreements.values():
+        a.accept(members, signatures)
+    echoes = {cid: agreements[cid].echo() for cid in members}
+    smaller = {cid: members[cid] for cid in (2, 5, 8)}
+    agreements[2].sign(smaller)
+    with pytest.raises(ProtocolViolation):
+        agreements[2].accept(members, signatures)
+    with pytest.raises(ProtocolViolation):
+        agreements[2].reveal(echoes)

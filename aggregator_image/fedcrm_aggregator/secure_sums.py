@@ -21,11 +21,13 @@ The member list is fixed once per federation, before its first secure sum:
 the members usable then agree on it in three ``SECAGG_MEMBERS`` steps (sign
 the list with a commitment, echo the transcript, reveal), and the revealed
 bytes salt every public seed after (:mod:`fedcrm.secagg.member_lists`). A
-member that connects later sits the secure sums out. The list, signatures,
-echoes and reveals are kept in the run's output directory, so a restarted
-aggregator serves the same list; each participant's first secure sum on a
-connection carries the reveals (and, on a connection that did not take part
-in the agreement, everything else it needs to check them).
+member silent at the sign or echo step is left out and the others agree on
+the list without it; one silent at the reveal step stalls the agreement. A
+member left out, or that connects later, sits the secure sums out. The list,
+signatures, echoes and reveals are kept in the run's output directory, so a
+restarted aggregator serves the same list; each participant's first secure
+sum on a connection carries the reveals (and, on a connection that did not
+take part in the agreement, everything else it needs to check them).
 
 Participants sign their keys with their certificate keys and recompute their
 neighbourhoods from the member list and the public seed
@@ -77,6 +79,10 @@ __all__ = ["AGREEMENT_FILE", "SecureSums", "round_id_for"]
 #: In the run's output directory: the member list every secure sum uses, and its members' signatures over it.
 AGREEMENT_FILE = "secagg-members.json"
 
+#: How many times one agreement may abandon its member list for a smaller one (members silent at the sign or echo
+#: step); each costs one round timeout, and the list shrinks each time.
+MEMBER_LIST_RESTARTS = 3
+
 log = logging.getLogger("fedcrm.aggregator")
 
 _PHASES = {pb.Task.FIT: pb.SecAggTask.FIT, pb.Task.EVALUATE: pb.SecAggTask.EVALUATE,
@@ -126,12 +132,58 @@ class SecureSums:
     def _agree(self, round_: int) -> bytes:
         """Run the member-list agreement's three steps (those not yet done); returns the graph salt.
 
-        A step that leaves some member on the list without an answer abandons
-        the sum (the coordinator tries again, then fails the federation): the
-        list cannot shrink, since each member signs one list per federation.
+        Members that do not answer the sign or echo step (a hung pod, a refusal)
+        are left out: the list is abandoned -- no member has revealed anything
+        for it yet, so it can never settle -- and the others are asked to sign
+        the list without them (they may, having revealed nothing; see
+        :mod:`fedcrm.secagg.member_lists`), at most ``MEMBER_LIST_RESTARTS``
+        times, and never below ``minParticipants``. A member that does not
+        reveal once the others may have revealed cannot be left out (the others
+        are bound to the list): the sum is abandoned (the coordinator tries
+        again, then fails the federation, naming it).
         """
         if self.salt is not None:
             return self.salt
+        for _ in range(MEMBER_LIST_RESTARTS):
+            silent, step = self._agreement_steps(round_)
+            if not silent:
+                assert self.salt is not None
+                return self.salt
+            self._leave_out(silent, step)
+        silent, step = self._agreement_steps(round_)
+        if silent:
+            members = self._members()
+            raise BelowThreshold(f"member list: no {step} from {', '.join(members[i] for i in silent[:10])}"
+                                 f"{' ...' if len(silent) > 10 else ''} after {MEMBER_LIST_RESTARTS} smaller lists; no "
+                                 "sum runs under a list some member on it did not agree to")
+        assert self.salt is not None
+        return self.salt
+
+    def _leave_out(self, silent: list[int], step: str) -> None:
+        """Abandon the member list (nobody revealed for it) and start a new one without the ``silent`` members."""
+        members = self._members()
+        keep = [i for i in sorted(members) if i not in silent]
+        names = [members[i] for i in silent]
+        need = max(2, self.c.spec.training.min_participants)
+        if len(keep) < need:
+            raise FederationFailed(
+                f"member list: {', '.join(names)} gave no {step} within roundTimeoutSeconds; without them "
+                f"{len(keep)} member(s) remain, minParticipants is {need}")
+        log.warning("member list: %s gave no %s (dropped out, see above); abandoning the list of %d before anyone "
+                    "revealed for it, the %d others sign one without them", ", ".join(names), step, len(members),
+                    len(keep))
+        self.c.emit("secagg_members_restarted", left_out=names, step=step, members=len(keep))
+        self.member_ids = keep
+        self.member_signatures, self.member_echoes, self.member_reveals = {}, {}, {}
+        self._primed = weakref.WeakSet()
+        self._save_agreement()
+
+    def _agreement_steps(self, round_: int) -> tuple[list[int], str]:
+        """The agreement's steps not yet done; ``([], "")`` once settled, else the members that did not answer the
+        sign or echo step (the list may then be abandoned) and that step's name.
+
+        Raises BelowThreshold when members do not reveal: some may have revealed, binding them to this list.
+        """
         members = self._members()
         base = pb.SecAggTask(members=[self.identities[i] for i in sorted(self.identities)], member_ids=sorted(members))
 
@@ -179,14 +231,19 @@ class SecureSums:
                                             customize=fill or (lambda session, task: task.secagg.CopyFrom(base)))
                 self._primed.update(s for s in sent if s.identity in answered)
                 self._save_agreement()
-            missing = [members[i] for i in members if i not in have]
-            if missing:
-                raise BelowThreshold(f"member list: no {what} from {', '.join(missing[:10])}"
-                                     f"{' ...' if len(missing) > 10 else ''}; no sum runs under a list some member on it "
-                                     "did not agree to")
+            silent = [i for i in sorted(members) if i not in have]
+            if silent and have is not self.member_reveals:
+                return silent, what  # no reveal was asked for under this list yet: it can be abandoned
+            if silent:
+                names = ", ".join(members[i] for i in silent[:10]) + (" ..." if len(silent) > 10 else "")
+                raise BelowThreshold(
+                    f"member list: no {what} from {names}, which stalled the agreement after every member signed the "
+                    "transcript; the others may have revealed and are bound to this list, so it cannot be left out "
+                    "(a member that withholds its reveal would otherwise choose between two salts); no sum runs under "
+                    "a list some member on it did not agree to")
         self.salt = self._salt()
         self.c.emit("secagg_members_agreed", members=len(members))
-        return self.salt
+        return [], ""
 
     def _salt(self) -> bytes:
         members = self._members()
@@ -302,11 +359,12 @@ class SecureSums:
         base = pb.SecAggTask(
             phase=phase, round_id=round_id, threshold=self.spec.threshold, neighbours=str(self.spec.neighbours),
             bits=quantizer.bits, weight_bound=self.bound(kind), clip=self.spec.clip,
-            members=[self.identities[i] for i in sorted(self.identities)], member_ids=self._member_list(),
+            members=[self.identities[i] for i in sorted(self.identities)],
         )
         name = _NAMES[kind]
         try:
             salt = self._agree(round_)
+            base.member_ids.extend(self._member_list())  # after the agreement: it may have left silent members out
             return self._stages(kind, round_, phase, round_id, base, quantizer, salt)
         except (BelowThreshold, ProtocolViolation) as err:
             # ProtocolViolation here means a reconstructed key did not match its advertised key:

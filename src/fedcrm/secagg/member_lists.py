@@ -19,29 +19,56 @@ after it mixes in randomness no party knows when the list is fixed:
 
 1. **Sign** (:meth:`MemberAgreement.sign`): each member signs
    ``(federation, terms digest, member list, H(r))`` with its certificate key,
-   ``r`` 32 fresh random bytes of its own -- one list per federation, only
-   with itself on it and at least its own terms' ``minParticipants`` members.
+   ``r`` 32 fresh random bytes of its own -- only with itself on it and at
+   least its own terms' ``minParticipants`` members. It may sign another list
+   (with fresh ``r``) only while it has revealed nothing (see *Abandoned
+   lists* below).
 2. **Echo** (:meth:`MemberAgreement.accept`, :meth:`MemberAgreement.echo`):
    given every listed member's signature, certificate and commitment, it
    checks all n against the federation CA (a list with one member that did
    not sign it is refused) and signs the transcript (the list and all n
-   commitments) -- one transcript per federation.
+   commitments) -- one transcript per list it signed.
 3. **Reveal** (:meth:`MemberAgreement.check_echoes`,
    :meth:`MemberAgreement.reveal`): given every member's signature over the
-   transcript, all n over the one it signed itself, it reveals ``r``.
+   transcript, all n over the one it signed itself, it reveals ``r`` -- once
+   per federation: after that it signs, accepts and reveals for no other list.
 
 With every ``r`` (checked against its commitment, :meth:`MemberAgreement.settle`)
 the federation's graph salt is ``H(transcript, r_1, ..., r_n)``; each sum's
-public seed hashes it with the round, phase and list. Each honest member signs
-one list and one transcript, so every participant that settles has the same
-list, the same commitments and (the reveals being checked against them) the
-same salt as every honest member on the list; and no honest ``r`` is seen
-before every commitment is fixed, so the aggregator and any colluders can only
-withhold a reveal (the federation then stops: no member signs a second list),
-never choose among graphs. What remains is the list itself -- the aggregator
-may leave members out, and a list of colluders and the victim only cannot be
-told from an honest one; it is bounded below by the victim's own
+public seed hashes it with the round, phase and list. Each honest member
+reveals for one list and transcript only, after every member signed that very
+transcript, so every participant that settles has the same list, the same
+commitments and (the reveals being checked against them) the same salt as
+every honest member on the list; and no honest ``r`` is seen before every
+commitment is fixed, so the aggregator and any colluders can only withhold a
+reveal (the federation then stops: no member that revealed signs a second
+list), never choose among graphs. What remains is the list itself -- the
+aggregator may leave members out, and a list of colluders and the victim only
+cannot be told from an honest one; it is bounded below by the victim's own
 ``minParticipants`` (see docs/secure-aggregation.md, *Assumptions*).
+
+Abandoned lists: a member that went silent (a hung pod) before every member
+revealed must not end the federation, so the aggregator may abandon the list
+and ask the others to sign a smaller one, and a member signs a new list (with
+new random bytes, the old ones forgotten) as long as it has not revealed. This
+keeps both properties, because a list's salt needs every member's ``r``:
+
+* *No honest member is in two agreed lists.* A list is agreed (settled by
+  anyone) only with every member's ``r`` checked against its commitment.
+  An honest member reveals once per federation, and once it has it signs no
+  other list; before it has, the ``r`` of any list it signed and left is
+  forgotten, unrevealed, so that list never settles (its commitment is
+  binding). Its signatures and echo over an abandoned list are inert.
+* *No grinding.* The salt of a list with an honest member ``H`` on it is
+  unknown to everyone else until ``H`` reveals (commitments hide ``r``),
+  and ``H`` reveals only after it is bound to that list for good. So every
+  choice the aggregator makes about a list containing ``H`` -- abandon it,
+  restart with whom -- is made before it learns anything of that list's
+  salt: each honest member gets one draw, as with one list per federation.
+  A member (or colluder) that withholds its reveal after others revealed
+  cannot be dropped: the list is then stuck and the federation fails, naming
+  it -- dropping it would let colluders choose, after seeing the honest
+  reveals, between the stuck list's salt and a restart's.
 
 Cost, once per federation: two signatures per member, and per member 2n
 signature and n certificate checks (about 0.6 ms per member); each sum after
@@ -149,6 +176,7 @@ class MemberAgreement:
         self._transcript: bytes | None = None
         self._echo: bytes | None = None  # this participant's one signature over a transcript
         self._echoed = False  # every member's signature over the transcript was checked
+        self._revealed = False  # this participant revealed its bytes: bound to its list for the federation
         self._salt: bytes | None = None
 
     # ----------------------------------------------------------------- what the sums use
@@ -175,15 +203,24 @@ class MemberAgreement:
                 f"every member agreed on ({len(self._list)} members); refusing it (an aggregator that changes the list "
                 "chooses the graph)")
 
+    @property
+    def bound(self) -> bool:
+        """Whether this participant revealed its bytes (or settled): it then signs no other list this federation."""
+        return self._revealed or self._salt is not None
+
     # ----------------------------------------------------------------- step 1
     def sign(self, members: Mapping[int, str]) -> MemberSignature:
-        """This participant's signature over ``members`` and its commitment: one list per federation, with it on it.
+        """This participant's signature over ``members`` and its commitment, with it on the list.
 
         Refused (:class:`ProtocolViolation`): a list without this participant
-        under its own id, one with fewer members than its ``minimum``, and a
-        list other than the one it signed before (asked again for the same
-        list, it signs again: a reconnection or a restarted aggregator asks
-        again).
+        under its own id, one with fewer members than its ``minimum``, and,
+        once it has revealed (:attr:`bound`), a list other than the one it
+        revealed for. Asked again for the same list, it signs again (a
+        reconnection or a restarted aggregator asks again). Asked for another
+        list before it revealed -- the aggregator abandoned the last one
+        because a member went silent -- it forgets the last list and its
+        random bytes (never revealed, so that list can never settle) and
+        signs the new one with new bytes.
         """
         table = members_from(members)
         if table.get(self.client_id) != self._signer.identity:
@@ -196,9 +233,14 @@ class MemberAgreement:
                 f"minParticipants = {self.minimum}; refusing to sign it")
         digest = self.digest(table)
         if self._signed is not None and digest != self._signed:
-            raise ProtocolViolation(
-                f"federation {self.federation}: this participant already signed another member list; it signs one "
-                "per federation (a second would let the aggregator choose between graphs); refusing")
+            if self.bound:
+                raise ProtocolViolation(
+                    f"federation {self.federation}: this participant already revealed its random bytes for another "
+                    "member list; it is bound to that list for the federation (a second would let the aggregator "
+                    "choose between graphs); refusing")
+            self._r = secrets.token_bytes(RANDOM_BYTES)
+            self._list, self._keys, self._commitments = None, {}, {}
+            self._transcript, self._echo, self._echoed = None, None, False
         self._signed = digest
         commitment = commitment_of(self._r)
         return MemberSignature(signature=self._signer.sign(members_message(digest, commitment)),
@@ -252,7 +294,7 @@ class MemberAgreement:
         self._transcript = transcript_digest(digest, commitments)
 
     def echo(self) -> bytes:
-        """This participant's signature over the transcript (the list and every commitment); one per federation."""
+        """This participant's signature over the transcript (the list and every commitment); one per list signed."""
         if self._transcript is None:
             raise ProtocolViolation(f"federation {self.federation}: no member list accepted yet; nothing to echo")
         if self._echo is None:
@@ -291,6 +333,7 @@ class MemberAgreement:
             raise ProtocolViolation(
                 f"federation {self.federation}: this participant's commitment in the list is not one this process made "
                 "(it restarted after signing); it cannot reveal")
+        self._revealed = True
         return self._r
 
     def settle(self, reveals: Mapping[int, bytes]) -> bytes:
