@@ -227,7 +227,13 @@ def test_secure_aggregation_matches_the_plain_run_and_reports_its_traffic(small_
         assert 0 < s["bytes_up_per_client"] <= 1.1 * p["bytes_up_per_client"]
 
 
-def test_a_participant_that_stops_answering_is_dropped_after_the_round_timeout(small_federation: SynthResult, tmp_path: Path) -> None:
+# When the participant is stopped: before the member-list agreement (at its own connection: it never signs, so it is
+# left out of the list and sits the secure sums out), or once the list is agreed (a member that drops out of each
+# round). Stopping at a fixed event, not "some time after enrolment", keeps it out of the few milliseconds between
+# its echo and its reveal, where a hung member stalls the agreement (docs/secure-aggregation.md, Known gaps).
+@pytest.mark.parametrize("when", ["before_the_member_list", "after_the_member_list"])
+def test_a_participant_that_stops_answering_is_dropped_after_the_round_timeout(
+        small_federation: SynthResult, tmp_path: Path, when: str) -> None:
     # Long enough for every process to start (enrolment waits roundTimeoutSeconds too), short for a test.
     fed = _federation(small_federation, tmp_path, rounds=2, localEpochs=1, minParticipants=2, roundTimeoutSeconds=8)
     out = tmp_path / "out"
@@ -235,13 +241,22 @@ def test_a_participant_that_stops_answering_is_dropped_after_the_round_timeout(s
     stopped = None
     deadline = time.monotonic() + 300
     while stopped is None and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
         events = out / "events.jsonl"
-        # Silent from enrolment on: after the statistics (a secure sum, quick) it could already be inside round
-        # 1's secure sum, whose later stages would then wait for it as a survivor.
-        if events.exists() and '"event": "enrolled"' in events.read_text():
-            pids = json.loads((out / "processes.json").read_text())
-            stopped = sorted(k for k in pids if k != "aggregator")[0]
+        processes = out / "processes.json"
+        if not events.exists() or not processes.exists():
+            continue
+        pids = json.loads(processes.read_text())
+        lines = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+        connected = [e["identity"] for e in lines if e["event"] == "connected"]
+        if when == "before_the_member_list":
+            # The first to connect (so it is enrolled), while the agreement still waits for the others: it never signs.
+            ready = bool(connected)
+        else:
+            # Agreed: the statistics (a secure sum, quick) follow at once, so it may drop out inside it too.
+            ready = any(e["event"] == "secagg_members_agreed" for e in lines)
+        if ready:
+            stopped = connected[0] if when == "before_the_member_list" else sorted(k for k in pids if k != "aggregator")[0]
             os.kill(pids[stopped], signal.SIGSTOP)  # connected, but silent: only the deadline can drop it
     stdout, stderr = proc.communicate(timeout=300)
     assert stopped is not None, stdout + stderr
@@ -249,7 +264,18 @@ def test_a_participant_that_stops_answering_is_dropped_after_the_round_timeout(s
     assert f"{stopped} dropped out (no answer within roundTimeoutSeconds (8s))" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["rounds_completed"] == 2
-    # Still connected, so it is asked again each round; each round waits for one deadline, not one per stage.
-    assert all(h["participants"] == 2 and 8 <= h["duration_s"] < 16 for h in report["history"]), [(h["participants"], h["duration_s"]) for h in report["history"]]
+    durations = [(h["participants"], h["duration_s"]) for h in report["history"]]
+    if when == "before_the_member_list":
+        # Left out of the federation's member list after one deadline, with the reason logged; a member left out
+        # sits the secure sums out (like one that connects late), so no round waits for it.
+        left_out = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()
+                    if '"secagg_members_restarted"' in line]
+        assert [(e["left_out"], e["members"]) for e in left_out] == [([stopped], 2)], left_out
+        assert f"member list: {stopped} gave no signature over the member list" in (out / "logs" / "aggregator.log").read_text()
+        assert all(p == 2 and d < 8 for p, d in durations), durations
+    else:
+        # Still connected and on the list, so it is asked again each round; each round waits for one deadline, not
+        # one per stage.
+        assert all(p == 2 and 8 <= d < 16 for p, d in durations), durations
     entry = next(p for p in report["participants"] if p["identity"] == stopped)
     assert entry["status"] == "dropped" and entry["rounds"] == 0
