@@ -102,16 +102,18 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    ref = results["central"]
+    ref = results.get("central")
     lines = [f"{meta['title']}, epsilon 1, delta 1e-5; metrics on the held-out test set; DP rows: mean ± sd over "
              f"{meta['repeats']} runs.", "",
              "| setting | accuracy | vs central | F1 | AUC | vs central | one-class runs | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         sd = (lambda k: f" ± {100 * r[k + '_sd']:.1f}" if r[k + "_sd"] else "")  # noqa: E731
+        points = "–" if ref is None else f"{100 * (r['accuracy'] - ref['accuracy']):+.1f}"
+        auc = "–" if ref is None else f"{r['auc'] - ref['auc']:+.3f}"
         lines.append(
-            f"| {name} | {100 * r['accuracy']:.1f}%{sd('accuracy')} | {100 * (r['accuracy'] - ref['accuracy']):+.1f} | "
-            f"{100 * r['f1']:.1f}% | {r['auc']:.3f} | {r['auc'] - ref['auc']:+.3f} | "
+            f"| {name} | {100 * r['accuracy']:.1f}%{sd('accuracy')} | {points} | "
+            f"{100 * r['f1']:.1f}% | {r['auc']:.3f} | {auc} | "
             f"{r['collapsed']}/{len(r['runs'])} | {statistics.fmean(x['seconds'] for x in r['runs']):.0f} |")
     return "\n".join(lines) + "\n"
 

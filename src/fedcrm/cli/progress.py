@@ -106,6 +106,9 @@ class RunProgress:
                         + (f"; round {abandoned} is re-run with fresh keys" if abandoned and abandoned > e["round"] else ""))
         elif kind == "secagg_abandoned":
             self._print(f"[red]round {e['round']} {e['phase']}: secure aggregation abandoned, no sum released:[/] {e['reason']}")
+        elif kind == "secagg_members_restarted":
+            self._print(f"[yellow]secure aggregation: {', '.join(e['left_out'])} did not answer the member-list "
+                        f"agreement ({e['step']} step) and sit the secure sums out; {e['members']} members go on[/]")
         elif kind == "privacy_warning":
             self._print(f"[yellow]warning: {e['message']}[/]")
         elif kind == "privacy_budget_exhausted":
