@@ -11,13 +11,16 @@ Post-processing of released aggregates only: no privacy cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from fedcrm.spec.manifests import ServerOptimizer
 
 __all__ = ["ServerOptimizerState"]
+
+#: The moments a server optimiser keeps between rounds (momentum: the first only; none: neither).
+_MOMENTS = ("first", "second")
 
 
 @dataclass
@@ -26,7 +29,6 @@ class ServerOptimizerState:
     steps: int = 0
     first: np.ndarray | None = None
     second: np.ndarray | None = None
-    _names: tuple[str, ...] = field(default=("first", "second"), repr=False)
 
     def step(self, weights: np.ndarray, direction: np.ndarray) -> np.ndarray:
         """The new weights (float32) after one step along ``direction`` (the round's aggregate)."""
@@ -48,13 +50,13 @@ class ServerOptimizerState:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What the checkpoint keeps (empty for 'none', which has no state)."""
-        out = {f"server_{n}": getattr(self, n) for n in self._names if getattr(self, n) is not None}
+        out = {f"server_{n}": getattr(self, n) for n in _MOMENTS if getattr(self, n) is not None}
         if out:
             out["server_steps"] = np.array([self.steps])
         return out
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
-        for n in self._names:
+        for n in _MOMENTS:
             value = arrays.get(f"server_{n}")
             setattr(self, n, None if value is None else np.asarray(value, dtype=np.float64))
         steps = arrays.get("server_steps")
