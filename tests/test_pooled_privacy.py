@@ -131,7 +131,7 @@ def test_the_central_accountant_is_opacus_rdp_for_the_same_steps() -> None:
 def test_pooled_mode_needs_secure_aggregation_and_says_so() -> None:
     with pytest.raises(ValidationError, match="only a secure sum can hide"):
         _federation({"privacy": {"differentialPrivacy": {"mode": "pooled", "epsilon": 1.0, "delta": 1e-5}}})
-    with pytest.raises(ValidationError, match="samplingRate applies to mode 'pooled' only"):
+    with pytest.raises(ValidationError, match="samplingRate applies to modes 'pooled' and 'client'"):
         _federation(mode="sample", samplingRate=0.1)
 
 

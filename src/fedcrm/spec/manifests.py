@@ -324,8 +324,10 @@ class DifferentialPrivacy(_Model):
     ] = None
     sampling_rate: Annotated[
         float | None,
-        Field(gt=0, le=1, description="'pooled' only: the Poisson rate at which every participant samples its records "
-                                      "each round (the same for all; 0.5 when unset)."),
+        Field(gt=0, le=1, description="'pooled': the Poisson rate at which every participant samples its records each "
+                                      "round (the same for all; 0.5 when unset). 'client': the rate at which each "
+                                      "participant takes part in a round, drawn in secret by the participant itself "
+                                      "(1 when unset: every participant, every round)."),
     ] = None
 
     @field_validator("epsilon")
@@ -369,8 +371,9 @@ class DifferentialPrivacy(_Model):
                 raise ValueError(f"{', '.join(given)} only apply with mode 'sample', 'client' or 'pooled'; set the "
                                  "mode or remove them")
             return self
-        if self.sampling_rate is not None and self.mode != "pooled":
-            raise ValueError(f"samplingRate applies to mode 'pooled' only (mode {self.mode!r} derives its own)")
+        if self.sampling_rate is not None and self.mode == "sample":
+            raise ValueError("samplingRate applies to modes 'pooled' and 'client' (mode 'sample' derives its own from "
+                             "each participant's rows and the batch size)")
         missing = [n for n, v in (("epsilon", self.epsilon), ("delta", self.delta)) if v is None]
         if missing:
             raise ValueError(f"mode {self.mode!r} needs {' and '.join(missing)}: the budget it must not exceed")
@@ -387,8 +390,11 @@ class DifferentialPrivacy(_Model):
 
     @property
     def rate(self) -> float:
-        """'pooled': the Poisson sampling rate, 0.5 when unset."""
-        return 0.5 if self.sampling_rate is None else self.sampling_rate
+        """The Poisson sampling rate: of records ('pooled', 0.5 when unset) or of participants ('client', 1 when
+        unset)."""
+        if self.sampling_rate is not None:
+            return self.sampling_rate
+        return 1.0 if self.mode == "client" else 0.5
 
 
 class SecureAggregation(_Model):
