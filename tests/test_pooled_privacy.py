@@ -22,8 +22,9 @@ from pydantic import ValidationError
 from fedcrm.data.synthetic import generate_federation
 from fedcrm.models.layout import ModelLayout
 from fedcrm.models.mlp import TabularMLP
-from fedcrm.privacy.mechanisms import POOLED_RESOLUTION, PooledNoise
-from fedcrm.privacy.plans import pooled_accountant, pooled_noise_multiplier, statistics_noise_multiplier
+from fedcrm.privacy.mechanisms import POOLED_RESOLUTION, PooledNoise, takes_part
+from fedcrm.privacy.plans import (client_accountant, client_noise_multiplier, pooled_accountant, pooled_noise_multiplier,
+                                  statistics_noise_multiplier)
 from fedcrm.privacy.pooled_gradients import clipped_gradient_sum
 from fedcrm.privacy.rdp import DEFAULT_ORDERS
 from fedcrm.spec.manifests import Federation, ModelSpec, ServerOptimizer
@@ -126,6 +127,30 @@ def test_the_central_accountant_is_opacus_rdp_for_the_same_steps() -> None:
     ours = accountant.spent()
     assert ours == pytest.approx(opacus.get_epsilon(delta=1e-5, alphas=list(DEFAULT_ORDERS)), rel=1e-6)
     assert 0.99 <= ours <= 1.0  # calibrated to the budget, never over it
+
+
+def test_client_mode_with_participant_sampling_is_opacus_rdp_at_that_rate() -> None:
+    """samplingRate in client mode: the sampled Gaussian over participants (no statistics in this accountant: they
+    are record-level and reported beside the participant-level spend)."""
+    spec = _federation(mode="client", samplingRate=0.2).spec
+    accountant = client_accountant(spec)
+    for r in range(30):
+        accountant.record(f"{r + 1}@1")
+    opacus = OpacusRDP()
+    opacus.history = [(client_noise_multiplier(spec), 0.2, 30)]
+    ours = accountant.spent()
+    assert ours == pytest.approx(opacus.get_epsilon(delta=1e-5, alphas=list(DEFAULT_ORDERS)), rel=1e-6)
+    assert 0.99 <= ours <= 1.0
+    assert client_noise_multiplier(spec) < 0.3 * client_noise_multiplier(_federation(mode="client").spec)
+
+
+def test_a_participant_coin_comes_up_at_its_rate_and_is_refused_outside_zero_to_one() -> None:
+    draws = [takes_part(0.3) for _ in range(20_000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 6 * math.sqrt(0.3 * 0.7 / len(draws))
+    assert all(takes_part(1.0) for _ in range(100))
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="sampling rate"):
+            takes_part(bad)
 
 
 def test_pooled_mode_needs_secure_aggregation_and_says_so() -> None:

@@ -67,6 +67,31 @@ def test_client_level_dp_with_secure_aggregation_reports_spend_and_is_audited(sm
     assert (out / "audit_roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_client_level_dp_samples_participants_by_secret_coin_and_accounts_the_amplification(
+        small_federation: SynthResult, tmp_path: Path) -> None:
+    """samplingRate in client mode: each participant decides each round by its own coin (its log says which way it
+    fell; the aggregator is never told), still trains and sends a masked vector, and the accountant is the sampled
+    Gaussian at that rate: the noise multiplier for the same budget is far smaller than without sampling."""
+    dp = {"mode": "client", "epsilon": 2.0, "delta": 1e-5, "samplingRate": 0.5}
+    fed = _federation(small_federation, tmp_path, dp, secure=True)
+    out = tmp_path / "out"
+    proc = _run(fed, small_federation, out)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "probability 0.5 (its own secret coin" in proc.stdout  # the plan, before training
+    p = json.loads((out / "report.json").read_text())["privacy"]
+    assert p["sample_rate"] == 0.5 and 1.9 < p["epsilon_spent"] <= 2.0
+    assert p["epsilon_spent"] == pytest.approx(epsilon_for(q=0.5, noise_multiplier=p["noise_multiplier"], steps=3,
+                                                           delta=1e-5), rel=1e-9)
+    unsampled = calibrate_noise_multiplier(epsilon=2.0, delta=1e-5, q=1.0, steps=3)
+    assert p["noise_multiplier"] < 0.75 * unsampled
+    history = json.loads((out / "report.json").read_text())["history"]
+    assert all(0 <= h["loss"] <= 120 for h in history)  # a wild noisy model's loss is capped, never wraps negative
+    assert "sampled" not in (out / "logs" / "aggregator.log").read_text()
+    for log_path in (out / "logs").glob("tenant-*.log"):
+        decisions = [line for line in log_path.read_text().splitlines() if "participant sampling rate 0.5" in line]
+        assert len(decisions) == 3, log_path.read_text()[-2000:]  # one coin per round, every round
+
+
 def test_dp_sgd_without_secure_aggregation_accounts_each_participant(small_federation: SynthResult,
                                                                       tmp_path: Path) -> None:
     fed = _federation(small_federation, tmp_path, {"mode": "sample", "epsilon": 4.0, "delta": 1e-4}, secure=False)

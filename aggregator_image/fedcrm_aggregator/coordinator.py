@@ -557,6 +557,11 @@ class Coordinator:
             self.privacy.record(release, contributors)
             fit_total = fit_total.copy()
             fit_total[: self.layout.size] = self.privacy.noise.decode(fit_total[: self.layout.size])
+            if self.privacy.mode == "client":
+                # Each update is in the sum with probability samplingRate, by its participant's secret coin:
+                # dividing by the expected number of updates (rate x contributors) is the unbiased mean, and the
+                # aggregator never needs to know who was sampled.
+                fit_total[: self.layout.size] /= self.privacy.dp.rate
         with self._cond:
             spent = sorted(self._budget_spent)
         if spent and len(contributors) < self.spec.training.min_participants:

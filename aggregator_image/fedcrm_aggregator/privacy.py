@@ -149,7 +149,7 @@ class PrivacyLedger:
                     "learn little or one class. Pool the noise over all participants with "
                     "spec.privacy.differentialPrivacy.mode: pooled, or raise epsilon, batchSize or train fewer rounds"]
         if self.mode in ("client", "pooled") and self.noise is not None:
-            batch = (self.dp.rate * self.pooled_rows if self.mode == "pooled" else len(self.participants))
+            batch = self.dp.rate * (self.pooled_rows if self.mode == "pooled" else len(self.participants))
             ratio = self.noise.noise_multiplier * root / (max(batch, 1.0) * math.sqrt(rounds))
             if ratio > SWAMPED:
                 unit = "records sampled" if self.mode == "pooled" else "participants"
@@ -239,8 +239,8 @@ class PrivacyLedger:
                              "in_epsilon_spent": self.mode in ("sample", "pooled")}
         if self.mode in ("client", "pooled") and self.noise is not None:
             out["survivors_min"] = self.noise.survivors_min
-        if self.mode == "pooled":
-            out["sample_rate"] = self.dp.rate
+        if self.mode in ("client", "pooled"):
+            out["sample_rate"] = self.dp.rate  # of records (pooled) or of participants' updates (client)
         if self.mode == "sample":
             out["participants"] = {k: {"epsilon_spent": a.spent(), "noise_multiplier": a.noise_multiplier,
                                        "sample_rate": a.q, "steps": a.steps} for k, a in self.accountants.items()}

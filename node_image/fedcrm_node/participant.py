@@ -453,6 +453,7 @@ class ParticipantNode:
 
     def _client_dp_fit(self, task: pb.Task, delta: np.ndarray, loss_mean: float, took: float) -> pb.FitResult:
         """Clip, discretise and noise the update (this participant's share of the noise), then send or mask it."""
+        from fedcrm.privacy.mechanisms import takes_part
         from fedcrm.privacy.plans import client_noise
         from fedcrm.training.secure_vectors import client_dp_fit_quantizer, client_dp_fit_vector
 
@@ -460,6 +461,15 @@ class ParticipantNode:
         if self.participants < 1:
             raise NodeExit("protocol error: the aggregator did not say how many participants the federation has", NodeExitCode.UNREACHABLE)
         noise = client_noise(self.federation.spec, participants=self.participants, dimension=delta.size)
+        rate = self.federation.spec.privacy.differential_privacy.rate
+        if rate < 1:
+            sampled = takes_part(rate)
+            # Not sampled: the update is replaced by zeros, while the noise share, the training and so the timing
+            # stay the same, and the masked vector does not tell the aggregator which way the coin fell.
+            log.info("round %d: %s (participant sampling rate %g, a secret coin)", task.round,
+                     "update sampled" if sampled else "update not sampled: sending zeros under the noise share", rate)
+            if not sampled:
+                delta = np.zeros_like(delta)
         noised = noise.privatize(delta)
         if task.HasField("secagg"):
             keys = self._start_secure_sum(task, client_dp_fit_quantizer(noise), client_dp_fit_vector(noised, loss_mean=loss_mean))

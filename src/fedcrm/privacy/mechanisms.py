@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["POOLED_BITS", "POOLED_RESOLUTION", "STATISTICS_LATTICE_BITS", "TAIL", "ClientNoise", "PooledNoise",
-           "StatisticsNoise", "clip_l2", "discrete_gaussian", "secure_uniform"]
+           "StatisticsNoise", "clip_l2", "discrete_gaussian", "secure_uniform", "takes_part"]
 
 # Headroom, in noise standard deviations, between the clipped update and the quantization range.
 TAIL = 8.0
@@ -86,6 +86,17 @@ def discrete_gaussian(sigma: float, n: int) -> np.ndarray:
         accept = secure_uniform(want) < np.exp(-((np.abs(y) - sigma**2 / t) ** 2) / (2 * sigma**2))
         out = np.concatenate([out, y[accept]])
     return out[:n]
+
+
+def takes_part(rate: float) -> bool:
+    """One participant's secret Poisson coin for a round of client-level DP: True with probability ``rate``.
+
+    Drawn from the CSPRNG and never sent: the participant sends a masked vector either way, so the amplification
+    by sampling that the accountant counts holds against the aggregator too (only the participant knows its coin).
+    """
+    if not 0 < rate <= 1:
+        raise ValueError(f"a sampling rate is in (0, 1], got {rate!r}")
+    return rate >= 1 or bool(secure_uniform(1)[0] < rate)
 
 
 def clip_l2(update: np.ndarray, norm: float) -> np.ndarray:

@@ -85,11 +85,13 @@ def statistics_epsilon(spec: FederationSpec) -> float | None:
 
 
 def client_noise_multiplier(spec: FederationSpec) -> float:
+    """DP-FedAvg: one Gaussian release per round, each participant in it with probability ``samplingRate``
+    (1 unless set: every participant, every round)."""
     dp = spec.privacy.differential_privacy
     if dp.noise_multiplier is not None:
         return dp.noise_multiplier
     assert dp.epsilon is not None and dp.delta is not None
-    return calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=1.0, steps=spec.training.rounds)
+    return calibrate_noise_multiplier(epsilon=dp.epsilon, delta=dp.delta, q=dp.rate, steps=spec.training.rounds)
 
 
 def noise_participants(spec: FederationSpec, claimed: int) -> int:
@@ -112,10 +114,12 @@ def client_noise(spec: FederationSpec, *, participants: int, dimension: int) -> 
 
 
 def client_accountant(spec: FederationSpec) -> RdpAccountant:
-    """One release per round, every participant in it (sampling rate 1)."""
+    """One release per round; each participant's update is in it with probability ``samplingRate``, decided by the
+    participant's own secret coin (the sampled Gaussian mechanism over participants, zero-out neighbours)."""
     dp = spec.privacy.differential_privacy
     assert dp.epsilon is not None and dp.delta is not None
-    return RdpAccountant(epsilon=dp.epsilon, delta=dp.delta, noise_multiplier=client_noise_multiplier(spec))
+    return RdpAccountant(epsilon=dp.epsilon, delta=dp.delta, noise_multiplier=client_noise_multiplier(spec),
+                         q=dp.rate)
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,11 @@ def privacy_plan(spec: FederationSpec) -> str:
                 f"at rate {dp.rate:g}, noise multiplier {pooled_noise_multiplier(spec):.3g} shared out among at least "
                 f"t_min participants; {statistics}")
     if dp.mode == "client":
-        return f"{rounds} rounds of DP-FedAvg at noise multiplier {client_noise_multiplier(spec):.3g}; {statistics}"
+        sampled = (f"each participant's update in a round with probability {dp.rate:g} (its own secret coin; "
+                   "every participant still trains and sends its noise share)" if dp.rate < 1
+                   else "every participant's update in every round")
+        return (f"{rounds} rounds of DP-FedAvg at noise multiplier {client_noise_multiplier(spec):.3g}, {sampled}; "
+                f"{statistics}")
     return (f"each participant runs DP-SGD on its own rows over {rounds} rounds x {spec.training.local_epochs} "
             f"epochs, its noise multiplier from its own row count (small tenants get large ones; see mode 'pooled'); "
             f"{statistics}")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedcrm.models.mlp import TabularMLP
-from fedcrm.training.metrics import evaluation_counts
+from fedcrm.training.metrics import LOSS_CAP, evaluation_counts
 from fedcrm.training.preprocessing import EncodedData
 
 __all__ = ["TrainOutcome", "derive_seed", "evaluate", "predict", "train_epochs"]
@@ -83,11 +83,12 @@ def train_epochs(
 
 @torch.no_grad()
 def predict(model: TabularMLP, data: EncodedData) -> tuple[np.ndarray, float]:
-    """Probabilities and the summed binary cross-entropy."""
+    """Probabilities and the summed binary cross-entropy, each record's capped at :data:`LOSS_CAP`."""
     model.eval()
     dense, cats, labels = _tensors(data)
     logits = model(dense, cats) if len(data) else torch.zeros(0)
-    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")) if len(data) else 0.0
+    per_record = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    loss = float(per_record.clamp(max=LOSS_CAP).sum()) if len(data) else 0.0
     return torch.sigmoid(logits).numpy().astype(np.float64), loss
 
 

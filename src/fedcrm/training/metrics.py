@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BINS", "EVAL_SIZE", "evaluation_counts", "metrics_from_counts"]
+__all__ = ["BINS", "EVAL_SIZE", "LOSS_CAP", "evaluation_counts", "metrics_from_counts"]
 
 BINS = 256
+#: The most one record's loss counts for. Binary cross-entropy from a logit grows like the logit's size, without
+#: bound, so a wild model (early client-level DP noise) would overflow the bounded slot a loss sum has in a secure
+#: sum and read back negative; each record's loss is capped here instead, and sums are a metric, not a parameter.
+LOSS_CAP = 120.0
 # [examples, loss_sum, tp, fp, tn, fn] + positive histogram + negative histogram
 EVAL_SIZE = 6 + 2 * BINS
 

@@ -29,7 +29,7 @@ import numpy as np
 from fedcrm.privacy.mechanisms import POOLED_BITS, ClientNoise, PooledNoise
 from fedcrm.secagg.segments import Segment, SegmentedQuantizer
 from fedcrm.spec.manifests import FeatureType, FederationSpec
-from fedcrm.training.metrics import BINS
+from fedcrm.training.metrics import BINS, LOSS_CAP
 from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
 
 __all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
@@ -38,11 +38,6 @@ __all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "cli
 #: other: the vector is a few dozen values, so 8 bytes each cost nothing, and 62 bits (the most the arithmetic
 #: allows) leave the finest resolution for sums of squares bounded by rows x bound^2.
 STATISTICS_BITS = 62
-
-# Per-example loss assumed when bounding loss sums; binary cross-entropy of a
-# float32 logit cannot exceed ~104, and sums are a metric, not a parameter.
-LOSS_CAP = 120.0
-
 
 def sum_bits(spec: FederationSpec, *, statistics: bool = False, fit: bool = False) -> int:
     """The modulus (in bits) of one secure sum, as both sides derive it from the terms and never take it from each
