@@ -67,6 +67,8 @@ from fedcrm.training.secure_vectors import (
     client_dp_fit_quantizer,
     evaluation_quantizer,
     fit_quantizer,
+    quantized_fit,
+    sum_bits,
     validation_bound,
 )
 from fedcrm_aggregator.crash_points import crash_point
@@ -343,8 +345,11 @@ class SecureSums:
             if kind == pb.Task.FIT and self.c.privacy.noise is not None:
                 return client_dp_fit_quantizer(self.c.privacy.noise)
             if kind == pb.Task.FIT:
+                # The member list of every sum is all of self.ids (run()'s members); both sides derive the modulus
+                quantized = quantized_fit(self.c.spec) is not None
                 return fit_quantizer(parameters=self.c.layout.size, weight_bound=self.bound(kind),
-                                     clip=self.spec.clip, bits=self.spec.bits)
+                                     clip=self.spec.clip, bits=sum_bits(self.c.spec, fit=True, members=len(self.ids)),
+                                     contributors=len(self.ids) if quantized else None)
             return evaluation_quantizer(validation_rows_bound=self.bound(kind), bits=self.spec.bits)
         except ValueError as err:
             raise FederationFailed(f"spec.privacy.secureAggregation.bits is too small for this data: {err}") from None
@@ -435,7 +440,8 @@ class SecureSums:
 
         def receive_masked(identity: str, message: pb.SecAggResult) -> bool:
             self._check_result(message, phase, round_id, pb.Task.SECAGG_MASKED_INPUT)
-            server.receive_masked(self.ids[identity], from_vector(message.masked, expected_length=quantizer.size))
+            server.receive_masked(self.ids[identity], from_vector(message.masked, expected_length=quantizer.size,
+                                                                  bits=quantizer.bits))
             return True
 
         c.run_stage(pb.Task.SECAGG_MASKED_INPUT, round_, receive_masked, cohort=shared.keys(), customize=inbox)

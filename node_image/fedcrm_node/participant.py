@@ -293,7 +293,7 @@ class ParticipantNode:
                      "clip": s.clip}
             agreed = {"phase": phase, "threshold": secure.threshold, "neighbours": str(secure.neighbours),
                       "bits": sum_bits(self.federation.spec, statistics=task.kind == pb.Task.STATISTICS,
-                                       fit=task.kind == pb.Task.FIT), "clip": secure.clip}
+                                       fit=task.kind == pb.Task.FIT, members=len(s.members)), "clip": secure.clip}
             if secure.enabled and asked != agreed:
                 wrong = ", ".join(f"{k} {asked[k]} (agreed {agreed[k]})" for k in asked if asked[k] != agreed[k])
                 raise self._refuse(stub, f"round {task.round}: secure aggregation with other parameters: {wrong}")
@@ -396,11 +396,14 @@ class ParticipantNode:
         if dp.mode == "client":
             return self._client_dp_fit(task, delta, outcome.loss_sum / max(outcome.examples, 1), took)
         if task.HasField("secagg"):
-            from fedcrm.training.secure_vectors import fit_quantizer, fit_vector
+            from fedcrm.training.secure_vectors import fit_quantizer, fit_vector, quantized_fit
 
             s = task.secagg
             values = fit_vector(delta, examples=outcome.examples, loss_sum=outcome.loss_sum, clip=s.clip)
-            quantizer = fit_quantizer(parameters=delta.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits)
+            # s.bits was checked against this participant's own sum_bits (_check_task); n is the signed member list
+            contributors = len(s.members) if quantized_fit(self.federation.spec) is not None else None
+            quantizer = fit_quantizer(parameters=delta.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits,
+                                      contributors=contributors)
             keys = self._start_secure_sum(task, quantizer, values)
             return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)
         self.ledger.record()

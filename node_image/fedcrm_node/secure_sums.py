@@ -117,7 +117,8 @@ class SecureContribution:
             for receiver, ct in self.client.share_keys(roster).items():
                 result.shares[receiver] = ct
         elif task.kind == pb.Task.SECAGG_MASKED_INPUT:
-            result.masked.CopyFrom(to_vector(self.client.masked_input(dict(s.inbox), self.quantized)))
+            masked = self.client.masked_input(dict(s.inbox), self.quantized)
+            result.masked.CopyFrom(to_vector(masked, bits=self.client.params.bits))  # packed at the modulus
         elif task.kind == pb.Task.SECAGG_CONSISTENCY:
             result.survivors_signature = self.client.sign_survivors(list(s.survivors))
         elif task.kind == pb.Task.SECAGG_UNMASK:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Vector(_message.Message):
-    __slots__ = ("dtype", "length", "data")
+    __slots__ = ("dtype", "length", "data", "bits")
     class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DTYPE_UNSPECIFIED: _ClassVar[Vector.DType]
@@ -16,18 +16,22 @@ class Vector(_message.Message):
         FLOAT64: _ClassVar[Vector.DType]
         UINT32: _ClassVar[Vector.DType]
         UINT64: _ClassVar[Vector.DType]
+        PACKED: _ClassVar[Vector.DType]
     DTYPE_UNSPECIFIED: Vector.DType
     FLOAT32: Vector.DType
     FLOAT64: Vector.DType
     UINT32: Vector.DType
     UINT64: Vector.DType
+    PACKED: Vector.DType
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
     dtype: Vector.DType
     length: int
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[Vector.DType, str]] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    bits: int
+    def __init__(self, dtype: _Optional[_Union[Vector.DType, str]] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
     __slots__ = ("protocol_version", "federation")

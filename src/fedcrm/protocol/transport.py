@@ -23,8 +23,9 @@ __all__ = [
     "server_credentials",
 ]
 
-PROTOCOL_VERSION = 4  # 2: signed keys, member list, consistency check (secure aggregation); 3: statistics masked too;
-# 4: the member-list agreement (SECAGG_MEMBERS), signed by every member on the list, and its graph salt
+PROTOCOL_VERSION = 5  # 2: signed keys, member list, consistency check (secure aggregation); 3: statistics masked too;
+# 4: the member-list agreement (SECAGG_MEMBERS), signed by every member on the list, and its graph salt;
+# 5: masked vectors packed at the sum's modulus (Vector.PACKED), quantized training sums (quantizationBits)
 
 _MAX_MESSAGE = 256 * 1024 * 1024
 GRPC_OPTIONS: list[tuple[str, int]] = [

@@ -11,6 +11,12 @@ Vectors are ``uint32`` when ``bits <= 32`` (half the traffic and memory of
 ``2**64``), arithmetic may wrap at the machine width and be reduced modulo
 ``2**bits`` only at the end: that is what makes the hot loops single numpy
 operations.
+
+Rounding is to nearest by default; given a generator, :func:`quantize` rounds
+stochastically (up with probability equal to the fractional part), which is
+unbiased, so coarse steps average out over participants and rounds instead of
+biasing every update the same way. On the wire a vector modulo ``2**bits``
+travels at ``bits`` per element (:func:`pack_bits`).
 """
 
 from __future__ import annotations
@@ -22,10 +28,15 @@ import numpy as np
 __all__ = [
     "choose_scale",
     "dequantize",
+    "log2_ceil",
     "modular_add",
     "modular_sub",
+    "pack_bits",
+    "packed_size",
     "quantize",
     "reduce",
+    "stochastic_round",
+    "unpack_bits",
     "vector_dtype",
 ]
 
@@ -41,7 +52,14 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an int from 8 to 62, got {bits!r}")
 
 
-def choose_scale(*, clip: float, weight_bound: float, bits: int) -> float:
+def log2_ceil(n: int) -> int:
+    """``ceil(log2(n))`` for ``n >= 1``, exactly (no floating point): the bits that a sum of ``n`` terms adds."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"need a positive int, got {n!r}")
+    return (n - 1).bit_length()
+
+
+def choose_scale(*, clip: float, weight_bound: float, bits: int, rounding_slack: int = 0) -> float:
     """The largest scale at which summing up to ``weight_bound`` clipped vectors cannot wrap.
 
     Each quantized element is ``rint(v * scale)`` with ``|v| <= clip``. With
@@ -55,13 +73,22 @@ def choose_scale(*, clip: float, weight_bound: float, bits: int) -> float:
     ``weight_bound`` is the number of clipped contributions that can be summed
     (usually the number of participants, when each participant clips its
     already weighted update to ``clip``).
+
+    ``rounding_slack``: headroom, in steps, kept free below ``2**(bits-1) - 1``
+    (``M`` becomes ``floor((2**(bits-1) - 1 - slack) / W)``). When the *sum* of
+    up to ``n`` contributions is bounded by ``clip`` (``weight_bound`` 1) and
+    each is rounded stochastically, each rounded term exceeds its real value
+    by less than one step, so ``n`` steps of slack keep the rounded sum within
+    the modulus.
     """
     _check_bits(bits)
     if not (clip > 0) or not math.isfinite(clip):
         raise ValueError(f"clip must be a positive finite number, got {clip!r}")
     if not (weight_bound >= 1) or not math.isfinite(weight_bound):
         raise ValueError(f"weight_bound must be at least 1 (how many contributions are summed), got {weight_bound!r}")
-    per_element = ((1 << (bits - 1)) - 1) // math.ceil(weight_bound)
+    if isinstance(rounding_slack, bool) or not isinstance(rounding_slack, int) or rounding_slack < 0:
+        raise ValueError(f"rounding_slack must be a non-negative int, got {rounding_slack!r}")
+    per_element = ((1 << (bits - 1)) - 1 - rounding_slack) // math.ceil(weight_bound)
     if per_element < 1:
         raise ValueError(
             f"{bits} bits cannot hold a sum of {weight_bound} contributions; use more bits or fewer contributions"
@@ -74,8 +101,23 @@ def choose_scale(*, clip: float, weight_bound: float, bits: int) -> float:
     return scale
 
 
-def quantize(values: np.ndarray, *, clip: float, scale: float, bits: int) -> np.ndarray:
-    """Clip, scale, round to nearest and reduce modulo ``2**bits``.
+def stochastic_round(work: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round float64 ``work`` in place to ``floor(x) + [u < x - floor(x)]``, ``u ~ U[0, 1)``; returns ``work``.
+
+    Unbiased: ``E[result] = floor(x) + frac(x) = x``, with variance ``frac(x) (1 - frac(x)) <= 1/4``. The result
+    is one of the two integers around ``x``, so ``|result| <= ceil(|x|)``: an integer bound on ``|x|`` still bounds
+    it, and it exceeds ``|x|`` by less than 1.
+    """
+    floor = np.floor(work)
+    np.subtract(work, floor, out=work)  # the fractional part, in [0, 1)
+    up = rng.random(work.shape) < work
+    np.add(floor, up, out=work)
+    return work
+
+
+def quantize(values: np.ndarray, *, clip: float, scale: float, bits: int,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+    """Clip, scale, round (to nearest, or stochastically with ``rng``) and reduce modulo ``2**bits``.
 
     ``values`` are already multiplied by their weight by the caller (e.g. a
     sample count for FedAvg), so ``clip`` bounds each element of the *weighted*
@@ -85,6 +127,9 @@ def quantize(values: np.ndarray, *, clip: float, scale: float, bits: int) -> np.
     round trip is then exact to half a step (``0.5 / scale``) as long as
     ``clip * scale < 2**52``; beyond that (more than ~53 bits per element)
     float64's own relative rounding error, about ``2**-53 * clip``, adds to it.
+    With ``rng`` the rounding is :func:`stochastic_round` (error under one step,
+    zero on average); ``ceil(clip * scale)`` (the integer ``M`` of :func:`choose_scale`) still bounds every
+    rounded element.
     """
     _check_bits(bits)
     if not (clip > 0) or not (scale > 0):
@@ -98,7 +143,10 @@ def quantize(values: np.ndarray, *, clip: float, scale: float, bits: int) -> np.
         raise ValueError("cannot quantize NaN or infinite values")
     work = np.clip(work, -clip, clip)  # a fresh array: the caller's values are never modified
     work *= scale
-    np.rint(work, out=work)
+    if rng is None:
+        np.rint(work, out=work)
+    else:
+        stochastic_round(work, rng)
     dtype = vector_dtype(bits)
     if dtype == np.uint32:
         out = work.astype(np.int32).view(np.uint32)
@@ -148,3 +196,42 @@ def modular_sub(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
     _check_pair(acc, x, bits)
     acc -= x
     return reduce(acc, bits)
+
+
+def packed_size(length: int, bits: int) -> int:
+    """Bytes that ``length`` values of ``bits`` bits take packed: ``ceil(length * bits / 8)``."""
+    return (length * bits + 7) // 8
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Values below ``2**bits`` as a little-endian bit stream of ``bits`` bits each (the last byte zero-padded).
+
+    Element ``i`` occupies stream bits ``[i * bits, (i + 1) * bits)``, least significant first. A value of
+    ``bits`` bits or more is refused rather than truncated.
+    """
+    _check_bits(bits)
+    a = np.ascontiguousarray(values).ravel()
+    if a.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)) or a.dtype.itemsize * 8 < bits:
+        raise TypeError(f"can pack uint32 or uint64 values of at most the dtype's width, got {a.dtype} at {bits} bits")
+    if bits < a.dtype.itemsize * 8 and a.size and int(a.max()) >> bits:
+        raise ValueError(f"a value does not fit in {bits} bits")
+    width = 32 if bits <= 32 else 64
+    words = a.astype(np.dtype(f"<u{width // 8}"), copy=False).view(np.uint8).reshape(-1, width // 8)
+    stream = np.unpackbits(words, axis=1, bitorder="little")[:, :bits]
+    return np.packbits(stream.ravel(), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, length: int, bits: int) -> np.ndarray:
+    """The inverse of :func:`pack_bits`: ``length`` values (dtype :func:`vector_dtype`). The byte count must be
+    exactly :func:`packed_size` and the padding bits zero, so each vector has one encoding."""
+    _check_bits(bits)
+    if len(data) != packed_size(length, bits):
+        raise ValueError(f"{length} values of {bits} bits take {packed_size(length, bits)} bytes, got {len(data)}")
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if stream[length * bits:].any():
+        raise ValueError("the padding bits after the last value are not zero")
+    width = 32 if bits <= 32 else 64
+    wide = np.zeros((length, width), dtype=np.uint8)
+    wide[:, :bits] = stream[: length * bits].reshape(length, bits)
+    out = np.packbits(wide, axis=1, bitorder="little").view(np.dtype(f"<u{width // 8}")).ravel()
+    return out.astype(vector_dtype(bits))

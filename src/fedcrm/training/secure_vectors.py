@@ -3,7 +3,10 @@
 FIT: ``[examples * clipped delta (one per parameter), examples, training loss sum]``.
 The weight travels inside the masked vector, so the aggregator learns only the
 total number of examples, and FedAvg (sum of weighted deltas / sum of weights)
-is exact up to quantization.
+is exact up to quantization. With ``secureAggregation.quantizationBits`` = q
+the sum is modulo ``2**(q + ceil(log2 n))`` for the ``n`` members of the sum
+(:func:`sum_bits`, :func:`fit_quantizer`): the weighted deltas are rounded
+stochastically to a shared scale, the examples and loss sum go as digits.
 
 EVALUATE: the evaluation counts of :mod:`fedcrm.training.metrics`, counts
 exact and the loss sum scaled.
@@ -27,25 +30,39 @@ import math
 import numpy as np
 
 from fedcrm.privacy.mechanisms import POOLED_BITS, ClientNoise, PooledNoise
+from fedcrm.secagg.quantization import log2_ceil
 from fedcrm.secagg.segments import Segment, SegmentedQuantizer
 from fedcrm.spec.manifests import FeatureType, FederationSpec
 from fedcrm.training.metrics import BINS, LOSS_CAP
 from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
 
-__all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "validation_bound"]
+__all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "quantized_fit", "validation_bound"]
 
 #: The modulus of the statistics' secure sum, fixed here so that both sides derive it and neither takes it from the
 #: other: the vector is a few dozen values, so 8 bytes each cost nothing, and 62 bits (the most the arithmetic
 #: allows) leave the finest resolution for sums of squares bounded by rows x bound^2.
 STATISTICS_BITS = 62
 
-def sum_bits(spec: FederationSpec, *, statistics: bool = False, fit: bool = False) -> int:
+def quantized_fit(spec: FederationSpec) -> int | None:
+    """``quantizationBits`` when it applies to the training sum: not to client-level or pooled DP, whose
+    updates are integers sized by their noise."""
+    if spec.privacy.differential_privacy.mode in ("client", "pooled"):
+        return None
+    return spec.privacy.secure_aggregation.quantization_bits
+
+
+def sum_bits(spec: FederationSpec, *, statistics: bool = False, fit: bool = False, members: int = 1) -> int:
     """The modulus (in bits) of one secure sum, as both sides derive it from the terms and never take it from each
-    other: the statistics' and pooled DP-SGD's training sums are fixed in code, the rest use ``spec.bits``."""
+    other: the statistics' and pooled DP-SGD's training sums are fixed in code, the rest use ``spec.bits``; a
+    quantized training sum uses ``q + ceil(log2 n)`` (at least 8) for ``quantizationBits`` q and the ``members`` n of
+    the sum's member list, the one every member signed."""
     if statistics:
         return STATISTICS_BITS
     if fit and spec.privacy.differential_privacy.mode == "pooled":
         return POOLED_BITS
+    q = quantized_fit(spec) if fit else None
+    if q is not None:
+        return max(8, q + log2_ceil(max(members, 1)))
     return spec.privacy.secure_aggregation.bits
 
 
@@ -54,7 +71,29 @@ def validation_bound(train_rows: float, validation_fraction: float, participants
     return math.ceil(train_rows * validation_fraction / (1 - validation_fraction)) + 2 * participants
 
 
-def fit_quantizer(*, parameters: int, weight_bound: float, clip: float, bits: int) -> SegmentedQuantizer:
+def fit_quantizer(*, parameters: int, weight_bound: float, clip: float, bits: int,
+                  contributors: int | None = None) -> SegmentedQuantizer:
+    """The training sum's layout. Without ``contributors``, today's: every part rounded to nearest at ``bits``.
+
+    With ``contributors`` n (quantized updates, ``bits`` = q + ceil(log2 n) from :func:`sum_bits`), the weighted
+    deltas share one scale ``s = (2**(bits-1) - 1 - n) / (weight_bound * clip)`` and are rounded stochastically.
+    No wrap: the honest weights sum to at most ``weight_bound`` (W), so the real weighted deltas of one element
+    sum to at most ``W * clip`` in magnitude; a stochastically rounded term exceeds its real value by less than
+    one step, so the n rounded terms sum to at most ``W * clip * s + n = 2**(bits-1) - 1``, which the signed
+    reading modulo ``2**bits`` returns exactly. A participant holding a share ``W / n`` of the weight spans
+    ``2**(bits-1) / n >= 2**(q-1)`` steps each side, q bits. The examples (an integer up to W) and the loss sum
+    (fixed point) are base ``2**(q-1)`` digits that sum exactly (:class:`SegmentedQuantizer`).
+    """
+    if contributors is not None:
+        return SegmentedQuantizer(
+            [
+                Segment("weighted_delta", parameters, weight_bound * clip, stochastic=True),
+                Segment("examples", 1, weight_bound, integer=True, digits=True),
+                Segment("loss_sum", 1, weight_bound * LOSS_CAP, digits=True),
+            ],
+            bits,
+            contributors=contributors,
+        )
     return SegmentedQuantizer(
         [
             Segment("weighted_delta", parameters, weight_bound * clip),
