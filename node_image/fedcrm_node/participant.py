@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,12 +143,16 @@ class ParticipantNode:
     def _session(self, *, first: bool) -> bool:
         """One connection: True when the federation finished, raises _Lost when the aggregator went away."""
         ref = self.participant.spec.federation_ref
+        files = self.tls.fingerprint()  # a channel keeps the credentials it was made with, reconnecting too
         try:
             channel = client_channel(self.aggregator, self.tls, server_name=self.server_name)
         except FileNotFoundError as err:
             raise NodeExit(str(err), NodeExitCode.CONFIG) from None
-        if not _wait_until_ready(channel, self.aggregator, self.connect_timeout):
+        if not _wait_until_ready(channel, self.aggregator, self.connect_timeout,
+                                 stale=lambda: self.tls.fingerprint() != files):
             channel.close()
+            if self.tls.fingerprint() != files:  # renewed while waiting: connect again with the new files
+                raise _Lost("this participant's certificate was renewed while it connected")
             raise NodeExit(
                 f"cannot reach the aggregator at {self.aggregator} within {self.connect_timeout:g}s. Check the address, "
                 "that the aggregator runs, and that this participant's certificate was issued by the federation's CA",
@@ -616,8 +621,10 @@ class ParticipantNode:
 WAITING_LOG_INTERVAL_S = 30.0
 
 
-def _wait_until_ready(channel: grpc.Channel, target: str, timeout: float, every: float = WAITING_LOG_INTERVAL_S) -> bool:
+def _wait_until_ready(channel: grpc.Channel, target: str, timeout: float, every: float = WAITING_LOG_INTERVAL_S,
+                      *, stale: Callable[[], bool] = lambda: False) -> bool:
     """Wait for the channel to connect; say every ``every`` seconds that it has not, with gRPC's state for it.
+    False also when ``stale()`` says, at one of those times, that the channel's credentials were renewed.
 
     gRPC retries name resolution, TCP and TLS silently; without these lines a pod
     whose aggregator name does not resolve, or whose NetworkPolicy drops the
@@ -636,6 +643,8 @@ def _wait_until_ready(channel: grpc.Channel, target: str, timeout: float, every:
                 grpc.channel_ready_future(channel).result(timeout=min(every, left))
                 return True
             except grpc.FutureTimeoutError:
+                if stale():
+                    return False
                 waited = time.monotonic() - began
                 if waited < timeout:
                     state = states[-1].name if states else "IDLE"

@@ -20,10 +20,10 @@ from typing import Any
 import kopf
 
 from fedcrm.errors import ManifestError
-from fedcrm.pki import CertificateAuthority
+from fedcrm.pki import CertificateAuthority, IssuedCertificate
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm.spec.manifests import Federation, Participant, Phase
-from fedcrm_operator import builders, enrollment
+from fedcrm_operator import builders, certificates, enrollment
 from fedcrm_operator.admission import (
     ACCESS_NOT_GRANTED,
     Decision,
@@ -34,6 +34,7 @@ from fedcrm_operator.admission import (
 )
 from fedcrm_operator.aggregator_status import AggregatorStatus, fetch_status
 from fedcrm_operator.conditions import condition, find, set_condition, stamped
+from fedcrm_operator.events import Event
 from fedcrm_operator.kube import AccessDenied, Kube
 from fedcrm_operator.naming import Names
 from fedcrm_operator.resources import API, changed_sections, frozen_digest, parse_federation, parse_participant
@@ -70,6 +71,8 @@ class Outcome:
 
     status: dict[str, Any]
     decisions: dict[str, Decision] = field(default_factory=dict)
+    #: Events to post, each on the object it concerns (a Federation or a Participant body): renewed certificates.
+    events: list[tuple[dict[str, Any], Event]] = field(default_factory=list)
 
 
 def _invalid(status: dict[str, Any], err: ManifestError, generation: int) -> Outcome:
@@ -113,14 +116,18 @@ def _server_hosts(names: Names, settings: OperatorSettings) -> list[str]:
 
 def _tenant_children(
     kube: Kube, names: Names, federation: Federation, participant: Participant, body: dict[str, Any] | None,
-    ca: CertificateAuthority, settings: OperatorSettings, *, finished: bool,
-) -> None:
-    """The participant's certificate, config, policy and training Job (the Job only while the federation runs:
-    a Job deleted after the federation finished is not brought back to dial a finished aggregator)."""
+    ca: CertificateAuthority, settings: OperatorSettings, *, finished: bool, now: dt.datetime,
+) -> Event | None:
+    """The participant's certificate (renewed when due: the Event to post on the Participant), config, policy and
+    training Job (the Job only while the federation runs: a Job deleted after the federation finished is not
+    brought back to dial a finished aggregator)."""
     ns, name = participant.metadata.namespace, participant.metadata.name
 
+    def issue() -> IssuedCertificate:
+        return ca.issue_client(participant.identity, lifetime=settings.certificate_lifetime)
+
     def certificate() -> dict[str, Any]:
-        issued = ca.issue_client(participant.identity)
+        issued = issue()
         secret = builders.client_secret(names, participant, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem)
         return builders.owned_by(secret, body)
 
@@ -128,11 +135,13 @@ def _tenant_children(
         connect_timeout = federation.spec.participants.enrollment_timeout_seconds + 600
         return builders.owned_by(builders.training_job(names, federation, participant, settings, connect_timeout=connect_timeout), body)
 
-    kube.ensure("v1", "Secret", ns, names.client_secret(name), certificate)
+    held = kube.ensure("v1", "Secret", ns, names.client_secret(name), certificate)
+    renewed = certificates.renew_if_due(kube, held, ca, issue, now=now)
     kube.apply(builders.owned_by(builders.participant_config_map(names, federation, participant), body))
     kube.apply(builders.owned_by(builders.participant_network_policy(names, participant, settings), body))
     if not finished:
         kube.ensure("batch/v1", "Job", ns, names.training_job(name), job)
+    return renewed
 
 
 def _tenant_keys(names: Names, participant: Participant) -> set[tuple[str, str, str]]:
@@ -235,17 +244,25 @@ def reconcile(
                                     accepted=accepted_terms(by_identity[p.identity]))
                  for p in candidates}
     admitted = [p for p in candidates if decisions[p.identity].admitted]
+    now = dt.datetime.now(dt.timezone.utc)
+    events: list[tuple[dict[str, Any], Event]] = []
 
     # Coordinator side. The operator chart grants the operator its rights only in its coordinatorNamespaces.
     try:
         ca = _ca(kube, names, body)
 
+        def issue_server() -> IssuedCertificate:
+            return ca.issue_server(_server_hosts(names, settings), lifetime=settings.certificate_lifetime)
+
         def server_certificate() -> dict[str, Any]:
-            issued = ca.issue_server(_server_hosts(names, settings))
+            issued = issue_server()
             return builders.owned_by(
                 builders.server_secret(names, ca_pem=ca.cert_pem, cert_pem=issued.cert_pem, key_pem=issued.key_pem), body)
 
-        kube.ensure("v1", "Secret", names.namespace, names.server_secret, server_certificate)
+        held = kube.ensure("v1", "Secret", names.namespace, names.server_secret, server_certificate)
+        renewed = certificates.renew_if_due(kube, held, ca, issue_server, now=now)
+        if renewed is not None:
+            events.append((body, renewed))
         for service in builders.aggregator_services(names, settings):
             kube.apply(builders.owned_by(service, body))
         kube.apply(builders.owned_by(
@@ -259,7 +276,7 @@ def reconcile(
         conditions = set_condition(conditions, condition("Ready", False, ACCESS_NOT_GRANTED, message))
         return Outcome({**status, "phase": status.get("phase") or Phase.pending.value,
                         "observedGeneration": meta.get("generation", 0),
-                        "conditions": stamped(conditions, meta.get("generation", 0))}, decisions)
+                        "conditions": stamped(conditions, meta.get("generation", 0))}, decisions, events)
 
     # Tenant side: children of admitted participants; everything else of ours in tenant namespaces goes.
     # The API refusing one tenant's child (a quota, a policy, a webhook) is that tenant's problem: it is
@@ -270,9 +287,12 @@ def reconcile(
     failed: dict[str, tuple[str, str]] = {}
     for p in admitted:
         keep |= _tenant_keys(names, p)
+        owner = by_identity.get(p.identity)
         try:
-            _tenant_children(kube, names, federation, p, by_identity.get(p.identity), ca, settings,
-                             finished=phase in (Phase.succeeded, Phase.failed))
+            renewed = _tenant_children(kube, names, federation, p, owner, ca, settings,
+                                       finished=phase in (Phase.succeeded, Phase.failed), now=now)
+            if renewed is not None and owner is not None:
+                events.append((owner, renewed))
         except AccessDenied as err:
             failed[p.identity] = (ACCESS_NOT_GRANTED,
                                   access_not_granted(p.metadata.namespace, err.user, refused=f"{err.verb} {err.resource}"))
@@ -358,7 +378,7 @@ def reconcile(
     )
     if aggregator is not None:
         status.update(progress_fields(aggregator))
-    return Outcome(status, decisions)
+    return Outcome(status, decisions, events)
 
 
 def model_condition(warnings: tuple[str, ...]) -> dict[str, Any]:

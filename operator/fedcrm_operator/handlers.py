@@ -88,6 +88,8 @@ def _federation_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, partic
     key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     with metrics.reconciling("federation"):
         outcome = federations.reconcile(memo.kube, dict(body), list(participants_by_federation.get(key, [])), memo.settings)
+    for concerned, event in outcome.events:  # renewed certificates, on the Federation or Participant they serve
+        kopf.event(concerned, type=event.type, reason=event.reason, message=event.message[:1024])
     _record(patch, body, outcome.status, memo.federation_phases, metrics.FEDERATIONS, Phase)
 
 

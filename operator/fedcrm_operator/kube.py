@@ -174,6 +174,27 @@ class Kube:
             self._absent.pop(key, None)
         return held
 
+    def replace_data(self, held: dict[str, Any], data: dict[str, str]) -> dict[str, Any] | None:
+        """Rewrite the ``data`` of ``held`` (a Secret or ConfigMap read by :meth:`ensure`), only if it is still
+        the version read (its resourceVersion, a precondition of the merge patch): the new object, or None when
+        it changed meanwhile (another replica renewed it first; the next pass reads it again)."""
+        meta = held["metadata"]
+        key = (held["kind"], meta["namespace"], meta["name"])
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "data": data}
+        try:
+            self.requests += 1
+            new = self._resource(held["apiVersion"], held["kind"]).patch(
+                body=patch, name=meta["name"], namespace=meta["namespace"], content_type="application/merge-patch+json",
+            ).to_dict()
+        except ApiException as err:
+            if err.status in (404, 409):
+                self.forget(*key)
+                return None
+            raise self._translate(err, f"patch {held['kind']} {meta['namespace']}/{meta['name']}") from err
+        with self._lock:
+            self._ensured[key] = (new, time.monotonic())
+        return new
+
     def create_once(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create ``obj`` unless it exists; return what the server holds. Never overwrites."""
         meta = obj["metadata"]

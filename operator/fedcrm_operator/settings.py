@@ -6,12 +6,32 @@ operator by hand against ``e2e/cluster`` gets working defaults.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from dataclasses import dataclass, field
 
+from fedcrm.pki import DEFAULT_LEAF_LIFETIME, MIN_LEAF_LIFETIME
 from fedcrm.spec.manifests import Resources
 
-__all__ = ["OperatorSettings"]
+__all__ = ["OperatorSettings", "parse_duration"]
+
+_DURATION = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """A duration as cert-manager writes one (Go's hours, minutes, seconds): ``2160h``, ``1h30m``, ``45s``."""
+    match = _DURATION.fullmatch(text.strip())
+    if not text.strip() or match is None:
+        raise ValueError(f"{text!r} is not a duration such as 2160h, 1h30m or 45s")
+    return dt.timedelta(hours=int(match["h"] or 0), minutes=int(match["m"] or 0), seconds=int(match["s"] or 0))
+
+
+def _lifetime(text: str) -> dt.timedelta:
+    lifetime = parse_duration(text)
+    if lifetime < MIN_LEAF_LIFETIME:
+        raise ValueError(f"FEDCRM_CERTIFICATE_LIFETIME={text} is shorter than {MIN_LEAF_LIFETIME.total_seconds():g}s")
+    return lifetime
 
 
 def _env(name: str, default: str) -> str:
@@ -52,6 +72,8 @@ class OperatorSettings:
     #: Attempts at a training pod before the participant counts as failed (a crash must not lose the federation).
     training_backoff_limit: int = 4
     cluster_domain: str = "cluster.local"
+    #: Lifetime of the aggregator's and the participants' certificates; each is renewed at two thirds of it.
+    certificate_lifetime: dt.timedelta = DEFAULT_LEAF_LIFETIME
 
     @classmethod
     def from_environment(cls) -> OperatorSettings:
@@ -79,6 +101,7 @@ class OperatorSettings:
             status_poll_seconds=float(_env("STATUS_POLL_SECONDS", str(d.status_poll_seconds))),
             training_backoff_limit=int(_env("TRAINING_BACKOFF_LIMIT", str(d.training_backoff_limit))),
             cluster_domain=_env("CLUSTER_DOMAIN", d.cluster_domain),
+            certificate_lifetime=_lifetime(_env("CERTIFICATE_LIFETIME", f"{int(d.certificate_lifetime.total_seconds())}s")),
         )
 
 
