@@ -126,6 +126,24 @@ def test_the_ca_recognises_only_what_it_signed() -> None:
         read_validity(b"not a certificate")
 
 
+def test_the_operator_replaces_a_certificate_due_foreign_or_unreadable() -> None:
+    """Why the operator would rewrite a certificate Secret as it read it (the write itself is covered on the real
+    control plane below)."""
+    from fedcrm_operator.certificates import _why
+
+    ca, now = CertificateAuthority.create("why"), dt.datetime.now(UTC)
+
+    def secret(cert_pem: bytes) -> dict[str, Any]:
+        return {"data": {"tls.crt": base64.b64encode(cert_pem).decode()}}
+
+    assert _why(secret(ca.issue_client(IDENTITY).cert_pem), ca, now) is None
+    assert "two thirds of its life" in str(_why(secret(ca.issue_client(IDENTITY).cert_pem), ca, now + dt.timedelta(days=61)))
+    assert "not issued by the federation's current CA" in str(
+        _why(secret(CertificateAuthority.create("why").issue_client(IDENTITY).cert_pem), ca, now))
+    for broken in ({}, {"data": {}}, {"data": {"tls.crt": "not base64!"}}, secret(b"not a certificate")):
+        assert "missing or unreadable" in str(_why(broken, ca, now))
+
+
 def test_the_leaf_lifetime_is_an_operator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert OperatorSettings.from_environment().certificate_lifetime == DEFAULT_LEAF_LIFETIME
     monkeypatch.setenv("FEDCRM_CERTIFICATE_LIFETIME", "1h30m")
