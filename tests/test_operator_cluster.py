@@ -750,6 +750,7 @@ def test_training_runs_end_to_end_and_rounds_reach_the_federation_status(
         assert status["accuracy"].endswith("%") and 0.5 < status["lastMetrics"]["accuracy"] <= 1.0
         assert status["modelDigest"] and status["activeParticipants"] == 3
         assert 0 < status["epsilonSpent"] <= 8.0  # DP-SGD's spend, accounted by the aggregator, shown by kubectl
+        assert status["privacyPlan"].startswith("each participant runs DP-SGD on its own rows over 8 rounds")
         events = [json.loads(line) for line in (tmp_path / "aggregator" / "events.jsonl").read_text().splitlines()]
         ended = next(e["time"] for e in events if e["event"] == "finished")
         assert seen_at - ended < 5.0, f"the Federation status showed the outcome {seen_at - ended:.1f}s after the aggregator"

@@ -148,7 +148,7 @@ def test_client_level_noise_is_never_released_from_fewer_than_t_min_participants
     def planned_five(spec: dict[str, Any]) -> None:
         spec["participants"]["namespaces"] += ["tenant-98", "tenant-99"]  # two tenants that never come
         spec["training"].update(rounds=2, minParticipants=2, roundTimeoutSeconds=20)  # node processes import torch first
-        spec["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 4, "delta": 1e-5},
+        spec["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 4, "delta": 1e-5, "acceptNoisyPlan": True},
                            "secureAggregation": {"enabled": True, "threshold": 0.8, "neighbours": "complete"}}
 
     own_path = _edited(small_federation.federation_path, tmp_path / "own.yaml", planned_five)

@@ -202,17 +202,26 @@ def _run(tmp: Path, name: str, fed: Path, participants: list[Path]) -> tuple[dic
 @pytest.mark.slow
 def test_a_plan_that_drowns_small_tenants_is_named_and_pooled_dp_learns_on_them(tmp_path: Path) -> None:
     """Ten tenants of 30 to 1,600 rows with label skew, batch 32, learning rate 0.001, 20 rounds, epsilon 1: each
-    tenant's own DP-SGD drowns its few rows, which the run names before training (and the model often ends near
-    one class); one pooled step per round learns."""
+    tenant's own DP-SGD drowns its few rows, so the plan is refused before training; accepted anyway, the run names
+    the drowned tenants (and the model often ends near one class); one pooled step per round learns."""
     synth = generate_federation(tmp_path / "data", clients=10, rows=1600, min_rows=30, alpha=0.5, seed=0)
     doc = yaml.safe_load(synth.federation_path.read_text())
     doc["spec"]["training"].update(rounds=20, batchSize=32, learningRate=0.001)
     budget = {"epsilon": 1.0, "delta": 1e-5}
 
     doc["spec"]["privacy"]["differentialPrivacy"] = {"mode": "sample", **budget}
+    (tmp_path / "refused.yaml").write_text(yaml.safe_dump(doc))
+    refused = subprocess.run([sys.executable, "-m", "fedcrm.cli.main", "run", "--federation", str(tmp_path / "refused.yaml"), "--participant",
+                              *map(str, synth.participant_paths), "--out", str(tmp_path / "refused")],
+                             capture_output=True, text=True, timeout=600)
+    # Refused before training: the plan drowns the small tenants, and pooling is the suggested fix.
+    said = " ".join((refused.stdout + refused.stderr).split())  # unwrapped
+    assert refused.returncode != 0 and "refused before training" in said and "mode: pooled" in said, said[-3000:]
+
+    doc["spec"]["privacy"]["differentialPrivacy"] = {"mode": "sample", **budget, "acceptNoisyPlan": True}
     (tmp_path / "sample.yaml").write_text(yaml.safe_dump(doc))
     sample, printed = _run(tmp_path, "sample", tmp_path / "sample.yaml", synth.participant_paths)
-    # Named before training: the plan drowns the small tenants, and pooling is the suggested fix.
+    # Accepted for the experiment: still named before training.
     assert "noise over the whole run" in printed and "mode: pooled" in printed
     if sample["metrics"]["recall"] < 0.1:  # when it ends predicting one class, the run says so too
         assert any("close to a constant" in w for w in sample["warnings"]), sample["warnings"]

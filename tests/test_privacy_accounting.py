@@ -98,6 +98,8 @@ def test_state_round_trips_is_checked_and_never_double_counts() -> None:
 
 
 def _federation(mode: str, **dp: object) -> Federation:
+    if mode == "client":  # three participants cannot carry client-level noise: these test the ledger's mechanics
+        dp = {"acceptNoisyPlan": True, **dp}
     return Federation.model_validate({
         "metadata": {"name": "f", "namespace": "ns"},
         "spec": {"task": {"target": "y", "features": [{"name": "x", "type": "numeric"}]},
@@ -167,19 +169,28 @@ def _swamp_federation(mode: str, rounds: int, **dp: object) -> Federation:
     return Federation.model_validate(doc)
 
 
-def test_a_plan_whose_noise_drowns_the_run_is_named_before_training(tmp_path: Path) -> None:
+def test_a_plan_whose_noise_drowns_the_run_is_refused_or_named_before_training(tmp_path: Path) -> None:
     """The small-tenant case: tenants of 24 and 100 rows drown in their own DP-SGD noise, a 1,280-row tenant does
-    not; pooled DP-SGD over the same rows does not; client-level DP with ten participants does."""
+    not; pooled DP-SGD over the same rows does not; client-level DP with ten participants does. Above DROWNED the
+    plan is refused, with the fix; accepted for an experiment, it is named."""
     d = 4364  # the synthetic task's model
-    sample = PrivacyLedger(_swamp_federation("sample", 20), ["t/a", "t/b", "t/c"], tmp_path / "s")
-    (warning,) = [w for w in sample.setup(dimension=d, train_rows={"t/a": 24, "t/b": 100, "t/c": 1280})
-                  if "noise over the whole run" in w]
+    rows = {"t/a": 24, "t/b": 100, "t/c": 1280}
+    refusing = PrivacyLedger(_swamp_federation("sample", 20), ["t/a", "t/b", "t/c"], tmp_path / "r")
+    with pytest.raises(ValueError, match=r"refused before training: .*worst t/a: 1\d\.\dx.*mode: pooled.*acceptNoisyPlan"):
+        refusing.setup(dimension=d, train_rows=rows)
+    sample = PrivacyLedger(_swamp_federation("sample", 20, acceptNoisyPlan=True), ["t/a", "t/b", "t/c"], tmp_path / "s")
+    (warning,) = [w for w in sample.setup(dimension=d, train_rows=rows) if "noise over the whole run" in w]
     assert "at 2 participant(s)" in warning and "worst t/a" in warning and "mode: pooled" in warning
     pooled = PrivacyLedger(_swamp_federation("pooled", 20), ["t/a", "t/b", "t/c"], tmp_path / "p")
     assert not [w for w in pooled.setup(dimension=d, train_rows={}, pooled_rows=2668) if "whole run" in w]
     people = [f"t/{i}" for i in range(10)]
     client = PrivacyLedger(_swamp_federation("client", 50), people, tmp_path / "c")
-    assert [w for w in client.setup(dimension=d, train_rows={}) if "whole run" in w]
+    with pytest.raises(ValueError, match="add participants"):
+        client.setup(dimension=d, train_rows={})
+    # Between SWAMPED and DROWNED: named, not refused (50 participants, a 667-parameter model, 20 rounds).
+    many = PrivacyLedger(_swamp_federation("client", 20), [f"t/{i}" for i in range(50)], tmp_path / "m")
+    (named,) = [w for w in many.setup(dimension=667, train_rows={}) if "whole run" in w]
+    assert "2.1x" in named and "50 participants' updates per round" in named
     # The papers' scale: 8,000 rows per tenant, 50 rounds, batch 64: DP-SGD that works is not warned about.
     papers = PrivacyLedger(_swamp_federation("sample", 50), ["t/a"], tmp_path / "big")
     assert not [w for w in papers.setup(dimension=d, train_rows={"t/a": 8000}) if "whole run" in w]

@@ -24,6 +24,8 @@ FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
 
 
 def _federation(small: SynthResult, tmp_path: Path, dp: dict[str, Any], *, secure: bool) -> Path:
+    if dp.get("mode") == "client":  # three participants cannot carry client-level noise: these test the mechanics
+        dp = {"acceptNoisyPlan": True, **dp}
     doc = yaml.safe_load(small.federation_path.read_text())
     doc["spec"]["privacy"] = {"differentialPrivacy": dp, "secureAggregation": {"enabled": secure}}
     path = tmp_path / "federation.yaml"
@@ -92,6 +94,24 @@ def test_client_level_dp_samples_participants_by_secret_coin_and_accounts_the_am
         assert len(decisions) == 3, log_path.read_text()[-2000:]  # one coin per round, every round
 
 
+def test_a_plan_whose_noise_drowns_the_updates_is_refused_before_training(small_federation: SynthResult,
+                                                                          tmp_path: Path) -> None:
+    """Client-level DP over three participants: the noise is tens of times what their averaged updates can carry,
+    so the run is refused before its first round, saying why and what to change, not trained into a useless
+    model that looks like a result."""
+    fed = _federation(small_federation, tmp_path, {"mode": "client", "epsilon": 1.0, "delta": 1e-5,
+                                                   "acceptNoisyPlan": False}, secure=True)
+    out = tmp_path / "out"
+    proc = _run(fed, small_federation, out)
+    assert proc.returncode != 0
+    said = " ".join((proc.stdout + proc.stderr).split())  # unwrapped
+    assert "refused before training" in said and "larger than the averaged updates can be" in said, said[-3000:]
+    assert "add participants" in said and "acceptNoisyPlan: true" in said
+    assert "Traceback" not in said
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounds_completed"] == 0 and report["history"] == []
+
+
 def test_dp_sgd_without_secure_aggregation_accounts_each_participant(small_federation: SynthResult,
                                                                       tmp_path: Path) -> None:
     fed = _federation(small_federation, tmp_path, {"mode": "sample", "epsilon": 4.0, "delta": 1e-4}, secure=False)
@@ -155,7 +175,8 @@ def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResul
 
     out, report = _run_killing_the_aggregator(
         small_federation, tmp_path, {"rounds": 12, "localEpochs": 4, "minParticipants": 3, "roundTimeoutSeconds": 60},
-        {"differentialPrivacy": {"mode": "client", "epsilon": 1.0, "delta": 1e-5}, "secureAggregation": {"enabled": False}},
+        {"differentialPrivacy": {"mode": "client", "epsilon": 1.0, "delta": 1e-5, "acceptNoisyPlan": True},
+         "secureAggregation": {"enabled": False}},
         after_round_3)
     releases = json.loads((out / "checkpoint" / "privacy.json").read_text())["accountants"]["*"]["releases"]
     assert len(set(releases)) == len(releases)
@@ -236,7 +257,8 @@ def test_an_aggregator_killed_twice_while_unmasking_one_round_counts_what_partic
     budget instead of overspending it."""
     doc = yaml.safe_load(small_federation.federation_path.read_text())
     doc["spec"]["training"].update(rounds=3, minParticipants=3, roundTimeoutSeconds=60)
-    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 2.0, "delta": 1e-5},
+    doc["spec"]["privacy"] = {"differentialPrivacy": {"mode": "client", "epsilon": 2.0, "delta": 1e-5,
+                                                      "acceptNoisyPlan": True},
                               "secureAggregation": {"enabled": True, "threshold": 0.6}}
     fed = tmp_path / "federation.yaml"
     fed.write_text(yaml.safe_dump(doc))

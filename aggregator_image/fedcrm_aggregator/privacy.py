@@ -37,8 +37,11 @@ from fedcrm.models.artifacts import atomic_write
 from fedcrm.privacy.accounting import BudgetExhausted, RdpAccountant
 from fedcrm.privacy.mechanisms import ClientNoise, PooledNoise
 from fedcrm.privacy.plans import (
+    DROWNED,
+    SWAMPED,
     client_accountant,
     client_noise,
+    noise_to_signal,
     pooled_accountant,
     pooled_noise,
     sample_accountant,
@@ -50,8 +53,6 @@ from fedcrm.spec.manifests import Federation, FeatureType
 __all__ = ["BudgetExhausted", "PrivacyLedger"]
 
 _FORMAT = "fedcrm.privacy-ledger/v1"
-#: A run whose noise-to-signal ratio (see PrivacyLedger._swamped) is above this is warned about.
-SWAMPED = 1.0
 #: A numeric feature's bound at or above this (the default is 1e6) makes its noised statistics useless.
 LOOSE_BOUND = 1e6
 _FEDERATION = "*"
@@ -128,37 +129,43 @@ class PrivacyLedger:
         return out
 
     def _swamped(self, dimension: int) -> list[str]:
-        """Plans whose noise drowns the whole run. One step's noise on the averaged gradient (or update) is about
-        sigma * C * sqrt(d) / B long (B records or participants averaged, d parameters); over T steps the noise
-        adds up like sqrt(T) and a consistent gradient like T, so the run's noise-to-signal ratio is at least
-        sigma * sqrt(d) / (B * sqrt(T)) (the signal is at most C per step). Above 1 the model may learn one class:
-        the small-tenant failure (a 24-row tenant at epsilon 1: 12; the papers' 8,000-row tenants: 0.01)."""
-        root = math.sqrt(max(dimension, 1))
+        """A warning for a plan whose noise drowns the run (:func:`noise_to_signal` above SWAMPED); a refusal
+        (ValueError) above DROWNED unless the spec accepts it."""
         rounds = self.spec.training.rounds
         if self.mode == "sample":
-            ratios = {k: a.noise_multiplier * root / (max(a.q * self.train_rows[k], 1.0)
-                                                      * math.sqrt(a.steps_per_release * rounds))
+            ratios = {k: noise_to_signal(noise_multiplier=a.noise_multiplier, dimension=dimension,
+                                         batch=a.q * self.train_rows[k], steps=a.steps_per_release * rounds)
                       for k, a in self.accountants.items() if k in self.train_rows}
             drowned = sorted((k for k, r in ratios.items() if r > SWAMPED), key=lambda k: -ratios[k])
             if not drowned:
                 return []
             worst = drowned[0]
-            return [f"differential privacy: at {len(drowned)} participant(s) the DP-SGD noise over the whole run is "
-                    f"larger than the gradients can be (worst {worst}: {ratios[worst]:.1f}x, noise multiplier "
-                    f"{self.accountants[worst].noise_multiplier:.3g} over {self.train_rows[worst]} rows); the model may "
-                    "learn little or one class. Pool the noise over all participants with "
-                    "spec.privacy.differentialPrivacy.mode: pooled, or raise epsilon, batchSize or train fewer rounds"]
-        if self.mode in ("client", "pooled") and self.noise is not None:
+            ratio = ratios[worst]
+            message = (f"differential privacy: at {len(drowned)} participant(s) the DP-SGD noise over the whole run is "
+                       f"larger than the gradients can be (worst {worst}: {ratio:.1f}x, noise multiplier "
+                       f"{self.accountants[worst].noise_multiplier:.3g} over {self.train_rows[worst]} rows); the model "
+                       "may learn little or one class. Pool the noise over all participants with "
+                       "spec.privacy.differentialPrivacy.mode: pooled, or raise epsilon or batchSize")
+        elif self.mode in ("client", "pooled") and self.noise is not None:
             batch = self.dp.rate * (self.pooled_rows if self.mode == "pooled" else len(self.participants))
-            ratio = self.noise.noise_multiplier * root / (max(batch, 1.0) * math.sqrt(rounds))
-            if ratio > SWAMPED:
-                unit = "records sampled" if self.mode == "pooled" else "participants"
-                return [f"differential privacy: the noise over the whole run is {ratio:.1f}x larger than the averaged "
-                        f"{'gradients' if self.mode == 'pooled' else 'updates'} can be (noise multiplier "
-                        f"{self.noise.noise_multiplier:.3g}, {batch:.0f} {unit} per round, {dimension} parameters); "
-                        "the model may learn little. Raise epsilon, samplingRate or the number of participants, train "
-                        "fewer rounds, or use a smaller model"]
-        return []
+            ratio = noise_to_signal(noise_multiplier=self.noise.noise_multiplier, dimension=dimension, batch=batch,
+                                    steps=rounds)
+            if ratio <= SWAMPED:
+                return []
+            unit = "records sampled" if self.mode == "pooled" else "participants' updates"
+            fix = ("raise epsilon or the participants' rows" if self.mode == "pooled" else
+                   "client-level DP needs many participants per round: raise epsilon, add participants, use a smaller "
+                   "model, or protect records instead with mode: pooled")
+            message = (f"differential privacy: the noise over the whole run is {ratio:.1f}x larger than the averaged "
+                       f"{'gradients' if self.mode == 'pooled' else 'updates'} can be (noise multiplier "
+                       f"{self.noise.noise_multiplier:.3g}, {batch:.0f} {unit} per round, {dimension} parameters); "
+                       f"the model may learn little. To fix it, {fix}")
+        else:
+            return []
+        if ratio > DROWNED and not self.dp.accept_noisy_plan:
+            raise ValueError(f"refused before training: {message}. (Plans above {DROWNED:g}x are refused; "
+                             "acceptNoisyPlan: true trains anyway, to measure the failure)")
+        return [message]
 
     # ----------------------------------------------------------------- persistence
     def _read(self) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import kopf
 
 from fedcrm.errors import ManifestError
 from fedcrm.pki import CertificateAuthority, IssuedCertificate
+from fedcrm.privacy import plans
 from fedcrm.runconfig import AggregatorConfig
 from fedcrm.spec.manifests import Federation, Participant, Phase
 from fedcrm_operator import builders, certificates, enrollment
@@ -376,6 +377,8 @@ def reconcile(
         participants=training_ids,
         conditions=stamped(conditions, meta.get("generation", 0)),
     )
+    if federation.spec.privacy.differential_privacy.enabled:
+        status["privacyPlan"] = plans.privacy_plan(federation.spec)
     if aggregator is not None:
         status.update(progress_fields(aggregator))
     return Outcome(status, decisions, events)

@@ -330,6 +330,13 @@ class DifferentialPrivacy(_Model):
                                       "(1 when unset: every participant, every round)."),
     ] = None
 
+    accept_noisy_plan: Annotated[
+        bool,
+        Field(description="Train even when the planned noise is more than 4 times what the averaged updates or "
+                          "gradients can carry over the run (such a plan is refused before training, with what to "
+                          "change; above 1 it is warned about). For experiments that measure that failure."),
+    ] = False
+
     @field_validator("epsilon")
     @classmethod
     def _epsilon(cls, v: float | None) -> float | None:
@@ -606,6 +613,12 @@ class FederationStatus(_Model):
         list[str], Field(description="Identities (<namespace>/<name>) of the admitted participants.")
     ] = Field(default_factory=list)
     epsilon_spent: Annotated[float | None, Field(description="Differential-privacy budget spent so far.")] = None
+    privacy_plan: Annotated[
+        str | None,
+        Field(description="What the differential-privacy budget buys, from the spec alone: the mechanism, its noise "
+                          "multiplier and sampling rate over the planned rounds (absent without DP). A plan whose "
+                          "noise would drown the updates is refused before training, in the Ready condition."),
+    ] = None
     last_metrics: Annotated[
         dict[str, float], Field(description="Global evaluation metrics of the last round (accuracy, f1, auc...).")
     ] = Field(default_factory=dict)
