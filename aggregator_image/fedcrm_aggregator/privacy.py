@@ -29,7 +29,6 @@ a second look at the same data.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
