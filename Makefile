@@ -76,7 +76,7 @@ bench-dp-utility: $(STAMP)  ## DP on small skewed tenants: per-tenant DP-SGD vs 
 	nice -n 10 $(BIN)/python bench/dp_utility.py $(BENCH_QUICK) --results $(BENCH_OUT)
 
 bench-compression: $(STAMP)  ## secure aggregation unquantized vs 16-bit vs 8-bit updates: accuracy, AUC, bytes up per client per round (JSON, markdown in bench/results/; ~10 min)
-	nice -n 10 $(BIN)/python bench/compression.py $(BENCH_QUICK) --results $(BENCH_OUT)
+	nice -n 10 $(BIN)/python bench/update_compression.py $(BENCH_QUICK) --results $(BENCH_OUT)
 
 bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
 	$(BIN)/python bench/dp_cost.py $(or $(BENCH_QUICK),--rows 10000 --epochs 1 --repeats 2) --json $(BENCH_OUT)/dp_cost.json
