@@ -1,18 +1,34 @@
-"""How fast the operator turns applied manifests into children, against a real control plane.
+"""How fast the operator turns applied manifests into children, and what it asks of the API server when nothing
+changes, against a real control plane.
 
-Scenarios (each on a fresh set of namespaces of one running control plane):
+Scenarios (each on a fresh set of namespaces of one running control plane, one operator throughout):
   - 1 federation x 50 participants (50 tenant namespaces)
-  - 20 federations x 5 participants (the same 5 tenant namespaces)
-  - with --quick only 1 federation x 3 participants (a smoke test, about a minute)
+  - 20 federations x 10 participants in 50 tenant namespaces (200 participants; federation f takes the ten
+    namespaces from 10f mod 50, so every namespace holds 4 Participants of 4 Federations)
+  - with --quick only 1 federation x 3 participants (a smoke test, a few minutes)
 Each scenario's coordinator namespace is one of the chart's coordinatorNamespaces
 (created before `helm install`, as the chart requires), and every tenant
 namespace grants the operator access for each of its Participants as the tenant
 chart would (`grant_tenant_access`), before the clock starts.
-For each: seconds from `kubectl apply` of every manifest to every child
+
+Per scenario: seconds from `kubectl apply` of every manifest to every child
 existing (per participant: certificate Secret, ConfigMap, NetworkPolicy, Job
 with its pod bound to a node; per federation: CA and server Secrets,
-Services, NetworkPolicy, aggregator StatefulSet), the API requests the
-operator made, and the operator's resident memory (current and peak).
+Services, NetworkPolicy, aggregator StatefulSet), the operator's passes and
+their latency (p50/p99 of its own `fedcrm_operator_reconcile_seconds`
+histogram over that interval), and its resident memory (current and peak).
+
+Then the idle cost: once every scenario's children exist, a settling pause,
+then a window (120 s; 30 s with --quick) in which nothing is applied. What the
+operator asks of the API server in it comes from the API server's audit log,
+which this benchmark's control plane writes for the operator's ServiceAccount
+only (Metadata level, one line per finished request): requests per minute per
+Federation, overall and per scenario (by the namespace a request names;
+cluster-scoped requests, the watches and peering, are shared), and which verbs
+on which resources they were. The API server's own `apiserver_request_total`
+(scraped from /metrics before and after the window) has no user label: its
+delta counts every client (the controller manager, the scheduler, KWOK's node
+heartbeats as well), and is reported beside the audit count as a cross-check.
 
     .venv/bin/python bench/operator_scale.py [--quick] [--json bench/results/operator.json]
 
@@ -23,7 +39,11 @@ operator's log tail; it never writes a partial result.
 from __future__ import annotations
 
 import argparse
+import collections
+import datetime as dt
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -35,6 +55,8 @@ sys.path[:0] = [str(ROOT / "e2e"), str(ROOT / "tests")]
 
 from controlplane import ControlPlane  # noqa: E402
 from operator_harness import (  # noqa: E402
+    OPERATOR_NAMESPACE,
+    RELEASE,
     Kubectl,
     OperatorProcess,
     grant_tenant_access,
@@ -45,24 +67,53 @@ from operator_harness import (  # noqa: E402
 )
 
 TASK = {"target": "converted", "features": [{"name": "revenue", "type": "numeric"}]}
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{RELEASE}"
+#: Audit only the operator, once per request when its response is complete (a watch: when it ends).
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+}
+
+
+class AuditedControlPlane(ControlPlane):
+    """The tests' control plane, its API server writing an audit log of the operator's requests."""
+
+    @property
+    def audit_log(self) -> Path:
+        return self.dir / "audit.log"
+
+    def _spawn(self, name: str, args: list[str], *, binary: Path | None = None) -> None:
+        if name == "kube-apiserver":
+            policy = self.dir / "audit-policy.json"
+            policy.write_text(json.dumps(AUDIT_POLICY))
+            args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                    "--audit-log-format=json", "--audit-log-mode=blocking"]
+        super()._spawn(name, args, binary=binary)
 
 
 def coordinator_namespace(prefix: str) -> str:
     return f"{prefix}-coord"
 
 
-def manifests(prefix: str, federations: int, participants: int) -> tuple[list[dict[str, Any]], list[str]]:
+def manifests(prefix: str, federations: int, participants: int, namespaces: int | None = None
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+    """``federations`` Federations of ``participants`` Participants each, over ``namespaces`` tenant namespaces
+    (default: as many as participants per federation, every federation in all of them); federation f takes the
+    ``participants`` namespaces from ``f * participants`` on, wrapping around."""
     coord = coordinator_namespace(prefix)
-    tenants = [f"{prefix}-t{i:02d}" for i in range(participants)]
+    count = namespaces or participants
+    tenants = [f"{prefix}-t{i:02d}" for i in range(count)]
     docs: list[dict[str, Any]] = []
     for f in range(federations):
         name = f"fed{f:02d}"
+        mine = [tenants[(f * participants + i) % count] for i in range(participants)]
         docs.append({
             "apiVersion": "fedcrm.io/v1alpha1", "kind": "Federation",
             "metadata": {"name": name, "namespace": coord},
-            "spec": {"task": TASK, "training": {"minParticipants": 2}, "participants": {"namespaces": tenants}},
+            "spec": {"task": TASK, "training": {"minParticipants": 2}, "participants": {"namespaces": mine}},
         })
-        for ns in tenants:
+        for ns in mine:
             docs.append({
                 "apiVersion": "fedcrm.io/v1alpha1", "kind": "Participant",
                 "metadata": {"name": f"p-{name}", "namespace": ns},
@@ -90,9 +141,71 @@ def all_children_exist(kubectl: Kubectl, prefix: str, federations: int, particip
     return len(jobs) >= want and len(pods) >= want and len(policies) >= want + federations
 
 
-def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, federations: int, participants: int) -> dict[str, Any]:
-    docs, namespaces = manifests(prefix, federations, participants)
-    tenants = namespaces[1:]  # the coordinator namespace, namespaces[0], install_chart created (its Role is there)
+# ---------------------------------------------------------------- Prometheus text, parsed just enough
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """``{sorted label pairs: value}`` of one metric family's samples in Prometheus text format."""
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        labels: dict[str, str] = {}
+        if "{" in head:
+            for part in head[head.index("{") + 1:head.rindex("}")].split('",'):
+                if "=" in part:
+                    key, _, val = part.partition("=")
+                    labels[key.strip().lstrip(",")] = val.strip().strip('"')
+        out[tuple(sorted(labels.items()))] = float(value)
+    return out
+
+
+def delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float:
+    """``histogram_quantile``: linear interpolation inside the bucket (cumulative counts by upper bound)."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return 0.0
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # beyond the last finite bucket: its bound is the best lower estimate
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
+def latency(before: str, after: str, resource: str) -> dict[str, float]:
+    """Passes of ``resource`` between two scrapes of the operator's metrics, and their p50/p99 in ms."""
+    name = "fedcrm_operator_reconcile_seconds_bucket"
+    diff = delta(samples(after, name), samples(before, name))
+    buckets = {float(dict(k)["le"]): v for k, v in diff.items() if dict(k).get("resource") == resource}
+    if not buckets:
+        return {"passes": 0, "p50_ms": 0.0, "p99_ms": 0.0}
+    return {"passes": int(max(buckets.values())), "p50_ms": round(1000 * quantile(0.5, buckets), 1),
+            "p99_ms": round(1000 * quantile(0.99, buckets), 1)}
+
+
+def apiserver_metrics(kubectl: Kubectl) -> str:
+    return kubectl("get", "--raw", "/metrics").stdout
+
+
+def _operator_reconciles(operator: OperatorProcess) -> int:
+    return int(sum(samples(operator.metrics(), "fedcrm_operator_reconciles_total").values()))
+
+
+# ---------------------------------------------------------------- scenarios
+
+def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, federations: int, participants: int,
+                 namespaces: int | None) -> dict[str, Any]:
+    docs, all_namespaces = manifests(prefix, federations, participants, namespaces)
+    tenants = all_namespaces[1:]  # the coordinator namespace, all_namespaces[0], install_chart created (its Role is there)
     for ns in tenants:
         kubectl("create", "namespace", ns)
         provide_claim(kubectl, ns, "crm")
@@ -102,63 +215,146 @@ def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, feder
         if doc["kind"] == "Participant":
             ref = doc["spec"]["federationRef"]
             grant_tenant_access(kubectl, doc["metadata"]["namespace"], (ref["namespace"], ref["name"]), doc["metadata"]["name"])
-    reconciles_before = _operator_reconciles(operator)
+    reconciles_before, metrics_before = _operator_reconciles(operator), operator.metrics()
     started = time.perf_counter()
-    kubectl.apply(*docs)
+    kubectl.apply(*docs, server_side=True, timeout=600)
     applied = time.perf_counter() - started
     wait_for(f"{prefix}: every child", lambda: all_children_exist(kubectl, prefix, federations, participants),
              timeout=900, interval=0.5)
     elapsed = time.perf_counter() - started
     rss, peak = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
+    metrics_after = operator.metrics()
+    federation_passes = latency(metrics_before, metrics_after, "federation")
+    participant_passes = latency(metrics_before, metrics_after, "participant")
     return {
-        "scenario": f"{federations} federation(s) x {participants} participants",
+        "scenario": f"{federations} federation(s) x {participants} participants in {len(tenants)} namespaces",
         "federations": federations,
         "participants_per_federation": participants,
+        "tenant_namespaces": len(tenants),
         "objects_applied": len(docs),
         "apply_s": round(applied, 2),
         "apply_to_all_children_s": round(elapsed, 2),
         "per_participant_ms": round(1000 * elapsed / (federations * participants), 1),
         "operator_reconciles": _operator_reconciles(operator) - reconciles_before,
+        "federation_pass_p50_ms": federation_passes["p50_ms"],
+        "federation_pass_p99_ms": federation_passes["p99_ms"],
+        "participant_pass_p50_ms": participant_passes["p50_ms"],
+        "participant_pass_p99_ms": participant_passes["p99_ms"],
         "operator_rss_mib": round(rss / 1024, 1),
         "operator_peak_rss_mib": round(peak / 1024, 1),
     }
 
 
-def _operator_reconciles(operator: OperatorProcess) -> int:
-    total = 0.0
-    for line in operator.metrics().splitlines():
-        if line.startswith("fedcrm_operator_reconciles_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
+def _timestamp(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def audited_requests(audit_log: Path, start: float, end: float) -> list[dict[str, Any]]:
+    """The operator's requests received in [start, end) (epoch seconds), one audit event each."""
+    out = []
+    with open(audit_log, encoding="utf-8") as lines:
+        for line in lines:
+            event = json.loads(line)
+            if event.get("user", {}).get("username") != OPERATOR_USER or event.get("stage") != "ResponseComplete":
+                continue
+            if start <= _timestamp(event["requestReceivedTimestamp"]) < end:
+                out.append(event)
+    return out
+
+
+def _what(event: dict[str, Any]) -> str:
+    ref = event.get("objectRef") or {}
+    resource = ref.get("resource", event.get("requestURI", "?").split("?")[0])
+    if ref.get("subresource"):
+        resource += "/" + ref["subresource"]
+    return f"{event['verb']} {resource}"
+
+
+def idle_window(kubectl: Kubectl, operator: OperatorProcess, audit_log: Path, scenarios: list[tuple[str, int, int, int | None]],
+                rows: list[dict[str, Any]], *, settle_s: float, window_s: float) -> dict[str, Any]:
+    """Nothing applied for ``window_s`` after ``settle_s``: the operator's requests per minute per Federation."""
+    time.sleep(settle_s)
+    server_before, operator_before = apiserver_metrics(kubectl), operator.metrics()
+    start = time.time()
+    time.sleep(window_s)
+    end = time.time()
+    server_after, operator_after = apiserver_metrics(kubectl), operator.metrics()
+    time.sleep(2)  # the audit backend writes a request's line when its response completes
+    events = audited_requests(audit_log, start, end)
+    minutes = (end - start) / 60
+    federations = sum(f for _, f, _, _ in scenarios)
+    by_what = collections.Counter(_what(e) for e in events)
+    by_scope = collections.Counter(
+        next((prefix for prefix, *_ in scenarios if ((e.get("objectRef") or {}).get("namespace") or "").startswith(prefix + "-")),
+             "cluster-scoped") for e in events)
+    for row, (prefix, feds, _, _) in zip(rows, scenarios):
+        row["idle_requests_per_federation_minute"] = round(by_scope[prefix] / feds / minutes, 2)
+    server = delta(samples(server_after, "apiserver_request_total"), samples(server_before, "apiserver_request_total"))
+    server_by_what = collections.Counter()
+    for labels, value in server.items():
+        d = dict(labels)
+        resource = d.get("resource", "") + (f"/{d['subresource']}" if d.get("subresource") else "")
+        server_by_what[f"{d.get('verb', '?')} {resource}"] += value
+    return {
+        "window_s": round(end - start, 1),
+        "settle_s": settle_s,
+        "federations": federations,
+        "participants": sum(f * p for _, f, p, _ in scenarios),
+        "source": "API server audit log, operator's ServiceAccount only",
+        "operator_requests": len(events),
+        "requests_per_federation_minute": round(len(events) / federations / minutes, 2),
+        "cluster_scoped_per_minute": round(by_scope["cluster-scoped"] / minutes, 2),
+        "by_verb_resource_per_minute": {k: round(v / minutes, 2) for k, v in by_what.most_common()},
+        "apiserver_request_total_all_clients": int(sum(server.values())),
+        "apiserver_request_total_per_minute_by_verb_resource": {
+            k: round(v / minutes, 2) for k, v in server_by_what.most_common(15)},
+        "federation_pass": latency(operator_before, operator_after, "federation"),
+        "participant_pass": latency(operator_before, operator_after, "participant"),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="one small scenario (1 federation x 3 participants)")
+    parser.add_argument("--idle", type=float, help="seconds of the idle window (default 120; 30 with --quick)")
     args = parser.parse_args()
-    scenarios = [("wide", 1, 3)] if args.quick else [("wide", 1, 50), ("many", 20, 5)]
-    with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp, ControlPlane(gpu_nodes=2, cpu_nodes=2) as cp:
+    scenarios: list[tuple[str, int, int, int | None]] = (
+        [("wide", 1, 3, None)] if args.quick else [("wide", 1, 50, None), ("issue", 20, 10, 50)])
+    window = args.idle or (30.0 if args.quick else 120.0)
+    load_start = os.getloadavg()[0]  # the machine is shared: how busy it was is part of the result
+    with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp, AuditedControlPlane(gpu_nodes=2, cpu_nodes=2) as cp:
         kubectl = Kubectl(cp.bin_dir / "kubectl", cp.kubeconfig)
         install_chart(cp.bin_dir / "helm", cp.kubeconfig,
-                      coordinator_namespaces=tuple(coordinator_namespace(prefix) for prefix, _, _ in scenarios))
-        operator = OperatorProcess(service_account_kubeconfig(kubectl, cp.kubeconfig, Path(tmp) / "sa.kubeconfig"), Path(tmp)).start()
+                      coordinator_namespaces=tuple(coordinator_namespace(prefix) for prefix, *_ in scenarios))
+        operator = OperatorProcess(service_account_kubeconfig(kubectl, cp.kubeconfig, Path(tmp) / "sa.kubeconfig"), Path(tmp),
+                                   env={"FEDCRM_AGGREGATOR_STATUS_URL": "http://127.0.0.1:9/status"}).start()
         try:
             idle_rss, _ = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
             results = [run_scenario(kubectl, operator, *scenario) for scenario in scenarios]
+            idle = idle_window(kubectl, operator, cp.audit_log, scenarios, results,
+                               settle_s=10.0 if args.quick else 30.0, window_s=window)
+            rss, peak = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
         except Exception as err:
             print(f"operator benchmark failed: {err}\noperator log (tail):\n{operator.log_tail()}", file=sys.stderr)
             return 1
         finally:
             operator.stop()
-    out = {"benchmark": "operator", "quick": args.quick, "operator_idle_rss_mib": round(idle_rss / 1024, 1), "results": results}
+    idle |= {"operator_rss_mib": round(rss / 1024, 1), "operator_peak_rss_mib": round(peak / 1024, 1)}
+    out = {"benchmark": "operator", "quick": args.quick, "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
+           "operator_idle_rss_mib": round(idle_rss / 1024, 1),
+           "results": results, "idle": idle}
     print(json.dumps(out, indent=2))
     print()
-    print(f"{'scenario':<36}{'apply->children s':>18}{'per participant ms':>20}{'reconciles':>12}{'RSS MiB':>9}{'peak MiB':>10}")
+    print(f"{'scenario':<58}{'apply->children s':>18}{'fed pass p50/p99 ms':>21}{'RSS (peak) MiB':>16}{'idle req/fed/min':>18}")
     for r in results:
-        print(f"{r['scenario']:<36}{r['apply_to_all_children_s']:>18}{r['per_participant_ms']:>20}"
-              f"{r['operator_reconciles']:>12}{r['operator_rss_mib']:>9}{r['operator_peak_rss_mib']:>10}")
-    print(f"operator idle RSS: {out['operator_idle_rss_mib']} MiB")
+        print(f"{r['scenario']:<58}{r['apply_to_all_children_s']:>18}"
+              f"{str(r['federation_pass_p50_ms']) + '/' + str(r['federation_pass_p99_ms']):>21}"
+              f"{str(r['operator_rss_mib']) + ' (' + str(r['operator_peak_rss_mib']) + ')':>16}"
+              f"{r['idle_requests_per_federation_minute']:>18}")
+    print(f"idle, all {idle['federations']} federations: {idle['requests_per_federation_minute']} requests/min each "
+          f"({idle['operator_requests']} in {idle['window_s']} s; cluster-scoped {idle['cluster_scoped_per_minute']}/min)")
+    print(f"operator idle RSS before any federation: {out['operator_idle_rss_mib']} MiB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

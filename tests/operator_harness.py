@@ -58,14 +58,18 @@ class Kubectl:
     def __init__(self, binary: Path, kubeconfig: Path) -> None:
         self.binary, self.kubeconfig = binary, kubeconfig
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(self, *args: str, input: str | None = None, check: bool = True,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(self.binary), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input, capture_output=True, text=True, check=check, timeout=60,
+            input=input, capture_output=True, text=True, check=check, timeout=timeout,
         )
 
-    def apply(self, *docs: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self("apply", "-f", "-", input=yaml.safe_dump_all(docs), check=check)
+    def apply(self, *docs: dict[str, Any], check: bool = True, server_side: bool = False,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``kubectl apply`` of ``docs``; ``server_side``: one request per object (no read first, no annotation)."""
+        return self("apply", *(["--server-side"] if server_side else []), "-f", "-", input=yaml.safe_dump_all(docs),
+                    check=check, timeout=timeout)
 
     def json(self, *args: str) -> Any:
         return json.loads(self(*args, "-o", "json").stdout)
