@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a directory that outlives this process (in a cluster: the Participant's spec.stateClaim) where "
                    "the node keeps its count of privacy releases, so a restarted pod never releases more than the "
                    "budget was planned for; without it the count lives in this process")
+    p.add_argument("--report-file", type=Path, metavar="PATH",
+                   help="where this participant writes what stays with it when the federation succeeds: with "
+                   "spec.training.personalizationEpochs, the global and the personalized model's metrics on its own "
+                   "validation rows (JSON; the personalized weights go beside it as .npy); without it, only the log")
     p.add_argument("--server-name", help="name to verify in the aggregator's certificate, if not the host in --aggregator")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the aggregator (default 60)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("FEDCRM_TORCH_THREADS", "1")),
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             credentials_dir=args.credentials or Path(MOUNT_PATH),
             own_federation=load_federation(args.federation),
             state_dir=args.state_dir,
+            report_file=args.report_file,
         )
         if not node.ledger.durable and node.own_federation.spec.privacy.differential_privacy.enabled:
             log.info("privacy releases are counted in this process only (no --state-dir): a restart counts from zero; "

@@ -78,8 +78,10 @@ class ParticipantNode:
         credentials_dir: Path | None = None,
         own_federation: Federation,
         state_dir: Path | None = None,
+        report_file: Path | None = None,
     ) -> None:
         self.participant = participant
+        self.report_file = report_file  # what stays with this participant (personalization), if asked for
         # This participant's own copy of the Federation (mounted beside it in a pod): its data is checked
         # against this task, and the aggregator must serve exactly these terms (see _check_terms).
         self.own_federation = own_federation
@@ -208,11 +210,38 @@ class ParticipantNode:
         elif kind == pb.Task.FINISH:
             if task.succeeded:
                 log.info("federation finished: %s", task.message)
+                self._personalize()
                 return False
             raise NodeExit(f"the federation stopped: {task.message}", NodeExitCode.STOPPED)
         else:
             log.warning("ignoring a task of unknown kind %d (is the aggregator newer than this node?)", kind)
         return True
+
+    def _personalize(self) -> None:
+        """Fine-tune the final global model on this participant's own rows, for itself (nothing is sent)."""
+        from fedcrm.training.personalization import personalize
+
+        assert self.federation is not None
+        training = self.federation.spec.training
+        if not training.personalization_epochs:
+            return
+        if self.weights is None or self.encoded is None or self.model is None:
+            log.warning("personalization skipped: this participant holds no global model")
+            return
+        result = personalize(self.model.layout, self.weights, self.encoded.train, self.encoded.validation,  # type: ignore[attr-defined]
+                             epochs=training.personalization_epochs, batch_size=training.batch_size,
+                             learning_rate=training.learning_rate, seed=training.seed, identity=self.identity)
+        g, p = result.global_metrics, result.personalized_metrics
+        log.info("personalized: %d epochs on the global model of round %s; on this participant's %d validation rows "
+                 "accuracy %.4f -> %.4f, F1 %s -> %s, AUC %s -> %s (stays here; nothing was sent)",
+                 result.epochs, self.version, result.validation_rows, g["accuracy"] or 0.0, p["accuracy"] or 0.0,
+                 _fmt(g["f1"]), _fmt(p["f1"]), _fmt(g["auc"]), _fmt(p["auc"]))
+        if self.report_file is not None:
+            self.report_file.parent.mkdir(parents=True, exist_ok=True)
+            np.save(self.report_file.with_suffix(".npy"), result.weights)
+            tmp = self.report_file.with_name(self.report_file.name + ".tmp")
+            tmp.write_text(json.dumps({"identity": self.identity, "model_version": self.version, **result.as_dict()}))
+            tmp.replace(self.report_file)
 
     def _ack(self, ack: pb.Ack, task: pb.Task) -> None:
         if not ack.accepted:
@@ -618,6 +647,10 @@ class ParticipantNode:
 
 
 #: How often a node still waiting for its aggregator says so.
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 WAITING_LOG_INTERVAL_S = 30.0
 
 

@@ -175,4 +175,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "| Participant | Status | Rounds | Note |", "|---|---|---:|---|"]
         for p in report["participants"]:
             lines.append(f"| {p['identity']} | {p['status']} | {p['rounds']} | {p.get('message', '')} |")
+    if report.get("personalization"):
+        lines += ["", "Personalization: each participant's own validation rows, the global model against its "
+                  "fine-tuned copy (collected from the participants' own files; never sent to the aggregator).", "",
+                  "| Participant | Validation rows | Accuracy global → personalized | F1 | AUC |", "|---|---:|---|---|---|"]
+        for identity, r in sorted(report["personalization"].items()):
+            g, q = r["global"], r["personalized"]
+            lines.append(f"| {identity} | {r['validation_rows']} | {_fmt(g['accuracy'], True)} → "
+                         f"{_fmt(q['accuracy'], True)} | {_fmt(g['f1'], True)} → {_fmt(q['f1'], True)} | "
+                         f"{_fmt(g['auc'])} → {_fmt(q['auc'])} |")
     return "\n".join(lines) + "\n"

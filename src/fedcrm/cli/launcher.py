@@ -39,7 +39,8 @@ from fedcrm.spec.manifests import Federation, Participant, Task
 __all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "run_federation"]
 
 _OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md",
-            "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png", "ready")
+            "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png", "ready",
+            "participants")
 
 
 # How often `fedcrm run` restarts a crashed aggregator before giving up.
@@ -172,6 +173,18 @@ def _issue_certificates(out: Path, inputs: LoadedFederation) -> tuple[TlsPaths, 
         c, k = write_pem_files(pki / "participants", stem, ca.issue_client(participant.identity))
         clients[participant.identity] = TlsPaths(ca=ca_path, cert=c, key=k)
     return server, clients
+
+
+def _personalization(folder: Path, identities: list[str]) -> dict[str, Any]:
+    """What each participant wrote for itself after fine-tuning (on one machine the launcher can read it; in a
+    cluster it stays in the participant's log)."""
+    out: dict[str, Any] = {}
+    for identity in identities:
+        path = folder / f"{_stem(identity)}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            out[identity] = {k: data[k] for k in ("epochs", "validation_rows", "global", "personalized")}
+    return out
 
 
 def _last_error_line(log_path: Path, *, or_last_line: bool = False) -> str:
@@ -380,6 +393,7 @@ def run_federation(
                 # Its own copy of the Federation, as a pod has it mounted: the data is checked against its task.
                 ["--participant", str(path.resolve()), "--federation", str(inputs.federation_path.resolve()),
                  "--ready-file", str(ready_dir / f"{_stem(participant.identity)}.json"),
+                 "--report-file", str(out / "participants" / f"{_stem(participant.identity)}.json"),
                  "--aggregator", f"127.0.0.1:{port}", "--server-name", "localhost",
                  "--ca", str(tls.ca), "--cert", str(tls.cert), "--key", str(tls.key)]
                 + (["--credentials", str(credential_dirs[participant.identity])]
@@ -410,8 +424,8 @@ def run_federation(
                 procs.record()
             time.sleep(0.1)
         progress.feed_events(events, offset)
-        # Nodes got FINISH; give them a moment to leave on their own.
-        deadline = time.monotonic() + 10
+        # Nodes got FINISH; give them a moment to leave on their own (longer while they fine-tune their own copy).
+        deadline = time.monotonic() + 10 + (300 if inputs.federation.spec.training.personalization_epochs else 0)
         for p in procs.nodes.values():
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -440,5 +454,8 @@ def run_federation(
         if p["identity"] in crashed:
             p["message"] = f"process {crashed[p['identity']]}"
     report["aggregator_restarts"] = restarts
+    personalized = _personalization(out / "participants", [p.identity for p, _ in inputs.participants])
+    if personalized:
+        report["personalization"] = personalized
     write_report(out, report)
     return RunResult(report=report, exit_code=0 if report["status"] == "succeeded" else 1, crashed=crashed)

@@ -280,6 +280,13 @@ class Training(_Model):
         float, Field(gt=0, lt=1, description="Share of each participant's records held out for evaluation.")
     ] = 0.2
     seed: Annotated[int, Field(ge=0, description="Seeds initialisation, splits and shuffling; same seed, same model.")] = 0
+    personalization_epochs: Annotated[
+        int,
+        Field(ge=0, le=100, description="After the federation succeeds, each participant fine-tunes the final global "
+                                        "model for this many epochs on its own training rows and compares both on its "
+                                        "own validation rows; the personalized model and both sets of metrics stay "
+                                        "with the participant (its log and --report-file). 0 turns it off."),
+    ] = 0
     server_optimizer: Annotated[
         ServerOptimizer,
         Field(description="How the aggregator applies each round's aggregate (the mean update, or the mean gradient "
