@@ -106,6 +106,7 @@ class ParticipantNode:
         self._agreement: MemberAgreement | None = None  # the federation's member list, agreed once
         self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
+        self.augmentation = None  # synthetic training rows (spec.augmentation.gan): made once, kept here, never sent
         # Training results let out: a plain update sent, or the shares that unmask a secure sum of updates. Each
         # is one release of the privacy budget; a masked update never unmasked is none. Kept in state_dir, the
         # count survives a restarted pod.
@@ -386,6 +387,7 @@ class ParticipantNode:
             self.participants = noise_participants(self.federation.spec, int(raw.get("participants", 0)))
             assert self.frames is not None
             self.encoded = _Split(encode(self.frames[0], prep), encode(self.frames[1], prep))  # type: ignore[arg-type]
+            self._augment(prep)
             if self.model is None or self.model.layout.to_dict() != layout.to_dict():  # type: ignore[attr-defined]
                 # A reconnection keeps the model (and a DP-SGD trainer's accountant) of the same layout.
                 self.model, self.private = TabularMLP(layout), None
@@ -413,13 +415,17 @@ class ParticipantNode:
         else:
             outcome = train_epochs(
                 self.model,  # type: ignore[arg-type]
-                self.encoded.train,  # type: ignore[arg-type]
+                self._training_rows(),  # type: ignore[arg-type]
                 epochs=training.local_epochs,
                 batch_size=training.batch_size,
                 learning_rate=training.learning_rate,
                 seed=derive_seed(training.seed, self.identity, task.round),
                 proximal_mu=training.proximal_mu if training.algorithm == "fedprox" else 0.0,
             )
+            if self.augmentation is not None:  # FedAvg's weight and the loss sent count the real rows only
+                from fedcrm.training.augmentation import counted_as_real
+
+                outcome = counted_as_real(outcome, len(self.encoded.train))  # type: ignore[arg-type]
         delta = get_flat(self.model) - self.weights  # type: ignore[arg-type]
         took = time.perf_counter() - started
         log.info("round %d: trained on %d rows in %.2fs, loss %.4f",
@@ -449,6 +455,29 @@ class ParticipantNode:
             loss_sum=outcome.loss_sum,
             train_seconds=took,
         )
+
+    def _augment(self, prep: object) -> None:
+        """spec.augmentation.gan of this participant's own Federation: train the GAN on the encoded training rows
+        once per run (a reconnection keeps them), log what was added per class and what the GAN spent."""
+        own = self.own_federation.spec
+        gan = own.augmentation.gan
+        if not gan.enabled or (self.augmentation is not None and self.augmentation[0] == prep):
+            return
+        from fedcrm.training.augmentation import augment
+
+        assert self.encoded is not None
+        made = augment(self.encoded.train, prep, gan, batch_size=own.training.batch_size,  # type: ignore[arg-type]
+                       seed=own.training.seed, identity=self.identity)
+        self.augmentation = (prep, made)
+        log.info("%s", made.summary())
+        log.info("%s", made.privacy_summary(own.privacy.differential_privacy.mode))
+
+    def _training_rows(self) -> object:
+        """What local training uses: the real training rows, then this participant's synthetic rows, if any."""
+        from fedcrm.training.augmentation import with_synthetic
+
+        assert self.encoded is not None
+        return with_synthetic(self.encoded.train, self.augmentation[1] if self.augmentation else None)  # type: ignore[arg-type]
 
     def _train_private(self) -> object:
         """One round of DP-SGD (Opacus), with the noise multiplier the aggregator derives too."""

@@ -552,6 +552,101 @@ class ResourceOverrides(_Model):
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
+class GanPrivacy(_Model):
+    """Differential privacy for the augmentation GAN: its discriminator, the only part that reads records, trained
+    with DP-SGD (Opacus), so the generator and every synthetic row are post-processing of a DP release."""
+
+    epsilon: Annotated[
+        float,
+        Field(description="The GAN's own budget, spent once per participant and run (not taken out of, and not "
+                          "counted in, spec.privacy.differentialPrivacy.epsilon)."),
+    ]
+    delta: Annotated[
+        float, Field(description="The GAN's failure probability; well below 1/(the participant's training rows).")
+    ]
+    clipping_norm: Annotated[
+        float, Field(description="L2 bound on each record's discriminator gradient.")
+    ] = 1.0
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"augmentation.gan.differentialPrivacy.epsilon must be a positive number (got {v}), "
+                             "e.g. 3.0")
+        return v
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, v: float) -> float:
+        if not (0 < v < 1):
+            raise ValueError(f"augmentation.gan.differentialPrivacy.delta must be between 0 and 1, exclusive (got "
+                             f"{v}); use e.g. 1e-5, well below 1/(training rows)")
+        return v
+
+    @field_validator("clipping_norm")
+    @classmethod
+    def _clip(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"augmentation.gan.differentialPrivacy.clippingNorm must be a positive number (got {v}),"
+                             " e.g. 1.0")
+        return v
+
+
+class GanAugmentation(_Model):
+    """Synthetic rows from a conditional tabular GAN each participant trains on its own encoded training rows.
+
+    The rows are added to that participant's local training only: never to its validation split, never to the
+    statistics, never sent, and the update it sends is weighted by its real rows alone.
+    """
+
+    enabled: Annotated[bool, Field(description="Train the GAN and add its rows to local training.")] = False
+    synthetic_ratio: Annotated[
+        float,
+        Field(description="Synthetic rows to add, as a fraction of the participant's real training rows (0.5 adds "
+                          "half as many again). With conditionalOnLabel they top up the minority class towards the "
+                          "majority's count first; what is left is split evenly between the classes. 0 < ratio <= 10.",
+              json_schema_extra={"exclusiveMinimum": 0, "maximum": 10}),  # checked by _ratio, with its message
+    ] = 0.5
+    epochs: Annotated[
+        int,
+        Field(description="Passes of GAN training over the participant's training rows, once per run (1 to 5000).",
+              json_schema_extra={"minimum": 1, "maximum": 5000}),  # checked by _epochs, with its message
+    ] = 300
+    conditional_on_label: Annotated[
+        bool,
+        Field(description="Condition the generator on the label, so rows can be drawn for a chosen class (the "
+                          "minority first); false draws rows with generated labels, in the learned class mix."),
+    ] = True
+    differential_privacy: Annotated[
+        GanPrivacy | None,
+        Field(description="Train the discriminator with DP-SGD to this budget; unset trains it without noise."),
+    ] = None
+
+    @field_validator("synthetic_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not (0 < v <= 10):
+            raise ValueError(f"augmentation.gan.syntheticRatio must be above 0 and at most 10 synthetic rows per real "
+                             f"training row (got {v}); e.g. 0.5 adds half as many rows again")
+        return v
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v: int) -> int:
+        if not (1 <= v <= 5000):
+            raise ValueError(f"augmentation.gan.epochs must be from 1 to 5000 passes over the training rows (got {v})")
+        return v
+
+
+class Augmentation(_Model):
+    """Local data augmentation: what each participant may add to its own training rows, and never sends."""
+
+    gan: Annotated[
+        GanAugmentation, Field(description="Synthetic rows from a conditional tabular GAN trained by each participant.")
+    ] = GanAugmentation()
+
+
 class FederationSpec(_Model):
     """What to learn, how, under which guarantees, and with whom."""
 
@@ -559,12 +654,30 @@ class FederationSpec(_Model):
     model: Annotated[ModelSpec, Field(description="The model architecture.")] = ModelSpec()
     training: Annotated[Training, Field(description="Rounds, local training and round timing.")] = Training()
     privacy: Annotated[Privacy, Field(description="Differential privacy and secure aggregation.")] = Privacy()
+    augmentation: Annotated[
+        Augmentation,
+        Field(description="Synthetic rows each participant adds to its own local training (never sent). A "
+                          "participant's own copy decides; it is not part of the terms compared with the aggregator's."),
+    ] = Augmentation()
     participants: Annotated[
         ParticipantsSpec, Field(description="Which tenant namespaces may join.")
     ] = ParticipantsSpec()
     resources: Annotated[
         Resources, Field(description="Default requests of every training pod; a Participant may override them.")
     ] = Resources()
+
+    @model_validator(mode="after")
+    def _augmentation_and_privacy(self) -> FederationSpec:
+        mode = self.privacy.differential_privacy.mode
+        if self.augmentation.gan.enabled and mode in ("sample", "pooled"):
+            raise ValueError(
+                f"augmentation.gan cannot be combined with differentialPrivacy mode {mode!r}: the synthetic rows would "
+                "enter DP-SGD as records of the participant, its sampling rate and accounting are planned for the "
+                "real rows only, and the GAN's own epsilon is not counted in the federation's budget, so the "
+                "declared (epsilon, delta) would not hold. Use mode 'client' (which covers everything a participant "
+                "trains on) or 'none', or turn augmentation.gan off"
+            )
+        return self
 
 
 class Phase(str, Enum):
