@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcrm import __version__
+from fedcrm.cli import experiment
 from fedcrm.errors import FedcrmError
 
 __all__ = ["main"]
@@ -233,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rows", type=int, default=1000, help="rows to sample per participant (default 1000)")
     check.add_argument("--json", action="store_true", help="print the reports as JSON instead of tables")
     check.set_defaults(handler=_cmd_data_check)
+    experiment.add_parser(sub)
     return parser
 
 
