@@ -259,10 +259,12 @@ class TabularGan:
 
     def _fit_private(self, rows: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
                      dp: object) -> None:
-        """DP-SGD on the discriminator: each Poisson batch of real rows with as many generated rows (conditioned
-        on labels drawn from the batch's own, or uniformly when it is empty), one clipped gradient per row, noise
-        on the sum. Fake rows hold no record, so their gradients only spend clipping room; the generator step
-        reads the discriminator with its parameters frozen (no per-sample gradients, no record touched)."""
+        """DP-SGD on the discriminator: each Poisson batch of real rows with a fixed ``batch_size`` generated rows
+        (their labels drawn uniformly, never copied from the batch), one clipped gradient per row, noise on the sum.
+        Adding or removing one record changes one real row's clipped gradient and nothing else: the generated rows'
+        number and conditions do not depend on the batch, so the sensitivity is the clipping norm the noise is
+        calibrated for. The generator step reads the discriminator with its parameters frozen and its hooks off
+        (no per-sample gradients, no record touched)."""
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
@@ -287,7 +289,7 @@ class TabularGan:
         taken = 0
         for _ in range(epochs):
             for real, label in loader:
-                fake_labels = label if len(label) else torch.randint(0, 2, (batch_size,))
+                fake_labels = torch.randint(0, 2, (batch_size,))
                 condition_fake = self._condition(fake_labels)
                 fake = self.generator(torch.randn(len(fake_labels), _LATENT), condition_fake).detach()
                 both = torch.cat([real, fake])
