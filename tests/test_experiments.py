@@ -111,6 +111,11 @@ def test_quick_takes_the_files_sizes_and_never_grows_the_grid(tmp_path: Path) ->
     assert (defaults.data.clients, defaults.data.rows, defaults.rounds, defaults.seed_list) == (3, 400, 3, [0, 1])
 
 
+def test_a_minimal_file_takes_the_defaults(tmp_path: Path) -> None:
+    experiment = load_experiment(_write(tmp_path, {"name": "min", "settings": {"f": {"command": "run"}}}))
+    assert (experiment.seed_list, experiment.rounds, experiment.data.clients) == ([0, 1, 2], 20, 10)
+
+
 def test_deep_merge_merges_mappings_replaces_the_rest_and_null_removes() -> None:
     base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
     assert deep_merge(base, {"a": {"c": [3], "e": 2}, "d": None}) == {"a": {"b": 1, "c": [3], "e": 2}}

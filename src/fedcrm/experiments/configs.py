@@ -108,7 +108,8 @@ class Experiment(_Model):
     description: str = ""
     data: Data = Data()
     seeds: Annotated[list[Annotated[int, Field(ge=0)]] | int, Field(
-        description="Seeds (a list), or a count N meaning 0..N-1; each seeds the data and the training.")] = 3
+        description="Seeds (a list), or a count N meaning 0..N-1; each seeds the data and the training.",
+        validate_default=True)] = 3
     rounds: Annotated[int, Field(ge=1, le=10_000)] = 20
     spec: Annotated[dict[str, Any], Field(description="Deep-merged into every setting's Federation spec.")] = {}
     audit: Audit = Audit()

@@ -116,9 +116,12 @@ def render_markdown(experiment: Experiment, results: Sequence[dict[str, Any]], *
         if rows and not ok:
             lines.append(f"| {name} | {n} | failed: {_escape(rows[-1].get('reason') or '?')} |" + " |" * 9)
             continue
-        cells = [_fmt(m, summarise(rows, m)) for m in ("accuracy", "precision", "recall", "f1", "auc",
-                                                         "bytes_up_per_client_per_round", "bytes_per_client_per_round",
-                                                         "epsilon_spent", "attack_auc", "wall_s")]
+        cells = []
+        for m in ("accuracy", "precision", "recall", "f1", "auc", "bytes_up_per_client_per_round",
+                  "bytes_per_client_per_round", "epsilon_spent", "attack_auc", "wall_s"):
+            s = summarise(rows, m)
+            # A metric some cells lack (precision of a model that predicts no positive) says over how many it is.
+            cells.append(_fmt(m, s) + (f" (n={s[2]})" if s is not None and s[2] < len(ok) else ""))
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     ref = experiment.reference
     if ref is not None:
