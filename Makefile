@@ -11,7 +11,7 @@ LOCK_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16
 WHEELHOUSE := $(HOME)/.cache/fedcrm/wheels
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: demo test e2e test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-dp-utility bench-compression bench-startup bench-real-node images clean experiment-quick
+.PHONY: demo test e2e test-fast lint protos crds venv system-packages bench-secagg bench-operator privacy-table bench-dp bench-dp-utility bench-compression bench-gan-augmentation bench-startup bench-real-node images clean experiment-quick
 
 demo: $(STAMP)  ## synthesise 10 enterprises' CRM data and train a federated model on it
 	$(BIN)/fedcrm demo
@@ -77,6 +77,9 @@ bench-dp-utility: $(STAMP)  ## DP on small skewed tenants: per-tenant DP-SGD vs 
 
 bench-compression: $(STAMP)  ## secure aggregation unquantized vs 16-bit vs 8-bit updates: accuracy, AUC, bytes up per client per round (JSON, markdown in bench/results/; ~10 min)
 	nice -n 10 $(BIN)/python bench/update_compression.py $(BENCH_QUICK) --results $(BENCH_OUT)
+
+bench-gan-augmentation: $(STAMP)  ## each participant's GAN augmentation vs none, with and without DP: accuracy, F1, AUC, membership-inference AUC (JSON, markdown in bench/results/; ~10 min)
+	nice -n 10 $(BIN)/python bench/gan_augmentation.py $(BENCH_QUICK) --results $(BENCH_OUT)
 
 bench-dp: $(STAMP)  ## cost of DP-SGD against non-private local training (samples/s, peak memory)
 	$(BIN)/python bench/dp_cost.py $(or $(BENCH_QUICK),--rows 10000 --epochs 1 --repeats 2) --json $(BENCH_OUT)/dp_cost.json
