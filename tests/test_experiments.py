@@ -31,6 +31,9 @@ TINY = {
         "federated": {"command": "run", "audit": True},
         "federated+DP": {"command": "run", "spec": {"privacy": {"differentialPrivacy": {
             "mode": "sample", "epsilon": 1.0, "delta": 1e-5, "clippingNorm": 1.0}}}},
+        # Valid as a manifest, refused by the run (client-level noise over 2 participants drowns the updates).
+        "refused": {"command": "run", "spec": {"privacy": {"differentialPrivacy": {
+            "mode": "client", "epsilon": 1.0, "delta": 1e-5, "clippingNorm": 1.0}}}},
     },
     "quick": {"data": {"clients": 2, "rows": 200, "testRows": 400}, "rounds": 2, "seeds": 1,
               "audit": {"shadows": 1, "shadowEpochs": 2, "maxRecords": 100}},
@@ -131,15 +134,16 @@ def _finish(cell: grids.Cell, status: str = "succeeded") -> None:
 def test_a_finished_cell_is_kept_and_anything_else_is_redone(tmp_path: Path) -> None:
     experiment = load_experiment(_write(tmp_path, TINY), quick=True)
     out = tmp_path / "out"
-    ok, failed, interrupted = grids.plan_cells(experiment, out)
+    ok, failed, interrupted, untouched = grids.plan_cells(experiment, out)
     _finish(ok)
     _finish(failed, status="failed")
     (interrupted.folder / "run").mkdir(parents=True)  # a report but no cell.json: stopped mid-way
     (interrupted.folder / "run" / "report.json").write_text("{}")
-    assert [c.finished() for c in grids.plan_cells(experiment, out)] == [True, False, False]
+    assert [c.finished() for c in grids.plan_cells(experiment, out)] == [True, False, False, False]
+    assert not untouched.folder.exists()
     # The same folder with other inputs (more rounds) is stale, not finished.
     longer = experiment.model_copy(update={"rounds": 5})
-    assert [c.finished() for c in grids.plan_cells(longer, out)] == [False, False, False]
+    assert [c.finished() for c in grids.plan_cells(longer, out)] == [False, False, False, False]
 
 
 def _sessions(leader: int) -> list[int]:
@@ -152,9 +156,17 @@ def _sessions(leader: int) -> list[int]:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[3]) == leader:  # fields after the name: state ppid pgrp session ...
+            if int(fields[3]) == leader and fields[0] != "Z":  # after the name: state ppid pgrp session ...
                 found.append(int(entry.name))
     return found
+
+
+def _outlived(leader: int, grace: float = 15.0) -> list[int]:
+    """The session's processes still alive after ``grace`` seconds (a SIGKILLed process takes a moment to go)."""
+    deadline = time.monotonic() + grace
+    while (left := _sessions(leader)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 @pytest.mark.slow
@@ -168,7 +180,7 @@ def test_quick_grid_is_interruptible_resumable_and_writes_every_output(tmp_path:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "[2/3] federated seed 0: started" in line:
+            if "[2/4] federated seed 0: started" in line:
                 break
         deadline = time.monotonic() + 60
         log = federated / "log.txt"
@@ -187,15 +199,15 @@ def test_quick_grid_is_interruptible_resumable_and_writes_every_output(tmp_path:
     assert proc.returncode == 130, "".join(lines) + err
     assert "run the same command again to resume" in err
     group = int((federated / "log.txt").read_text().split("process group ")[1].split()[0])
-    assert _sessions(group) == [], "a cell's processes outlived Ctrl-C"
+    assert _outlived(group) == [], "a cell's processes outlived Ctrl-C"
     central = out / "cells" / "centralized" / "seed-0"
     assert json.loads((central / "cell.json").read_text())["status"] == "succeeded"
     assert not (federated / "cell.json").exists()
     kept = (central / "run" / "report.json").stat().st_mtime_ns
 
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resuming: 1 of 3 cells finished earlier and are kept" in done.stdout
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # the refused cell
+    assert "resuming: 1 of 4 cells finished earlier and are kept" in done.stdout
     assert "centralized seed 0: started" not in done.stdout
     assert (central / "run" / "report.json").stat().st_mtime_ns == kept
     for name in ("results.csv", "results.md", "accuracy_per_round.png", "privacy_accuracy.png", "bytes_per_round.png"):
@@ -203,14 +215,18 @@ def test_quick_grid_is_interruptible_resumable_and_writes_every_output(tmp_path:
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["setting"], r["status"]) for r in rows] == [
-        ("centralized", "succeeded"), ("federated", "succeeded"), ("federated+DP", "succeeded")]
+        ("centralized", "succeeded"), ("federated", "succeeded"), ("federated+DP", "succeeded"), ("refused", "failed")]
+    assert "refused before training" in rows[3]["reason"], rows[3]
     assert rows[1]["attack_auc"] and not rows[0]["attack_auc"] and rows[2]["epsilon_spent"]
     assert float(rows[1]["bytes_up_per_client_per_round"]) > 0 and not rows[0]["bytes_up_per_client_per_round"]
     md = (out / "results.md").read_text()
     assert "# Experiment tiny (quick variant)" in md and "| federated | accuracy |" in md
+    assert "| refused | 0/1 | failed: run: " in md and "- refused, seed 0: run: " in md
 
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert again.returncode == 0 and "started" not in again.stdout, again.stdout
+    # Again: the finished cells are kept, the failed one is tried again.
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 1
+    assert [ln.split("] ", 2)[-1] for ln in again.stdout.splitlines() if "started" in ln] == ["refused seed 0: started"]
 
 
 def test_a_failed_cell_is_in_the_table_with_its_reason(tmp_path: Path) -> None:
@@ -230,3 +246,12 @@ def test_default_jobs_leave_a_core_per_participant() -> None:
     assert grids.default_jobs(clients=1) >= 1
     assert configs.slug("federated+GAN+DP") == "federated-gan-dp"
     assert os.cpu_count()
+
+
+def test_the_command_explains_itself() -> None:
+    proc = subprocess.run([*FEDCRM, "experiment", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for words in ("--config", "--quick", "--jobs", "results.csv", "privacy_accuracy.png", "resuming", "exit codes"):
+        assert words in proc.stdout, words
+    top = subprocess.run([*FEDCRM, "--help"], capture_output=True, text=True, timeout=60)
+    assert "experiment" in top.stdout

@@ -179,6 +179,17 @@ class _Children:
                 pass
         for p in procs:
             _signal_group(p, signal.SIGKILL)  # the launcher's own children too, should any outlive it
+        deadline = time.monotonic() + 5.0
+        while any(_group_alive(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)  # gone before we report "stopped"
+
+
+def _group_alive(proc: subprocess.Popen[bytes]) -> bool:
+    try:
+        os.killpg(proc.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -313,7 +324,13 @@ def run_grid(experiment: Experiment, out: Path, *, jobs: int, say: Callable[[str
 
     def task(cell: Cell) -> dict[str, Any]:
         say(f"[{cell.index}/{total}] {cell.setting_name} seed {cell.seed}: started")
-        return run_cell(cell, experiment, out, children)
+        began = time.monotonic()
+        try:
+            return run_cell(cell, experiment, out, children)
+        except Exception as err:  # noqa: BLE001 - one broken cell (a full disk, a missing file) must not end the grid
+            return {"setting": cell.setting_name, "seed": cell.seed, "command": cell.setting.command,
+                    "status": "failed", "reason": f"{type(err).__name__}: {err}",
+                    "wall_s": round(time.monotonic() - began, 1)}
 
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
