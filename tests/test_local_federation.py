@@ -102,6 +102,18 @@ def test_the_same_seed_trains_the_same_model(three_rounds: tuple[Path, Any], sma
         assert (a["loss"], a["accuracy"], a["f1"], a["auc"]) == (b["loss"], b["accuracy"], b["f1"], b["auc"])
 
 
+def test_a_second_run_into_the_same_folder_starts_afresh(small_federation: SynthResult, tmp_path: Path) -> None:
+    """Run again into the same --out, as ``make demo`` twice does: nothing of the first run (its CA, its
+    secure-aggregation member list, its checkpoint) may carry over. The member list once did, and the second
+    run's participants refused the first run's signatures."""
+    out = tmp_path / "out"
+    for attempt in (1, 2):
+        proc = _run(small_federation.federation_path, small_federation, out)
+        assert proc.returncode == 0, f"run {attempt}: {proc.stderr[-2000:]}{proc.stdout[-2000:]}"
+        report = json.loads((out / "report.json").read_text())
+        assert report["rounds_completed"] == 3 and report["aggregator_restarts"] == 0
+
+
 def _start_and_kill_one(fed: Path, small: SynthResult, out: Path, at_round: int) -> tuple[subprocess.CompletedProcess[str], str]:
     proc = subprocess.Popen(_run_args(fed, small, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None

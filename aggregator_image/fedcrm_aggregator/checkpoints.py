@@ -23,7 +23,7 @@ from fedcrm.models.layout import ModelLayout
 from fedcrm.reporting import RoundRecord
 from fedcrm.training.preprocessing import Preprocessing
 
-__all__ = ["Checkpoint", "load_checkpoint", "mark_in_progress", "next_incarnation", "save_checkpoint"]
+__all__ = ["Checkpoint", "durable_folder", "load_checkpoint", "mark_in_progress", "next_incarnation", "save_checkpoint"]
 
 _FORMAT = "fedcrm.aggregator-checkpoint/v1"
 
@@ -43,7 +43,9 @@ class Checkpoint:
     server_state: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimiser's moments
 
 
-def _folder(out_dir: Path) -> Path:
+def durable_folder(out_dir: Path) -> Path:
+    """Where a run keeps what a restarted aggregator must find again (its checkpoint, the privacy ledger, the
+    secure-aggregation member list); a fresh run into the same output folder starts without it."""
     return out_dir / "checkpoint"
 
 
@@ -54,7 +56,7 @@ def next_incarnation(out_dir: Path, federation: str) -> int:
     only after a completed round: a crash before the first checkpoint, or two crashes within one round, must
     still give the re-run round a new key, or its spend would be counted once for two releases.
     """
-    folder = _folder(out_dir)
+    folder = durable_folder(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "incarnation.json"
     previous = 0
@@ -67,7 +69,7 @@ def next_incarnation(out_dir: Path, federation: str) -> int:
 
 
 def save_checkpoint(out_dir: Path, cp: Checkpoint) -> None:
-    folder = _folder(out_dir)
+    folder = durable_folder(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, weights=cp.weights.astype(np.float32), **cp.server_state)
@@ -94,7 +96,7 @@ def save_checkpoint(out_dir: Path, cp: Checkpoint) -> None:
 
 def mark_in_progress(out_dir: Path, round_: int) -> None:
     """Record that ``round_`` started (only meaningful once a checkpoint exists)."""
-    path = _folder(out_dir) / "state.json"
+    path = durable_folder(out_dir) / "state.json"
     if path.exists():
         state = json.loads(path.read_text())
         state["in_progress"] = round_
@@ -102,7 +104,7 @@ def mark_in_progress(out_dir: Path, round_: int) -> None:
 
 
 def load_checkpoint(out_dir: Path, federation: str) -> Checkpoint | None:
-    path = _folder(out_dir) / "state.json"
+    path = durable_folder(out_dir) / "state.json"
     if not path.exists():
         return None
     state: dict[str, Any] = json.loads(path.read_text())
@@ -110,7 +112,7 @@ def load_checkpoint(out_dir: Path, federation: str) -> Checkpoint | None:
         raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
     if state["federation"] != federation:
         raise ValueError(f"{path} belongs to federation {state['federation']}, not {federation}; use another output folder")
-    with np.load(_folder(out_dir) / state["weights"]) as npz:
+    with np.load(durable_folder(out_dir) / state["weights"]) as npz:
         weights = npz["weights"].astype(np.float32)
         server_state = {k: npz[k] for k in npz.files if k.startswith("server_")}
     return Checkpoint(

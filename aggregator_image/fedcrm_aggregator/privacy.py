@@ -48,6 +48,7 @@ from fedcrm.privacy.plans import (
     statistics_noise_multiplier,
 )
 from fedcrm.spec.manifests import Federation, FeatureType
+from fedcrm_aggregator.checkpoints import durable_folder
 
 __all__ = ["BudgetExhausted", "PrivacyLedger"]
 
@@ -62,7 +63,7 @@ class PrivacyLedger:
         self.spec = federation.spec
         self.dp = federation.spec.privacy.differential_privacy
         self.participants = participants
-        self.path = out_dir / "checkpoint" / "privacy.json"
+        self.path = durable_folder(out_dir) / "privacy.json"
         self.accountants: dict[str, RdpAccountant] = {}
         self.train_rows: dict[str, int] = {}
         self.noise: ClientNoise | PooledNoise | None = None

@@ -71,6 +71,7 @@ from fedcrm.training.secure_vectors import (
     sum_bits,
     validation_bound,
 )
+from fedcrm_aggregator.checkpoints import durable_folder
 from fedcrm_aggregator.crash_points import crash_point
 from fedcrm_aggregator.sessions import Session
 from fedcrm_aggregator.stage_runner import StageRunner
@@ -78,7 +79,8 @@ from fedcrm_aggregator.stage_runner import StageRunner
 
 __all__ = ["AGREEMENT_FILE", "SecureSums", "round_id_for"]
 
-#: In the run's output directory: the member list every secure sum uses, and its members' signatures over it.
+#: Beside the checkpoint: the member list every secure sum uses, and its members' signatures over it. A restarted
+#: aggregator must serve the same list (members that revealed back no other); a new run must not find it.
 AGREEMENT_FILE = "secagg-members.json"
 
 #: How many times one agreement may abandon its member list for a smaller one (members silent at the sign or echo
@@ -125,7 +127,7 @@ class SecureSums:
         # Connections that took part in the agreement's last step, and those already sent the reveals.
         self._primed: weakref.WeakSet[Session] = weakref.WeakSet()
         self._informed: weakref.WeakSet[Session] = weakref.WeakSet()
-        self._agreement_file = runner.out_dir / AGREEMENT_FILE
+        self._agreement_file = durable_folder(runner.out_dir) / AGREEMENT_FILE
         self._load_agreement()
 
     def _members(self) -> dict[int, str]:
@@ -312,6 +314,7 @@ class SecureSums:
             self.salt = self._salt()
 
     def _save_agreement(self) -> None:
+        self._agreement_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = self._agreement_file.with_suffix(".tmp")
         temporary.write_text(json.dumps({
             "federation": self.c.federation.key, "members": self.c.expected, "member_ids": self.member_ids,
