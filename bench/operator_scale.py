@@ -44,6 +44,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -318,9 +319,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="one small scenario (1 federation x 3 participants)")
     parser.add_argument("--idle", type=float, help="seconds of the idle window (default 120; 30 with --quick)")
+    parser.add_argument("--only", choices=["wide", "issue"], help="run only this scenario (1 x 50, or 20 x 10)")
+    parser.add_argument("--operator-log", type=Path, help="keep the operator's log here")
     args = parser.parse_args()
     scenarios: list[tuple[str, int, int, int | None]] = (
         [("wide", 1, 3, None)] if args.quick else [("wide", 1, 50, None), ("issue", 20, 10, 50)])
+    scenarios = [s for s in scenarios if args.only in (None, s[0])]
     window = args.idle or (30.0 if args.quick else 120.0)
     load_start = os.getloadavg()[0]  # the machine is shared: how busy it was is part of the result
     with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp, AuditedControlPlane(gpu_nodes=2, cpu_nodes=2) as cp:
@@ -340,6 +344,8 @@ def main() -> int:
             return 1
         finally:
             operator.stop()
+            if args.operator_log:
+                shutil.copyfile(operator.log_path, args.operator_log)
     idle |= {"operator_rss_mib": round(rss / 1024, 1), "operator_peak_rss_mib": round(peak / 1024, 1)}
     out = {"benchmark": "operator", "quick": args.quick, "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
            "operator_idle_rss_mib": round(idle_rss / 1024, 1),

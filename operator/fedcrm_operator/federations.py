@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,9 @@ def _remove_children(kube: Kube, names: Names, participant_bodies: list[dict[str
             kube.delete_named(api_version, kind, meta["namespace"], name_of[kind](meta["name"]))
 
 
+#: How many tenants' children one pass creates or checks at once.
+TENANT_WORKERS = 4
+
 _BY_NAME = (("batch/v1", "Job"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"), ("v1", "Secret"))
 
 CHILDREN_CONDITION = "ChildrenCreated"
@@ -231,6 +235,9 @@ def reconcile(
         federation = parse_federation(body)
     except ManifestError as err:
         return _invalid(status, err, meta.get("generation", 0))
+    cache = getattr(kube, "cache", None)
+    if cache is not None:
+        cache.coordinator(names.namespace)  # its Secrets, Services and StatefulSet are watched too
     phase = Phase(status.get("phase") or Phase.pending.value)
     conditions = set_condition(status.get("conditions", []), condition("SpecAccepted", True, "Valid", "the spec is valid"))
     training_ids: list[str] = list(status.get("participants") or [])
@@ -284,25 +291,37 @@ def reconcile(
     # written on its Participant and the other tenants go on.
     # A namespace that has not granted the operator access (no tenant chart: RBAC 403) is the same: its
     # Participant is told to install the tenant chart (AccessNotGranted).
-    keep: set[tuple[str, str, str]] = set()
-    failed: dict[str, tuple[str, str]] = {}
-    for p in admitted:
-        keep |= _tenant_keys(names, p)
+    finished = phase in (Phase.succeeded, Phase.failed)
+
+    def tenant(p: Participant) -> tuple[Event | None, tuple[str, str] | None]:
         owner = by_identity.get(p.identity)
+        renewed, problem = None, None
         try:
-            renewed = _tenant_children(kube, names, federation, p, owner, ca, settings,
-                                       finished=phase in (Phase.succeeded, Phase.failed), now=now)
-            if renewed is not None and owner is not None:
-                events.append((owner, renewed))
+            renewed = _tenant_children(kube, names, federation, p, owner, ca, settings, finished=finished, now=now)
         except AccessDenied as err:
-            failed[p.identity] = (ACCESS_NOT_GRANTED,
-                                  access_not_granted(p.metadata.namespace, err.user, refused=f"{err.verb} {err.resource}"))
+            problem = (ACCESS_NOT_GRANTED,
+                       access_not_granted(p.metadata.namespace, err.user, refused=f"{err.verb} {err.resource}"))
             log.warning("federation %s/%s: no access to namespace %s: %s", names.namespace, names.federation,
                         p.metadata.namespace, err)
         except kopf.PermanentError as err:
-            failed[p.identity] = ("ApiError", str(err))
+            problem = ("ApiError", str(err))
             log.warning("federation %s/%s: children of %s: %s", names.namespace, names.federation, p.identity, err)
-        _report_children(kube, by_identity.get(p.identity), failed.get(p.identity))
+        _report_children(kube, owner, problem)
+        return renewed, problem
+
+    # Tenants in parallel: their children are independent, and a first pass over 50 tenants otherwise waits for
+    # some 250 requests one after the other. A retryable error of any tenant still fails the pass (after all ran).
+    keep: set[tuple[str, str, str]] = set().union(*(_tenant_keys(names, p) for p in admitted))
+    failed: dict[str, tuple[str, str]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(TENANT_WORKERS, len(admitted))),
+                            thread_name_prefix="fedcrm-tenants") as pool:
+        outcomes = list(pool.map(tenant, admitted))
+    for p, (renewed, problem) in zip(admitted, outcomes):
+        owner = by_identity.get(p.identity)
+        if renewed is not None and owner is not None:
+            events.append((owner, renewed))
+        if problem is not None:
+            failed[p.identity] = problem
     ready = [p for p in admitted if p.identity not in failed]
     # Pods are left to their Jobs' garbage collection.
     _remove_children(kube, names, participant_bodies, keep={p.identity for p in admitted}, kinds=_BY_NAME)
@@ -431,6 +450,6 @@ def cleanup(kube: Kube, body: dict[str, Any], participant_bodies: list[dict[str,
     tenants |= {identity.split("/", 1)[0] for identity in training}
     tenants.discard(names.namespace)
     _remove_children(kube, names, participant_bodies, keep=set(), kinds=(("v1", "Secret"),))
-    return (kube.delete_labelled(COORDINATOR_KINDS, names.selector(), namespaces=[names.namespace])
-            + kube.delete_labelled(TENANT_KINDS, names.selector(), namespaces=tenants))
+    return (kube.delete_labelled(COORDINATOR_KINDS, names.selector(), namespaces=[names.namespace], fresh=True)
+            + kube.delete_labelled(TENANT_KINDS, names.selector(), namespaces=tenants, fresh=True))
 

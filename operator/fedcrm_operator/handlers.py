@@ -1,8 +1,14 @@
 """kopf registrations: which events run which reconciler.
 
-Federations and Participants are reconciled on every change and, as a safety
-net for cross-object dependencies (a Participant that appears before its
-Federation, a Job that finishes), on a short timer. A Federation carries a
+Federations and Participants are reconciled on every change of their spec, and
+whenever something they depend on changes: a child (the operator watches its
+children, :mod:`fedcrm_operator.watches`), a Participant naming the
+Federation, the Federation a Participant names. Such a change *wakes* the
+object; a short timer per object runs the pass of a woken one within a tick.
+Unwoken, a pass runs only as a slow safety net (:data:`SAFETY_SECONDS`), or
+every few seconds while a Federation enrolls (enrollment closes by time). Every
+pass reads what exists from the watches and kopf's indexes, so a pass that finds
+nothing to change makes no request at all. A Federation carries a
 finalizer because some of its children live in other namespaces, where owner
 references cannot reach (those in its own namespace carry a controller owner
 reference too); a Participant's children are owned by it (same namespace,
@@ -15,17 +21,19 @@ import asyncio
 import copy
 import logging
 import os
+import time
 from typing import Any
 
 import kopf
+from kubernetes import client as k8s
 from prometheus_client import start_http_server
 
 from fedcrm.spec.manifests import ParticipantPhase, Phase
-from fedcrm_operator import federations, metrics
+from fedcrm_operator import federations, metrics, watches
 from fedcrm_operator.conditions import strip_times
 from fedcrm_operator.events import transition_event
 from fedcrm_operator.kube import Kube, connect
-from fedcrm_operator.naming import Names
+from fedcrm_operator.naming import FEDERATION_LABEL, FEDERATION_NAMESPACE_LABEL, PARTICIPANT_LABEL, Names
 from fedcrm_operator.participants import participant_status
 from fedcrm_operator.resources import GROUP, VERSION
 from fedcrm_operator.settings import OperatorSettings
@@ -33,13 +41,20 @@ from fedcrm_operator.settings import OperatorSettings
 log = logging.getLogger("fedcrm.operator")
 
 FINALIZER = "fedcrm.io/cleanup"
+#: How often an enrolling (or pending) Federation's pass runs: enrollment closes by time.
 RECONCILE_SECONDS = 3.0
-#: Participants change less often than their Federation's pass; their status is refreshed on every change too.
+#: How often a pass runs when nothing woke it: the safety net for what no watch reports (a watch that was down,
+#: a tenant namespace that granted access after its Participant appeared). With the watches up it makes no
+#: request unless something differs. A Federation's also runs at least ten times per certificate lifetime.
+SAFETY_SECONDS = 60.0
+#: How often the per-object timers look whether their object was woken (no request; a woken Federation's pass
+#: runs within a tick, a woken Participant's within five).
+FEDERATION_TICK_SECONDS = 1.0
 PARTICIPANT_SECONDS = 5.0
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     own = OperatorSettings.from_environment()
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedcrm.io")
@@ -55,10 +70,62 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.kube = connect()
     memo.federation_phases = {}
     memo.participant_phases = {}
+    memo.woken = set()  # wake keys (_federation_key, _participant_key) of objects whose pass is due
+    memo.next_pass = {}  # wake key -> time.monotonic() of its next safety-net pass
+    if own.watch_children:
+        woken: set[str] = memo.woken
+        children = watches.Children(k8s.Configuration.get_default_copy(), lambda obj: _wake_for_child(woken, obj))
+        children.start(asyncio.get_running_loop())
+        memo.kube.cache = children
     port = int(os.environ.get("FEDCRM_OPERATOR_METRICS_PORT", "8080"))
     if port:
         start_http_server(port)
         log.info("operator metrics on :%d/metrics", port)
+
+
+@kopf.on.cleanup()
+async def close_watches(memo: kopf.Memo, **_: Any) -> None:
+    cache = getattr(memo.get("kube"), "cache", None)
+    if cache is not None:
+        await cache.close()
+
+
+def _federation_key(namespace: str, name: str) -> str:
+    """A Federation's wake key, as its children's labels name it (a long name is bounded there)."""
+    return f"F:{namespace}/{Names(namespace, name).labels('training')[FEDERATION_LABEL]}"
+
+
+def _participant_key(namespace: str, name: str) -> str:
+    return f"P:{namespace}/{name}"
+
+
+def _ref_key(spec: Any) -> tuple[str, str]:
+    ref = (spec or {}).get("federationRef") or {}
+    return str(ref.get("namespace", "default")), str(ref.get("name"))
+
+
+def _wake_for_child(woken: set[str], obj: dict[str, Any]) -> None:
+    """A watched child changed: wake the Federation and the Participant its labels name."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(FEDERATION_LABEL) and labels.get(FEDERATION_NAMESPACE_LABEL):
+        woken.add(f"F:{labels[FEDERATION_NAMESPACE_LABEL]}/{labels[FEDERATION_LABEL]}")
+    if labels.get(PARTICIPANT_LABEL):
+        woken.add(_participant_key(str(meta.get("namespace")), labels[PARTICIPANT_LABEL]))
+
+
+def _due(memo: kopf.Memo, key: str) -> bool:
+    """Whether the pass of the object known by ``key`` should run now: woken, or its safety net is due."""
+    if key in memo.woken:
+        memo.woken.discard(key)
+        return True
+    return time.monotonic() >= memo.next_pass.get(key, 0.0)
+
+
+@kopf.index(GROUP, VERSION, "federations")
+def federations_by_key(body: kopf.Body, meta: kopf.Meta, **_: Any) -> dict[str, Any]:
+    """Federation bodies by namespace/name, so a Participant's pass reads its Federation without a request."""
+    return {f"{meta['namespace']}/{meta['name']}": copy.deepcopy(dict(body))}
 
 
 @kopf.index(GROUP, VERSION, "participants")
@@ -84,8 +151,16 @@ def _record(patch: kopf.Patch, body: kopf.Body, new: dict[str, Any], phases: dic
     metrics.count_phases(gauge, phases, [p.value for p in known])
 
 
+def _federation_interval(status: dict[str, Any], settings: OperatorSettings) -> float:
+    if status.get("phase") in (None, Phase.pending.value, Phase.enrolling.value):
+        return RECONCILE_SECONDS
+    return min(SAFETY_SECONDS, max(settings.certificate_lifetime.total_seconds() / 10, FEDERATION_TICK_SECONDS))
+
+
 def _federation_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, participants_by_federation: kopf.Index, **_: Any) -> None:
     key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    wake_key = _federation_key(body["metadata"]["namespace"], body["metadata"]["name"])
+    memo.next_pass[wake_key] = time.monotonic() + _federation_interval(dict(body.get("status") or {}), memo.settings)
     with metrics.reconciling("federation"):
         outcome = federations.reconcile(memo.kube, dict(body), list(participants_by_federation.get(key, [])), memo.settings)
     for concerned, event in outcome.events:  # renewed certificates, on the Federation or Participant they serve
@@ -100,9 +175,38 @@ def federation_changed(**kwargs: Any) -> None:
     _federation_pass(**kwargs)
 
 
-@kopf.timer(GROUP, VERSION, "federations", interval=RECONCILE_SECONDS, initial_delay=RECONCILE_SECONDS)
-def federation_tick(**kwargs: Any) -> None:
-    _federation_pass(**kwargs)
+@kopf.timer(GROUP, VERSION, "federations", interval=FEDERATION_TICK_SECONDS, initial_delay=RECONCILE_SECONDS)
+async def federation_tick(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    key = _federation_key(body["metadata"]["namespace"], body["metadata"]["name"])
+    if not _due(memo, key):
+        return
+    try:
+        await asyncio.to_thread(_federation_pass, body=body, memo=memo, **kwargs)
+    except Exception:
+        memo.woken.add(key)  # try again at the next tick (kopf logs it)
+        raise
+
+
+@kopf.on.event(GROUP, VERSION, "federations")
+async def federation_event(body: kopf.Body, memo: kopf.Memo, participants_by_federation: kopf.Index, **_: Any) -> None:
+    """A Federation changed (spec or status): its own pass, and those of its Participants, which read it."""
+    meta = body["metadata"]
+    memo.woken.add(_federation_key(meta["namespace"], meta["name"]))
+    for participant in participants_by_federation.get(f"{meta['namespace']}/{meta['name']}", []):
+        memo.woken.add(_participant_key(participant["metadata"]["namespace"], participant["metadata"]["name"]))
+
+
+@kopf.on.event(GROUP, VERSION, "participants")
+async def participant_event(body: kopf.Body, memo: kopf.Memo, participants_by_federation: kopf.Index, **_: Any) -> None:
+    """A Participant changed (spec or status): its Federation's pass, its own, and those of the Participants of its
+    namespace naming the same Federation (one namespace joins once: they decide together)."""
+    meta = body["metadata"]
+    namespace, name = _ref_key(body.get("spec"))
+    memo.woken.add(_federation_key(namespace, name))
+    memo.woken.add(_participant_key(meta["namespace"], meta["name"]))
+    for sibling in participants_by_federation.get(f"{namespace}/{name}", []):
+        if sibling["metadata"]["namespace"] == meta["namespace"]:
+            memo.woken.add(_participant_key(meta["namespace"], sibling["metadata"]["name"]))
 
 
 def _training(status: kopf.Status, **_: Any) -> bool:
@@ -146,12 +250,14 @@ def federation_deleted(name: str, namespace: str, body: kopf.Body, memo: kopf.Me
 
 
 def _participant_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, participants_by_federation: kopf.Index,
-                      **_: Any) -> None:
-    ref = (body.get("spec") or {}).get("federationRef") or {}
-    key = f"{ref.get('namespace', 'default')}/{ref.get('name')}"
-    same_federation = [dict(b) for b in participants_by_federation.get(key, [])]  # the index: no list call
+                      federations_by_key: kopf.Index, **_: Any) -> None:
+    meta = body["metadata"]
+    memo.next_pass[_participant_key(meta["namespace"], meta["name"])] = time.monotonic() + SAFETY_SECONDS
+    key = "/".join(_ref_key(body.get("spec")))
+    same_federation = [dict(b) for b in participants_by_federation.get(key, [])]  # the indexes: no request
+    federation = next(iter(federations_by_key.get(key, [])), None)
     with metrics.reconciling("participant"):
-        status = participant_status(memo.kube, dict(body), same_federation)
+        status = participant_status(memo.kube, dict(body), same_federation, federation)
     _record(patch, body, status, memo.participant_phases, metrics.PARTICIPANTS, ParticipantPhase)
 
 
@@ -163,8 +269,15 @@ def participant_changed(**kwargs: Any) -> None:
 
 
 @kopf.timer(GROUP, VERSION, "participants", interval=PARTICIPANT_SECONDS, initial_delay=1.0)
-def participant_tick(**kwargs: Any) -> None:
-    _participant_pass(**kwargs)
+async def participant_tick(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    key = _participant_key(body["metadata"]["namespace"], body["metadata"]["name"])
+    if not _due(memo, key):
+        return
+    try:
+        await asyncio.to_thread(_participant_pass, body=body, memo=memo, **kwargs)
+    except Exception:
+        memo.woken.add(key)
+        raise
 
 
 # optional: this handler asks for no finalizer. The timer above puts kopf's on the Participant all the same (kopf

@@ -10,6 +10,13 @@ docs/operator.md#rbac); the rest propagate to the handler, which reports them.
 
 Every call names its namespace: the operator has no cluster-wide rights on
 namespaced kinds, so it never lists or watches one across the cluster.
+
+With :attr:`Kube.cache` (the operator's watches, :mod:`fedcrm_operator.watches`)
+reads come from the watched children instead of the API server, an applied
+object is applied again only when the watch shows it changed or gone, and an
+object the operator may not watch (a tenant's certificate Secret) is read
+again only every half hour. Without it (unit tests), every read is a request
+and an applied object is trusted for half a minute.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -30,6 +38,8 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from fedcrm_operator.watches import Children
+
 __all__ = ["FIELD_MANAGER", "AccessDenied", "Kube", "connect"]
 
 FIELD_MANAGER = "fedcrm-operator"
@@ -42,7 +52,10 @@ def connect() -> Kube:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()
-    return Kube(k8s.ApiClient())
+    configuration = k8s.Configuration.get_default_copy()
+    # Passes run in up to 16 of kopf's threads and a few timer threads, each with up to 4 for its tenants.
+    configuration.connection_pool_maxsize = 64
+    return Kube(k8s.ApiClient(configuration))
 
 
 def _retryable(err: ApiException) -> bool:
@@ -73,14 +86,37 @@ class AccessDenied(kopf.PermanentError):
 #: How long an applied object is trusted to be unchanged before it is applied again. Re-applying is
 #: idempotent but costs a request; the bound keeps a hand-deleted child from staying gone for long.
 APPLY_CACHE_SECONDS = 30.0
+#: With watches running: how long an object of a kind the operator may not watch there (a tenant's certificate
+#: Secret, a ServiceMonitor) is trusted before it is read or applied again. A certificate's renewal does not wait
+#: for it (it is due by the time the held copy says); a tenant who deletes it by hand waits up to this long.
+UNWATCHED_SECONDS = 1800.0
 KIND_CACHE_SECONDS = 60.0
+#: A kind the cluster does not serve (no ServiceMonitor CRD) is looked for again this rarely: each look re-reads
+#: every API group (two dozen requests).
+MISSING_KIND_SECONDS = 600.0
+
+
+def _version(obj: dict[str, Any] | None) -> str | None:
+    return None if obj is None else (obj.get("metadata") or {}).get("resourceVersion")
+
+
+def _matches(obj: dict[str, Any], selector: str) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+    return all(labels.get(k) == v for k, v in wanted.items())
 
 
 class Kube:
+    #: The operator's watches of its children; None: every read asks the API server.
+    cache: Children | None = None
+    _discovering = threading.Lock()
+
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self.api_client = api_client
         self.dynamic = DynamicClient(api_client)
-        self._applied: dict[tuple[str, str, str], tuple[str, float]] = {}
+        #: (kind, namespace, name) -> (digest, applied at, trusted until, version before, version after)
+        self._applied: dict[tuple[str, str, str], tuple[str, float, float, str | None, str | None]] = {}
+        #: (kind, namespace, name) -> (object, trusted until); the same for names known absent
         self._ensured: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
         self._kinds: dict[tuple[str, str], tuple[bool, float]] = {}
         self._absent: dict[tuple[str, str, str], float] = {}
@@ -91,45 +127,76 @@ class Kube:
     def _resource(self, api_version: str, kind: str) -> Any:
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
+    def _seen(self, kind: str, namespace: str | None, name: str) -> tuple[bool, dict[str, Any] | None]:
+        """What the watches hold: (known, object); not known without a synced watch of this kind there."""
+        if self.cache is None or not namespace:
+            return False, None
+        return self.cache.lookup(kind, namespace, name)
+
+    def _trust(self, kind: str, namespace: str | None) -> float:
+        """Seconds an object read or applied without a watch is trusted: half a minute, or (with watches, for a
+        kind never watched there) :data:`UNWATCHED_SECONDS`, less a random fifth so that they do not expire
+        together."""
+        if self.cache is not None and namespace and not self.cache.watchable(kind, namespace):
+            return UNWATCHED_SECONDS * random.uniform(0.8, 1.0)
+        return APPLY_CACHE_SECONDS
+
     def has_kind(self, api_version: str, kind: str) -> bool:
         """Whether the cluster serves this kind (e.g. ServiceMonitor only where its CRD is installed).
 
-        Cached for a minute: a miss makes the discovery client re-read every API group, which would
-        otherwise happen on every pass of every Federation.
+        Cached for a minute, a kind not served for ten: a miss makes the discovery client re-read every API
+        group, which would otherwise happen on every pass of every Federation.
         """
         key = (api_version, kind)
-        with self._lock:
-            seen = self._kinds.get(key)
-        if seen and time.monotonic() - seen[1] < KIND_CACHE_SECONDS:
-            return seen[0]
-        try:
-            self._resource(api_version, kind)
-            served = True
-        except ResourceNotFoundError:
-            served = False
-        with self._lock:
-            self._kinds[key] = (served, time.monotonic())
+        with self._discovering:  # one look at a time: passes in parallel would each re-read discovery
+            with self._lock:
+                seen = self._kinds.get(key)
+            if seen and time.monotonic() - seen[1] < (KIND_CACHE_SECONDS if seen[0] else MISSING_KIND_SECONDS):
+                return seen[0]
+            try:
+                self._resource(api_version, kind)
+                served = True
+            except ResourceNotFoundError:
+                served = False
+            with self._lock:
+                self._kinds[key] = (served, time.monotonic())
         return served
 
     def apply(self, obj: dict[str, Any]) -> None:
-        """Server-side apply, skipped when the same object was applied in the last half-minute."""
+        """Server-side apply, skipped when the same object was applied before and is unchanged since: the watch
+        shows the version the apply returned (or still the one before it, for half a minute, while the apply's
+        own event is on its way); without a watch, for half a minute (:meth:`_trust`)."""
         meta = obj["metadata"]
-        key = (obj["kind"], meta.get("namespace") or "", meta["name"])
+        namespace = meta.get("namespace") or ""
+        key = (obj["kind"], namespace, meta["name"])
         digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
         with self._lock:
             seen = self._applied.get(key)
-        if seen and seen[0] == digest and time.monotonic() - seen[1] < APPLY_CACHE_SECONDS:
-            return
+        known, current = self._seen(obj["kind"], namespace, meta["name"])
+        now = time.monotonic()
+        if seen and seen[0] == digest:
+            _, at, until, before, after = seen
+            if known:
+                if current is not None and _version(current) == after:
+                    return
+                if _version(current) == before and now - at < APPLY_CACHE_SECONDS:
+                    return
+            elif now < until:
+                return
         try:
             self.requests += 1
-            self._resource(obj["apiVersion"], obj["kind"]).server_side_apply(
+            applied = self._resource(obj["apiVersion"], obj["kind"]).server_side_apply(
                 body=obj, name=meta["name"], namespace=meta.get("namespace"),
                 field_manager=FIELD_MANAGER, force_conflicts=True,
             )
         except ApiException as err:
             raise self._translate(err, f"apply {obj['kind']} {meta.get('namespace')}/{meta['name']}") from err
+        try:
+            after = str(applied.metadata.resourceVersion)
+        except AttributeError:
+            after = None
         with self._lock:
-            self._applied[key] = (digest, time.monotonic())
+            self._applied[key] = (digest, now, now + self._trust(obj["kind"], namespace), _version(current), after)
             self._absent.pop(key, None)
 
     def patch_status(self, api_version: str, kind: str, namespace: str, name: str, fields: dict[str, Any]) -> None:
@@ -165,12 +232,14 @@ class Kube:
         key = (kind, namespace, name)
         with self._lock:
             seen = self._ensured.get(key)
-        if seen and time.monotonic() - seen[1] < APPLY_CACHE_SECONDS:
+        if seen and time.monotonic() < seen[1]:
             return seen[0]
-        existing = self.get(api_version, kind, namespace, name)
+        known, existing = self._seen(kind, namespace, name)
+        if not known:
+            existing = self.get(api_version, kind, namespace, name, fresh=True)
         held = existing if existing is not None else self.create_once(build())
         with self._lock:
-            self._ensured[key] = (held, time.monotonic())
+            self._ensured[key] = (held, time.monotonic() + self._trust(kind, namespace))
             self._absent.pop(key, None)
         return held
 
@@ -192,7 +261,7 @@ class Kube:
                 return None
             raise self._translate(err, f"patch {held['kind']} {meta['namespace']}/{meta['name']}") from err
         with self._lock:
-            self._ensured[key] = (new, time.monotonic())
+            self._ensured[key] = (new, time.monotonic() + self._trust(key[0], key[1]))
         return new
 
     def create_once(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +274,19 @@ class Kube:
         except ApiException as err:
             if err.status != 409:
                 raise self._translate(err, f"create {obj['kind']} {meta.get('namespace')}/{meta['name']}") from err
-        existing = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        existing = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], fresh=True)
         if existing is None:  # deleted between our create and our read: try again shortly
             raise kopf.TemporaryError(f"{obj['kind']} {meta['name']} is being replaced", delay=1)
         return existing
 
-    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str, *, fresh: bool = False
+            ) -> dict[str, Any] | None:
+        """The object (None: absent): from the watches when they know it (slim: metadata, status, data), else,
+        or when ``fresh``, from the API server."""
+        if not fresh:
+            known, current = self._seen(kind, namespace, name)
+            if known:
+                return current
         self.requests += 1
         try:
             return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
@@ -247,9 +323,12 @@ class Kube:
         has not granted the operator access (RBAC 403) counts as holding nothing of ours: nothing is raised.
         """
         key = (kind, namespace, name)
+        known, current = self._seen(kind, namespace, name)
+        if known and (current is None or current["metadata"].get("deletionTimestamp")):
+            return
         with self._lock:
             gone = self._absent.get(key)
-        if gone is not None and time.monotonic() - gone < APPLY_CACHE_SECONDS:
+        if gone is not None and time.monotonic() < gone:
             return
         self.forget(kind, namespace, name)
         try:
@@ -261,16 +340,17 @@ class Kube:
                 if not isinstance(translated, AccessDenied):
                     raise translated from err
         with self._lock:
-            self._absent[key] = time.monotonic()
+            self._absent[key] = time.monotonic() + self._trust(kind, namespace)
 
     def delete_labelled(self, kinds: Iterable[tuple[str, str]], selector: str, *, namespaces: Iterable[str],
-                        keep: set[tuple[str, str, str]] = frozenset()) -> int:
+                        keep: set[tuple[str, str, str]] = frozenset(), fresh: bool = False) -> int:
         """Delete every object of ``kinds`` matching ``selector`` in each of ``namespaces``, except ``keep``.
 
         One list per kind and namespace, never across the cluster. A namespace that has not granted the
         operator access (RBAC 403) is skipped: nothing of ours can have been created there (or the tenant
         withdrew the grant, and its Participant's owner references remove our objects with it).
-        Returns how many objects still existed (0 means the sweep found nothing left).
+        Returns how many objects still existed (0 means the sweep found nothing left). What the watches hold
+        is read instead of listing, unless ``fresh`` (a Federation's deletion: nothing may be missed).
         """
         kinds = list(kinds)
         remaining = 0
@@ -278,8 +358,10 @@ class Kube:
             for api_version, kind in kinds:
                 if not self.has_kind(api_version, kind):
                     continue
+                held = None if fresh or self.cache is None else self.cache.items(kind, namespace)
                 try:
-                    found = self.list(api_version, kind, namespace=namespace, selector=selector)
+                    found = ([o for o in held if _matches(o, selector)] if held is not None
+                             else self.list(api_version, kind, namespace=namespace, selector=selector))
                 except AccessDenied:
                     log.debug("sweep: no access to %s in namespace %s", kind, namespace)
                     continue

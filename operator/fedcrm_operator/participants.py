@@ -67,8 +67,14 @@ def _failure_detail(kube: Kube, namespace: str, job_name: str) -> tuple[str, str
     return ParticipantPhase.failed.value, ""
 
 
-def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[dict[str, Any]]) -> dict[str, Any]:
-    """``same_federation``: every Participant (any namespace) naming the same Federation, from the operator's index."""
+_ASK = object()
+
+
+def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[dict[str, Any]],
+                       federation_body: Any = _ASK) -> dict[str, Any]:
+    """``same_federation``: every Participant (any namespace) naming the same Federation, from the operator's index;
+    ``federation_body``: the Federation it names (None: there is none) from the operator's index, or, when not
+    given, read from the API server."""
     status: dict[str, Any] = dict(body.get("status") or {})
     meta = body["metadata"]
     conditions = status.get("conditions", [])
@@ -80,7 +86,7 @@ def participant_status(kube: Kube, body: dict[str, Any], same_federation: list[d
         return {**status, "phase": ParticipantPhase.refused.value, "conditions": stamped(conditions, meta.get("generation", 0)),
                 "observedGeneration": meta.get("generation", 0)}
     ref = participant.spec.federation_ref
-    fed_body = kube.get(API, "Federation", ref.namespace, ref.name)
+    fed_body = kube.get(API, "Federation", ref.namespace, ref.name) if federation_body is _ASK else federation_body
     federation: Federation | None = None
     fed_phase, training = Phase.pending, []
     if fed_body is not None:

@@ -74,6 +74,9 @@ class OperatorSettings:
     cluster_domain: str = "cluster.local"
     #: Lifetime of the aggregator's and the participants' certificates; each is renewed at two thirds of it.
     certificate_lifetime: dt.timedelta = DEFAULT_LEAF_LIFETIME
+    #: Watch the operator's children (namespace by namespace) and read them from the watches; off, every pass
+    #: asks the API server (hundreds of requests per idle Federation a minute; for comparison and debugging).
+    watch_children: bool = True
 
     @classmethod
     def from_environment(cls) -> OperatorSettings:
@@ -102,6 +105,7 @@ class OperatorSettings:
             training_backoff_limit=int(_env("TRAINING_BACKOFF_LIMIT", str(d.training_backoff_limit))),
             cluster_domain=_env("CLUSTER_DOMAIN", d.cluster_domain),
             certificate_lifetime=_lifetime(_env("CERTIFICATE_LIFETIME", f"{int(d.certificate_lifetime.total_seconds())}s")),
+            watch_children=_env("WATCH_CHILDREN", "true").strip().lower() not in ("0", "false", "no", "off"),
         )
 
 
