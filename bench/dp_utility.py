@@ -10,7 +10,8 @@ batch 32, learning rate 0.001 and 20 rounds, side by side in one run:
 * ``sample``: DP-SGD inside each tenant at epsilon 1;
 * ``pooled``: one central DP-SGD step per round through secure aggregation at
   epsilon 1 (sampling rate 0.5, a plain server step of 2.0);
-* ``pooled-momentum``: the same with server momentum (FedAvgM, 0.9).
+* ``pooled-momentum`` (``--settings``; by default in ``--case papers`` only):
+  the same with server momentum (FedAvgM, 0.9).
 
 DP runs draw fresh noise every time, so each is repeated (``--repeats``) and
 reported as mean and spread. Prints a table and writes
@@ -67,7 +68,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 CASES: dict[str, dict[str, Any]] = {
     "small": {"synth": ["--clients", "10", "--rows", "1600", "--min-rows", "30", "--alpha", "0.5"], "rounds": 20,
               "training": {"batchSize": 32, "learningRate": 0.001},
-              "settings": ["central", "federated", "sample", "pooled", "pooled-momentum"], "suffix": "",
+              "settings": ["central", "federated", "sample", "pooled"], "suffix": "",
               "title": "`fedcrm synth --clients 10 --rows 1600 --min-rows 30 --alpha 0.5`, {rounds} rounds, batch 32, "
                        "learning rate 0.001"},
     "tenants50": {"synth": ["--clients", "50", "--rows", "400"], "rounds": 20, "training": {},
