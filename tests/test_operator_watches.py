@@ -258,3 +258,20 @@ def test_an_unwoken_federation_passes_every_few_seconds_while_enrolling_then_onc
     assert handlers._federation_interval({"phase": "Training"}, default) == handlers.SAFETY_SECONDS == 60
     short = OperatorSettings(certificate_lifetime=dt.timedelta(seconds=15))  # renewed at 10 s: look every 1.5 s
     assert handlers._federation_interval({"phase": "Training"}, short) == 1.5
+
+
+def test_work_per_tenant_runs_on_shared_threads_in_order_and_a_failure_surfaces_after_all_ran() -> None:
+    kube = Offline(None)
+    ran: list[int] = []
+
+    def work(i: int) -> int:
+        ran.append(i)
+        if i == 3:
+            raise RuntimeError("tenant 3")
+        return i * i
+
+    assert kube.each(lambda i: i * i, list(range(20))) == [i * i for i in range(20)]
+    with pytest.raises(RuntimeError, match="tenant 3"):
+        kube.each(work, list(range(10)))
+    assert sorted(ran) == list(range(10))
+    assert kube._pool is not None and kube._pool._max_workers == 8  # one pool for every pass
