@@ -44,6 +44,8 @@ from typing import Any
 
 import yaml
 
+from fedcrm.experiments.tables import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
 BUDGET = {"epsilon": 1.0, "delta": 1e-5}
@@ -117,11 +119,7 @@ def _run(name: str, data: Path, work: Path, rounds: int, case: dict[str, Any], r
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"runs": runs}
-    for key in ("accuracy", "f1", "auc"):
-        values = [r[key] for r in runs]
-        out[key] = statistics.fmean(values)
-        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out = spread(runs, ("accuracy", "f1", "auc"))
     out["collapsed"] = sum(any("predicts" in w for w in r["warnings"]) for r in runs)
     return out
 

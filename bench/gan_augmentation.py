@@ -35,6 +35,8 @@ from typing import Any
 
 import yaml
 
+from fedcrm.experiments.tables import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
 SYNTH = ["--clients", "10", "--rows", "1600", "--min-rows", "30", "--alpha", "0.5"]
@@ -92,11 +94,7 @@ def _run(name: str, data: Path, work: Path, *, rounds: int, seed: int, epochs: i
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"runs": runs}
-    for key in ("accuracy", "f1", "auc", "mia_loss_auc", "mia_shadow_auc"):
-        values = [r[key] for r in runs]
-        out[key] = statistics.fmean(values)
-        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out = spread(runs, ("accuracy", "f1", "auc", "mia_loss_auc", "mia_shadow_auc"))
     out["synthetic_rows"] = runs[0]["synthetic_rows"]
     out["synthetic_class1"] = runs[0]["synthetic_class1"]
     return out

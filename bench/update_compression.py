@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from fedcrm.experiments.tables import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
 CLIENTS = 10
@@ -80,11 +82,7 @@ def _run(name: str, data: Path, work: Path, rounds: int, hidden: list[int], repe
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"runs": runs}
-    for key in ("accuracy", "auc", "bytes_up_per_client_per_round"):
-        values = [r[key] for r in runs]
-        out[key] = statistics.fmean(values)
-        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out = spread(runs, ("accuracy", "auc", "bytes_up_per_client_per_round"))
     out["masked_update_bytes"] = runs[0]["masked_update_bytes"]
     out["parameters"] = runs[0]["parameters"]
     return out

@@ -44,6 +44,17 @@ def summarise(results: Sequence[dict[str, Any]], metric: str) -> tuple[float, fl
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
+def spread(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """``{"runs": runs, key: mean, key_sd: sample std}`` for each of ``keys``: how the benchmarks report repeated
+    runs of one setting (DP noise, stochastic rounding and GAN training differ run to run)."""
+    out: dict[str, Any] = {"runs": list(runs)}
+    for key in keys:
+        values = [r[key] for r in runs]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
 def _bytes(v: float) -> str:
     """Decimal units, as the papers quote them (12.3 MB)."""
     for unit in ("B", "kB", "MB"):
