@@ -61,7 +61,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,8 +139,23 @@ class Aggregator:
         if legacy is not None:
             argv += ["--legacy-src", str(legacy)]
         self.protocol = protocol
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.ready = self._read()
+        # A process group of its own: the aggregator forks workers, and a worker left behind would hold the
+        # caller's stderr open (a test capturing it would wait forever).
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                     start_new_session=True)
+        try:
+            self.ready = self._read()
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """Stop the aggregator and everything it forked."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -203,8 +220,7 @@ def run(cfg: Config) -> dict[str, Any]:
             finals = {p: a.close() for p, a in aggregators.items()}
         finally:
             for a in aggregators.values():
-                if a.proc.poll() is None:
-                    a.proc.kill()
+                a.kill()
     out = summarise(cfg, rounds, finals, {p: a.ready for p, a in aggregators.items()})
     if legacy is None:
         out["unavailable"] = {"v1": missing}
@@ -311,6 +327,13 @@ def _use_legacy(src: Path) -> None:
     sys.modules["fedcrm.secagg"] = module
     spec.loader.exec_module(module)
     fedcrm.secagg = module  # type: ignore[attr-defined]
+    # Today's training code imports this arithmetic helper when it loads; the old package predates it. It plays
+    # no part in the old protocol measured here (client-level DP sums never quantize with it).
+    import importlib
+
+    quantization = importlib.import_module("fedcrm.secagg.quantization")
+    if not hasattr(quantization, "log2_ceil"):
+        quantization.log2_ceil = lambda n: (n - 1).bit_length()  # type: ignore[attr-defined]
 
 
 class Federation:
