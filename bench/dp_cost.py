@@ -9,7 +9,10 @@ rise in resident set size during training) is its own:
   (per-sample gradients by module hooks, clipping, noise, Poisson batches,
   RDP accounting);
 - ``dpsgd-functorch``: the same with per-sample gradients from functorch
-  (``torch.func`` vmap over the functional module).
+  (``torch.func`` vmap over the functional module);
+- ``plain-threaded``: ``plain`` with torch's default intra-op threads (one per
+  core) instead of one: why every training path here pins one thread
+  (:func:`fedcrm.training.local.one_thread`). Compare its wall throughput.
 
     python bench/dp_cost.py [--rows 10000] [--epochs 3] [--repeats 3] [--quick] [--json OUT.json]
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 
-VARIANTS = ["plain", "dpsgd-hooks", "dpsgd-functorch"]
+VARIANTS = ["plain", "dpsgd-hooks", "dpsgd-functorch", "plain-threaded"]
 
 
 def _rss_mib() -> float:
@@ -51,7 +55,7 @@ def _measure(variant: str, rows: int, epochs: int, batch_size: int) -> dict[str,
     from fedcrm.spec.loading import load_federation, load_participant
     from fedcrm.training.preprocessing import StatisticsLayout, encode
 
-    torch.set_num_threads(1)
+    torch.set_num_threads((os.cpu_count() or 1) if variant == "plain-threaded" else 1)
     with tempfile.TemporaryDirectory() as tmp:
         synth = generate_federation(Path(tmp) / "fed", clients=1, rows=rows, seed=0)
         fed = load_federation(synth.federation_path)
@@ -66,7 +70,7 @@ def _measure(variant: str, rows: int, epochs: int, batch_size: int) -> dict[str,
     set_flat(model, layout.initial(0))
     before = _rss_mib()
     started, cpu_started = time.perf_counter(), time.process_time()
-    if variant == "plain":
+    if variant in ("plain", "plain-threaded"):
         from fedcrm.training.local import train_epochs
 
         train_epochs(model, encoded, epochs=epochs, batch_size=batch_size, learning_rate=0.005, seed=0)
@@ -126,11 +130,12 @@ def main() -> None:
                      "quick": args.quick},
         "results": results, "ratios_over_plain": ratios,
     }
-    print(f"{'variant':<16} {'samples/cpu-s':>13} {'peak RSS MiB':>13} {'rise MiB':>9} {'throughput x':>13} {'peak RSS x':>11}")
+    print(f"{'variant':<16} {'samples/cpu-s':>13} {'samples/s':>10} {'peak RSS MiB':>13} {'rise MiB':>9} "
+          f"{'throughput x':>13} {'wall x':>7} {'peak RSS x':>11}")
     for name, r in results.items():
-        ratio = ratios.get(name, {"throughput": 1.0, "peak_rss": 1.0})
-        print(f"{name:<16} {r['samples_per_cpu_s']:>13.0f} {r['peak_rss_mib']:>13.1f} {r['peak_rise_mib']:>9.1f} "
-              f"{ratio['throughput']:>13.3f} {ratio['peak_rss']:>11.3f}")
+        ratio = ratios.get(name, {"throughput": 1.0, "wall_throughput": 1.0, "peak_rss": 1.0})
+        print(f"{name:<16} {r['samples_per_cpu_s']:>13.0f} {r['samples_per_s']:>10.0f} {r['peak_rss_mib']:>13.1f} "
+              f"{r['peak_rise_mib']:>9.1f} {ratio['throughput']:>13.3f} {ratio['wall_throughput']:>7.3f} {ratio['peak_rss']:>11.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,7 @@ import fedcrm_node.participant  # noqa: F401
 import fedcrm_node.secure_sums  # noqa: F401
 from fedcrm.models.layout import ModelLayout
 from fedcrm.models.mlp import TabularMLP
-from fedcrm.training.local import evaluate, train_epochs
+from fedcrm.training.local import evaluate, one_thread, train_epochs
 from fedcrm.training.preprocessing import EncodedData
 
 __all__: list[str] = []
@@ -31,7 +31,7 @@ __all__: list[str] = []
 
 def _warm_up() -> None:
     """One epoch on a few random rows through the same code a round runs."""
-    torch.set_num_threads(1)
+    one_thread()
     rng = np.random.default_rng(0)
     rows = 64
     layout = ModelLayout(dense_width=4, vocab_sizes=(3,), embedding_widths=(2,), hidden=(8,))

@@ -297,6 +297,7 @@ def _baseline(args: argparse.Namespace | RunOptions, console: Any) -> dict[str, 
     from fedcrm.models.scoring import score_frame
     from fedcrm.reporting import write_report
     from fedcrm.training.central import train_central
+    from fedcrm.training.local import one_thread
 
     inputs = load_federation_inputs(args.federation, args.participants)
     task = inputs.federation.spec.task
@@ -305,6 +306,7 @@ def _baseline(args: argparse.Namespace | RunOptions, console: Any) -> dict[str, 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sum(len(d) for d in datasets.values())
     console.print(f"baseline: central training on {rows:,} pooled rows, {inputs.federation.spec.training.rounds} rounds")
+    one_thread()
     report = train_central(inputs.federation, datasets, args.out)
     if test is not None:
         metrics = score_frame(load_model(args.out / "model"), test.frame)
@@ -348,6 +350,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from fedcrm.privacy.audit import run_audit
     from fedcrm.privacy.plots import plot_roc
     from fedcrm.reporting import read_report, write_report
+    from fedcrm.training.local import one_thread
 
     console = _console()
     if not (args.run / "report.json").exists() or not (args.run / "model").is_dir():
@@ -357,6 +360,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     inputs = load_federation_inputs(args.federation, args.participants)
     datasets = load_inputs_data(inputs)
     test = load_canonical_file(args.test_data, inputs.federation.spec.task).frame if args.test_data else None
+    one_thread()
     console.print(f"auditing {args.run / 'model'}: loss-threshold attack and {args.shadows} shadow models")
     audit, curves = run_audit(inputs.federation, datasets, args.run, auditor_data=test, shadows=args.shadows,
                               shadow_epochs=args.shadow_epochs, max_records=args.max_records, seed=args.seed)

@@ -18,7 +18,18 @@ from fedcrm.models.mlp import TabularMLP
 from fedcrm.training.metrics import LOSS_CAP, evaluation_counts
 from fedcrm.training.preprocessing import EncodedData
 
-__all__ = ["TrainOutcome", "derive_seed", "evaluate", "predict", "train_epochs"]
+__all__ = ["TrainOutcome", "derive_seed", "evaluate", "one_thread", "predict", "train_epochs"]
+
+
+def one_thread() -> None:
+    """Run torch's operators on one thread in this process.
+
+    The models here are small (thousands of parameters) and every operator takes microseconds, so intra-op
+    threads cost more in hand-offs than they save: ``make bench-dp`` (variant ``plain-threaded``) measures half
+    the throughput with a thread per core on two cores, and it gets far worse when other processes want the
+    cores too. Participants pin their threads at start; central training and the privacy audit call this.
+    """
+    torch.set_num_threads(1)
 
 
 def derive_seed(*parts: object) -> int:
