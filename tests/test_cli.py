@@ -37,6 +37,23 @@ def test_every_command_explains_itself(command: list[str], words: list[str]) -> 
         assert w in proc.stdout
 
 
+def test_run_help_names_everything_a_run_writes(tmp_path: Path) -> None:
+    """Every top-level entry of a real run's output folder, personalization included, is in `fedcrm run --help`."""
+    synth = tmp_path / "synth"
+    assert _fedcrm("synth", "--clients", "2", "--rows", "120", "--rounds", "1", "--out", synth).returncode == 0
+    fed = synth / "federation.yaml"
+    _edit(fed, lambda d: d["spec"]["training"].update(personalizationEpochs=1))
+    out = tmp_path / "out"
+    proc = _fedcrm("run", "--federation", fed, "--participant", *sorted((synth / "participants").glob("*.yaml")),
+                   "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    help_text = _fedcrm("run", "--help").stdout
+    written = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    assert "participants/" in written and "checkpoint/" in written
+    assert [name for name in written if name not in help_text] == []
+    assert "secagg-members.json" in help_text and (out / "checkpoint" / "secagg-members.json").exists()
+
+
 def _copy(small: SynthResult, tmp_path: Path) -> tuple[Path, list[Path]]:
     """A private copy of the synthetic federation's manifests (data paths made absolute)."""
     fed = tmp_path / "federation.yaml"

@@ -25,11 +25,17 @@ __all__ = ["main"]
 _EPILOG_RUN = """\
 outputs in OUT:
   report.json, report.md   metrics, per-round history, traffic, participants, privacy spent
-  checkpoint/              the aggregator's last completed round and its privacy ledger (privacy.json)
+  checkpoint/              what a restarted aggregator resumes from: the last completed round, the privacy
+                           ledger (privacy.json) and the secure-aggregation member list (secagg-members.json)
   model/                   model.npz (weights) and model.json (preprocessing, digest)
+  participants/            with personalizationEpochs: each participant's personalized model (.npy) and its
+                           metrics (.json), as the node's --report-file writes them
   events.jsonl             what the aggregator recorded, one JSON object per event
   logs/                    the aggregator's and each participant's log
   pki/                     this run's CA certificate and issued certificates
+  aggregator.json, aggregator.port, processes.json, ready/
+                           the launcher's own: the aggregator's config and port, the process ids, and each
+                           participant's data-check result
 
 differential privacy (spec.privacy.differentialPrivacy): the epsilon spent so far is printed every round;
 training stops before a round that would exceed the budget (exit 0, report marked partial).
