@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from fedcrm_operator import watches
 from netpol import Pod, allowed
 from operator_harness import (
     OPERATOR_NAMESPACE,
@@ -425,6 +426,15 @@ def test_one_tenant_refused_by_the_api_does_not_stall_the_others(operator: Opera
     kubectl("delete", "federation", "f5", "-n", COORD, "--wait=true", "--timeout=90s")
 
 
+def _watches(kinds: frozenset[str]) -> list[tuple[str, str]]:
+    """``kubectl auth can-i`` arguments to watch each of ``kinds`` (as the operator's watches name them)."""
+    out = []
+    for kind in sorted(kinds):
+        api_version, plural = watches.KINDS[kind]
+        out.append(("watch", f"{plural}.{api_version.split('/')[0]}" if "/" in api_version else plural))
+    return out
+
+
 def test_the_operator_can_do_only_what_the_charts_grant(operator: OperatorProcess, kubectl: Kubectl) -> None:
     """``kubectl auth can-i`` with the operator's own token (SelfSubjectAccessReviews against the real RBAC): no
     namespaced kind across the cluster, nothing in a namespace without the tenant chart, and where the tenant
@@ -457,7 +467,9 @@ def test_the_operator_can_do_only_what_the_charts_grant(operator: OperatorProces
         assert not can(verb, resource, "-n", NO_GRANT), (verb, resource)
     # A tenant that granted access: its training objects, its pods and Events, its certificate Secret; not the
     # credentials, nor any Secret but the certificate (create is not limited by name, see docs/operator.md#rbac).
-    for verb, resource in [("create", "jobs.batch"), ("list", "jobs.batch"), ("delete", "jobs.batch"),
+    # The kinds the operator reads from watches there can be watched.
+    for verb, resource in [*_watches(watches.TENANT_KINDS), ("create", "jobs.batch"), ("list", "jobs.batch"),
+                           ("delete", "jobs.batch"),
                            ("patch", "configmaps"), ("list", "configmaps"), ("delete", "networkpolicies.networking.k8s.io"),
                            ("list", "pods"), ("delete", "pods"), ("create", "events"), ("create", "secrets"),
                            ("get", "secrets/f1-crm-tls"), ("delete", "secrets/f1-crm-tls")]:
@@ -470,8 +482,10 @@ def test_the_operator_can_do_only_what_the_charts_grant(operator: OperatorProces
     refused = as_operator("get", "secret", "crm-credentials", "-n", "tenant-a", check=False)
     assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()
     assert as_operator("get", "secret", "f1-crm-tls", "-n", "tenant-a", "-o", "name").stdout.strip() == "secret/f1-crm-tls"
-    # The coordinator namespace: the aggregator's objects; no other namespace's.
-    for verb, resource in [("create", "statefulsets.apps"), ("get", "secrets"), ("list", "secrets"), ("create", "services"),
+    # The coordinator namespace: the aggregator's objects, watched; no other namespace's. (Training Jobs only where
+    # a tenant chart grants them.)
+    for verb, resource in [*_watches(watches.COORDINATOR_KINDS - {"Job"}), ("create", "statefulsets.apps"), ("get", "secrets"),
+                           ("list", "secrets"), ("create", "services"),
                            ("delete", "persistentvolumeclaims"), ("create", "servicemonitors.monitoring.coreos.com"),
                            ("create", "events")]:
         assert can(verb, resource, "-n", COORD), (verb, resource)
