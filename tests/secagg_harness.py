@@ -16,6 +16,7 @@ import numpy as np
 from fedcrm.pki import CertificateAuthority
 from fedcrm.secagg.client import SecAggClient
 from fedcrm.secagg.graph import public_seed
+from fedcrm.secagg.member_lists import MemberAgreement
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import vector_dtype
 from fedcrm.secagg.server import SecAggServer
@@ -77,11 +78,21 @@ class Round:
         round_: int = 1,
         drop: Mapping[int, str] | None = None,
         inputs: Mapping[int, np.ndarray] | None = None,
+        signers: Mapping[int, Signer] | None = None,
+        agreements: Mapping[int, MemberAgreement] | None = None,
     ) -> None:
+        """``signers`` gives some participants another certificate than their identity's from the session CA.
+        With ``agreements`` (a settled :class:`MemberAgreement` per participant, keyed by id: the ids are then
+        these, not ``n`` made up) each client checks the list against its agreement, and the public seed mixes in
+        the agreed salt."""
         rng = np.random.default_rng(seed)
-        self.ids = [3 * i + 2 for i in range(n)]
+        self.ids = sorted(agreements) if agreements is not None else [3 * i + 2 for i in range(n)]
         self.members = {cid: identity_of(cid) for cid in self.ids}
-        self.public_seed = public_seed(FEDERATION, round_, 1, self.members)
+        self.signers = dict(signers or {})
+        self.agreements = dict(agreements or {})
+        salts = {a.salt for a in self.agreements.values()}
+        assert len(salts) <= 1, "the members' agreements settled on different salts"
+        self.public_seed = public_seed(FEDERATION, round_, 1, self.members, salts.pop() or b"" if salts else b"")
         self.params, self.d, self.round_id = params, d, round_id
         dtype = vector_dtype(params.bits)
         self.inputs = dict(inputs) if inputs is not None else {
@@ -98,8 +109,8 @@ class Round:
 
     def client(self, cid: int) -> SecAggClient:
         return SecAggClient(client_id=cid, round_id=self.round_id, params=self.params, vector_length=self.d,
-                            signer=signer_for(self.members[cid]), verifier=verifier(), members=self.members,
-                            public_seed=self.public_seed)
+                            signer=self.signers.get(cid) or signer_for(self.members[cid]), verifier=verifier(),
+                            members=self.members, public_seed=self.public_seed, agreement=self.agreements.get(cid))
 
     def _alive_after(self, cid: int, stage: str) -> bool:
         stop = self.drop.get(cid)

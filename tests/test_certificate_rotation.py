@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,10 +40,14 @@ from fedcrm.pki import (
 )
 from fedcrm.protocol import PROTOCOL_VERSION, TlsFiles, client_channel, pb, rpc
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
-from fedcrm.spec.loading import load_federation
+from fedcrm.secagg.client import ProtocolViolation
+from fedcrm.secagg.member_lists import MemberAgreement
+from fedcrm.secagg.params import SecAggParams
+from fedcrm.secagg.signing import Signer
+from fedcrm.spec.loading import load_federation, load_participant
 from fedcrm_aggregator.coordinator import Coordinator
 from fedcrm_aggregator.server import start_server
-from fedcrm_node.participant import _wait_until_ready
+from fedcrm_node.participant import ParticipantNode, _wait_until_ready
 from fedcrm_operator.settings import OperatorSettings, parse_duration
 from operator_harness import (
     COORDINATOR_NAMESPACES,
@@ -53,6 +59,7 @@ from operator_harness import (
     service_account_kubeconfig,
     wait_for,
 )
+from secagg_harness import FEDERATION, Round, federation_ca, identity_of, signer_for, verifier
 
 IDENTITY = "tenant-01/acme"
 UTC = dt.timezone.utc
@@ -338,6 +345,75 @@ def test_a_node_waiting_to_connect_starts_over_when_its_certificate_is_renewed(t
         assert _wait_until_ready(channel, target, timeout=60, every=0.2,
                                  stale=lambda: mounted.tls.fingerprint() != seen) is False
         assert time.monotonic() - began < 5
+
+
+# ----------------------------------------------------------------------------- secure aggregation's signer
+
+
+def _agreed(ids: list[int]) -> dict[int, MemberAgreement]:
+    """Each member's settled agreement on the list of ``ids``, every step signed with its first certificate."""
+    members = {cid: identity_of(cid) for cid in ids}
+    agreements = {cid: MemberAgreement(federation=FEDERATION, terms="terms-v1", client_id=cid,
+                                       signer=signer_for(members[cid]), verifier=verifier(), minimum=2)
+                  for cid in ids}
+    signatures = {cid: a.sign(members) for cid, a in agreements.items()}
+    for a in agreements.values():
+        a.accept(members, signatures)
+    echoes = {cid: a.echo() for cid, a in agreements.items()}
+    reveals = {cid: a.reveal(echoes) for cid, a in agreements.items()}
+    for a in agreements.values():
+        a.settle(reveals)
+    return agreements
+
+
+def test_a_secure_sum_after_a_renewal_is_signed_with_the_new_key_under_the_same_agreement() -> None:
+    """The member list is agreed once per federation, signed with each member's certificate of that day; a later
+    sum signed with a renewed certificate (a new key for the same identity, from the same CA) is accepted by its
+    peers under that same agreement. A certificate kept from the start is refused once it expires, so a node that
+    kept it would have its neighbours refuse the round."""
+    agreements = _agreed([2, 5, 8])
+    renewed = federation_ca().issue_client(identity_of(5))
+    r = Round(3, 16, SecAggParams(threshold=1.0), agreements=agreements,
+              signers={5: Signer.from_pem(renewed.cert_pem, renewed.key_pem)})
+    assert np.array_equal(r.run(), r.expected(r.ids))
+
+    yesterday = dt.datetime.now(UTC) - dt.timedelta(days=1)
+    expired = federation_ca().issue_client(identity_of(5), lifetime=dt.timedelta(hours=1), now=yesterday)
+    r = Round(3, 16, SecAggParams(threshold=1.0), agreements=agreements,
+              signers={5: Signer.from_pem(expired.cert_pem, expired.key_pem)})
+    r.advertise()
+    with pytest.raises(ProtocolViolation, match="not valid now"):
+        r.share_keys()
+
+
+def test_a_node_signs_each_secure_sum_with_the_certificate_its_files_hold_now(
+        tmp_path: Path, small_federation, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A kubelet swap of the node's files reaches its next secure sum; the member-list agreement keeps the signer it
+    was made with, and a renewal the node cannot use (a certificate for another identity) leaves the last one."""
+    participant = load_participant(small_federation.participant_paths[0])
+    federation = load_federation(small_federation.federation_path)
+    ca = CertificateAuthority.create("signing")
+    mounted = MountedSecret(tmp_path / "node")
+    first = ca.issue_client(participant.identity)
+    mounted.write(ca.cert_pem, first)
+    node = ParticipantNode(participant, manifest_dir=tmp_path, aggregator="127.0.0.1:1", tls=mounted.tls,
+                           own_federation=federation)
+    node.federation = federation
+    signer, peers = node._secagg_credentials()
+    assert read_validity(first.cert_pem).serial == x509.load_der_x509_certificate(signer.certificate).serial_number
+    agreement = node._member_agreement()
+
+    renewed = ca.issue_client(participant.identity)
+    mounted.write(ca.cert_pem, renewed)
+    now_signer, now_peers = node._secagg_credentials()
+    assert read_validity(renewed.cert_pem).serial == x509.load_der_x509_certificate(now_signer.certificate).serial_number
+    assert now_peers is peers  # its cache of checked peer certificates goes on
+    assert node._member_agreement() is agreement and agreement._signer is signer  # the agreement's key stays
+
+    mounted.write(ca.cert_pem, ca.issue_client("tenant-99/someone-else"))
+    with caplog.at_level(logging.WARNING, logger="fedcrm.node"):
+        assert node._secagg_credentials()[0] is now_signer
+    assert "cannot be used yet" in caplog.text and "tenant-99/someone-else" in caplog.text
 
 
 # ----------------------------------------------------------------------------- the operator renews

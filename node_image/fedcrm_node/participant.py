@@ -102,7 +102,10 @@ class ParticipantNode:
         self.version: int | None = None
         self.secagg_id = 0
         self.contribution = None  # the secure sum in progress, if any
-        self._signing: tuple[Signer, PeerVerifier] | None = None  # (Signer, PeerVerifier) for secure aggregation
+        # Secure aggregation: the signer follows renewals of the certificate files (read at the fingerprint kept
+        # beside it); the verifier of peers is made once.
+        self._signer: tuple[Signer, tuple[tuple[int, int, int, int], ...]] | None = None
+        self._verifier: PeerVerifier | None = None
         self._agreement: MemberAgreement | None = None  # the federation's member list, agreed once
         self.participants = 0  # how many the federation expects (public; sizes client-level DP noise)
         self.private = None  # the DP-SGD trainer (sample mode), kept across rounds so its accountant keeps counting
@@ -649,12 +652,42 @@ class ParticipantNode:
             raise NodeExit(f"round {task.round}: refusing the member list: {err}", NodeExitCode.UNREACHABLE) from None
 
     def _secagg_credentials(self) -> tuple[Signer, PeerVerifier]:
-        """This participant's signer (its mutual-TLS certificate and key) and a verifier of peers against the
-        federation CA, made once: the verifier caches each peer's checked certificate across rounds."""
-        if self._signing is None:
-            ca, cert, key = self.tls.read()
-            self._signing = (Signer.from_pem(cert, key), PeerVerifier(ca))
-        return self._signing
+        """This participant's signer (its mutual-TLS certificate and key, as the files hold them now) and a verifier
+        of peers against the federation CA.
+
+        The operator renews the certificate (a new key) at two thirds of its life, while a run may go on; a signer
+        kept from the start would be refused by every peer once its certificate expired, and a neighbour that
+        refuses a roster leaves the round. So each secure sum starts with the files' current certificate: peers
+        accept any certificate the federation CA issued to the identity the member list names, checked again in
+        each sum. Within one sum the signer does not change (the survivor set is checked against the key that
+        signed the round's keys), and the member-list agreement keeps the signer it was made with for the whole
+        federation (peers check its echo against the key it signed the list with; the agreement's certificates
+        are checked once, when it is settled). A renewal that cannot be used -- files read mid-swap, a key that
+        is not its certificate's, another identity -- is logged and the previous signer kept. The verifier is made
+        once: it caches peers' checked certificates across rounds, and the CA is not rotated (docs/operator.md).
+        """
+        files = self.tls.fingerprint()
+        if self._signer is None or self._signer[1] != files:
+            try:
+                ca, cert, key = self.tls.read()
+                if self.tls.fingerprint() != files:
+                    raise ValueError("the files changed while they were read")
+                signer = Signer.from_pem(cert, key)
+                if self._signer is not None and signer.identity != self._signer[0].identity:
+                    raise ValueError(f"the new certificate is {signer.identity!r}'s, not {self._signer[0].identity!r}'s")
+            except (OSError, ValueError) as err:
+                if self._signer is None:
+                    raise
+                log.warning("secure aggregation: the renewed certificate files cannot be used yet (%s); signing with "
+                            "the certificate read before", err)
+            else:
+                if self._signer is not None:
+                    log.info("secure aggregation: signing with the renewed certificate from the next secure sum")
+                self._signer = (signer, files)
+                if self._verifier is None:
+                    self._verifier = PeerVerifier(ca)
+        assert self._verifier is not None
+        return self._signer[0], self._verifier
 
     def _secure_answer(self, stub: rpc.FederatedTrainingStub, task: pb.Task) -> pb.SecAggResult:
         if self.contribution is None or not self.contribution.matches(task):
