@@ -17,19 +17,23 @@ def condition(type_: str, status: bool | None, reason: str, message: str) -> dic
     return {"type": type_, "status": text, "reason": reason, "message": message}
 
 
-def set_condition(conditions: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
-    """``conditions`` with ``new`` replacing the one of its type; the transition time moves only on a change."""
+def set_condition(conditions: list[dict[str, Any]], new: dict[str, Any], *, at: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """``conditions`` with ``new`` replacing the one of its type; the transition time moves only on a change.
+
+    ``at``: the transition time to write (RFC 3339), so a pure caller (:mod:`fedcrm_operator.desired`) passes the
+    time its pass observed instead of reading the clock; default: now."""
     out, placed = [], False
     for old in conditions or []:
         if old.get("type") == new["type"]:
             changed = old.get("status") != new["status"]
-            stamp = now() if changed or not old.get("lastTransitionTime") else old["lastTransitionTime"]
+            stamp = (at or now()) if changed or not old.get("lastTransitionTime") else old["lastTransitionTime"]
             out.append({**new, "lastTransitionTime": stamp})
             placed = True
         else:
             out.append(dict(old))
     if not placed:
-        out.append({**new, "lastTransitionTime": now()})
+        out.append({**new, "lastTransitionTime": at or now()})
     return out
 
 
