@@ -18,11 +18,24 @@ Services, NetworkPolicy, aggregator StatefulSet), the operator's passes and
 their latency (p50/p99 of its own `fedcrm_operator_reconcile_seconds`
 histogram over that interval), and its resident memory (current and peak).
 
+And where those seconds went, from the API server's audit log (``timelines``
+in the JSON, one per scenario; the breakdown also in each row): the apply
+itself; the operator after it, until its last write of a Job or the aggregator
+StatefulSet (``operator_after_apply_s``); the Kubernetes controllers after the
+operator, until the last training pod is bound to a node: the job controller
+creating pods and the scheduler binding them, paced by the controller
+manager's own client rate limit (``controllers_after_operator_s``); and this
+benchmark's polling (``benchmark_polling_s``). The timeline itself: first and
+last Participant and Federation status patch, child write, Job, StatefulSet,
+pod created and pod bound, enrolment closed, and the operator's requests by
+verb and resource.
+
 Then the idle cost: once every scenario's children exist, a settling pause,
 then a window (120 s; 30 s with --quick) in which nothing is applied. What the
 operator asks of the API server in it comes from the API server's audit log,
-which this benchmark's control plane writes for the operator's ServiceAccount
-only (Metadata level, one line per finished request): requests per minute per
+which this benchmark's control plane writes for every request of the operator's
+ServiceAccount and every other client's writes (Metadata level, one line per
+finished request; the idle count reads the operator's lines): requests per minute per
 Federation, overall and per scenario (by the namespace a request names;
 cluster-scoped requests, the watches and peering, are shared), and which verbs
 on which resources they were. The API server's own `apiserver_request_total`
@@ -69,12 +82,19 @@ from operator_harness import (  # noqa: E402
 
 TASK = {"target": "converted", "features": [{"name": "revenue", "type": "numeric"}]}
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{RELEASE}"
-#: Audit only the operator, once per request when its response is complete (a watch: when it ends).
+#: Audit every request of the operator, and every other client's writes (kubectl's apply, the job controller's
+#: pods, the scheduler's bindings) for the timeline, once per request when its response is complete (a watch:
+#: when it ends). Leases (every component's heartbeat) are left out.
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
     "omitStages": ["RequestReceived", "ResponseStarted"],
-    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+    "rules": [{"level": "Metadata", "users": [OPERATOR_USER]},
+              {"level": "None", "resources": [{"group": "coordination.k8s.io", "resources": ["leases"]}]},
+              {"level": "Metadata", "verbs": ["create", "patch", "update", "delete"]},
+              {"level": "None"}],
 }
+#: The children a pass creates (or applies), by API resource.
+CHILD_RESOURCES = frozenset({"secrets", "configmaps", "networkpolicies", "jobs", "services", "statefulsets"})
 
 
 class AuditedControlPlane(ControlPlane):
@@ -201,10 +221,96 @@ def _operator_reconciles(operator: OperatorProcess) -> int:
     return int(sum(samples(operator.metrics(), "fedcrm_operator_reconciles_total").values()))
 
 
+# ---------------------------------------------------------------- the timeline of one scenario
+
+def _timestamp(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _events(audit_log: Path, start: float, prefix: str) -> list[dict[str, Any]]:
+    """Every audited request, of any client, that names a namespace of the scenario and completed after ``start``."""
+    out = []
+    with open(audit_log, encoding="utf-8") as lines:
+        for line in lines:
+            event = json.loads(line)
+            namespace = (event.get("objectRef") or {}).get("namespace") or ""
+            if (event.get("stage") == "ResponseComplete" and namespace.startswith(prefix + "-")
+                    and _timestamp(event["stageTimestamp"]) >= start):
+                out.append(event)
+    return out
+
+
+def timeline(audit_log: Path, prefix: str, start: float, applied_s: float, seen_s: float, enrolled_at: list[float]
+             ) -> dict[str, Any]:
+    """Where the seconds from ``kubectl apply`` to every child went, from the audit log (seconds after ``start``,
+    the moment the apply began; each request counted when its response completed).
+
+    The operator's part ends with its last write of a Job or StatefulSet (the children that take longest; every
+    other child is written before them in a pass); what follows, until the last training pod is bound to a node,
+    is the job controller's and the scheduler's; what follows that is this benchmark's polling."""
+    events = _events(audit_log, start, prefix)
+
+    def at(event: dict[str, Any]) -> float:
+        return round(_timestamp(event["stageTimestamp"]) - start, 2)
+
+    def span(picked: list[dict[str, Any]]) -> list[float | None]:
+        times = sorted(at(e) for e in picked if str(e.get("responseStatus", {}).get("code", 200)).startswith("2"))
+        return [times[0], times[-1]] if times else [None, None]
+
+    def ref(e: dict[str, Any]) -> dict[str, Any]:
+        return e.get("objectRef") or {}
+
+    operator = [e for e in events if e.get("user", {}).get("username") == OPERATOR_USER]
+    others = [e for e in events if e.get("user", {}).get("username") != OPERATOR_USER]
+    writes = [e for e in operator if e["verb"] in ("create", "patch", "update") and not ref(e).get("subresource")]
+    children = [e for e in writes if ref(e).get("resource") in CHILD_RESOURCES]
+    jobs = [e for e in children if ref(e).get("resource") == "jobs"]
+    sets = [e for e in children if ref(e).get("resource") == "statefulsets"]
+    status = [e for e in operator if ref(e).get("subresource") == "status" and e["verb"] == "patch"]
+    pods = [e for e in others if e["verb"] == "create" and ref(e).get("resource") == "pods" and not ref(e).get("subresource")]
+    bound = [e for e in others if e["verb"] == "create" and ref(e).get("subresource") == "binding"]
+    operator_done = max((t for t in (span(jobs)[1], span(sets)[1]) if t is not None), default=None)
+    last_bound = span(bound)[1]
+    out: dict[str, Any] = {
+        "apply_done_s": round(applied_s, 2),
+        "participant_status_patches_s": span([e for e in status if ref(e).get("resource") == "participants"]),
+        "federation_status_patches_s": span([e for e in status if ref(e).get("resource") == "federations"]),
+        "operator_child_writes_s": span(children),
+        "operator_jobs_s": span(jobs),
+        "enrollment_closed_s": [round(t - start, 2) for t in sorted(enrolled_at)[:1] + sorted(enrolled_at)[-1:]] or [None, None],
+        "statefulsets_s": span(sets),
+        "pods_created_s": span(pods),
+        "pods_bound_s": span(bound),
+        "all_children_seen_s": round(seen_s, 2),
+        "operator_requests": len(operator),
+        "operator_writes": len(writes),
+        "operator_requests_by_verb_resource": dict(collections.Counter(_what(e) for e in operator).most_common(12)),
+    }
+    if operator_done is not None and last_bound is not None:
+        end = max(operator_done, last_bound)
+        out["breakdown_s"] = {
+            "kubectl_apply": round(applied_s, 2),
+            "operator_after_apply": round(max(0.0, operator_done - applied_s), 2),
+            "controllers_after_operator": round(max(0.0, last_bound - max(operator_done, applied_s)), 2),
+            "benchmark_polling": round(max(0.0, seen_s - max(end, applied_s)), 2),
+        }
+    return out
+
+
+def enrolled_times(kubectl: Kubectl, namespace: str) -> list[float]:
+    """When each Federation of ``namespace`` closed enrolment (its Enrolled condition's transition, to the second)."""
+    out = []
+    for fed in kubectl.items("federations", namespace=namespace):
+        for cond in (fed.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "Enrolled" and cond.get("status") == "True" and cond.get("lastTransitionTime"):
+                out.append(_timestamp(cond["lastTransitionTime"]))
+    return out
+
+
 # ---------------------------------------------------------------- scenarios
 
-def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, federations: int, participants: int,
-                 namespaces: int | None) -> dict[str, Any]:
+def run_scenario(kubectl: Kubectl, operator: OperatorProcess, audit_log: Path, prefix: str, federations: int,
+                 participants: int, namespaces: int | None) -> dict[str, Any]:
     docs, all_namespaces = manifests(prefix, federations, participants, namespaces)
     tenants = all_namespaces[1:]  # the coordinator namespace, all_namespaces[0], install_chart created (its Role is there)
     for ns in tenants:
@@ -217,7 +323,7 @@ def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, feder
             ref = doc["spec"]["federationRef"]
             grant_tenant_access(kubectl, doc["metadata"]["namespace"], (ref["namespace"], ref["name"]), doc["metadata"]["name"])
     reconciles_before, metrics_before = _operator_reconciles(operator), operator.metrics()
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
     kubectl.apply(*docs, server_side=True, timeout=600)
     applied = time.perf_counter() - started
     wait_for(f"{prefix}: every child", lambda: all_children_exist(kubectl, prefix, federations, participants),
@@ -226,6 +332,8 @@ def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, feder
     rss, peak = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
     metrics_after = operator.metrics()
     federation_passes = latency(metrics_before, metrics_after, "federation")
+    time.sleep(1)  # the audit backend writes a request's line when its response completes
+    steps = timeline(audit_log, prefix, wall, applied, elapsed, enrolled_times(kubectl, coordinator_namespace(prefix)))
     participant_passes = latency(metrics_before, metrics_after, "participant")
     return {
         "scenario": f"{federations} federation(s) x {participants} participants in {len(tenants)} namespaces",
@@ -243,11 +351,13 @@ def run_scenario(kubectl: Kubectl, operator: OperatorProcess, prefix: str, feder
         "participant_pass_p99_ms": participant_passes["p99_ms"],
         "operator_rss_mib": round(rss / 1024, 1),
         "operator_peak_rss_mib": round(peak / 1024, 1),
+        # Where the seconds went: the apply, the operator after it, the controllers (job controller, scheduler)
+        # after the operator, this benchmark's polling; they add up to apply_to_all_children_s.
+        **{f"{part}_s": seconds for part, seconds in (steps.get("breakdown_s") or {}).items() if part != "kubectl_apply"},
+        "timeline": steps,
     }
 
 
-def _timestamp(text: str) -> float:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def audited_requests(audit_log: Path, start: float, end: float) -> list[dict[str, Any]]:
@@ -321,11 +431,12 @@ def main() -> int:
     parser.add_argument("--idle", type=float, help="seconds of the idle window (default 120; 30 with --quick)")
     parser.add_argument("--only", choices=["wide", "issue"], help="run only this scenario (1 x 50, or 20 x 10)")
     parser.add_argument("--operator-log", type=Path, help="keep the operator's log here")
+    parser.add_argument("--audit-log", type=Path, help="keep the API server's audit log here")
     args = parser.parse_args()
     scenarios: list[tuple[str, int, int, int | None]] = (
         [("wide", 1, 3, None)] if args.quick else [("wide", 1, 50, None), ("issue", 20, 10, 50)])
     scenarios = [s for s in scenarios if args.only in (None, s[0])]
-    window = args.idle or (30.0 if args.quick else 120.0)
+    window = args.idle if args.idle is not None else (30.0 if args.quick else 120.0)
     load_start = os.getloadavg()[0]  # the machine is shared: how busy it was is part of the result
     with tempfile.TemporaryDirectory(prefix="fedcrm-bench-") as tmp, AuditedControlPlane(gpu_nodes=2, cpu_nodes=2) as cp:
         kubectl = Kubectl(cp.bin_dir / "kubectl", cp.kubeconfig)
@@ -335,9 +446,9 @@ def main() -> int:
                                    env={"FEDCRM_AGGREGATOR_STATUS_URL": "http://127.0.0.1:9/status"}).start()
         try:
             idle_rss, _ = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
-            results = [run_scenario(kubectl, operator, *scenario) for scenario in scenarios]
+            results = [run_scenario(kubectl, operator, cp.audit_log, *scenario) for scenario in scenarios]
             idle = idle_window(kubectl, operator, cp.audit_log, scenarios, results,
-                               settle_s=10.0 if args.quick else 30.0, window_s=window)
+                               settle_s=10.0 if args.quick or window < 30 else 30.0, window_s=window)
             rss, peak = rss_kib(operator.proc.pid)  # type: ignore[union-attr]
         except Exception as err:
             print(f"operator benchmark failed: {err}\noperator log (tail):\n{operator.log_tail()}", file=sys.stderr)
@@ -346,10 +457,13 @@ def main() -> int:
             operator.stop()
             if args.operator_log:
                 shutil.copyfile(operator.log_path, args.operator_log)
+            if args.audit_log:
+                shutil.copyfile(cp.audit_log, args.audit_log)
     idle |= {"operator_rss_mib": round(rss / 1024, 1), "operator_peak_rss_mib": round(peak / 1024, 1)}
+    timelines = {r["scenario"]: r.pop("timeline") for r in results}  # the rows stay flat numbers
     out = {"benchmark": "operator", "quick": args.quick, "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
            "operator_idle_rss_mib": round(idle_rss / 1024, 1),
-           "results": results, "idle": idle}
+           "results": results, "timelines": timelines, "idle": idle}
     print(json.dumps(out, indent=2))
     print()
     print(f"{'scenario':<58}{'apply->children s':>18}{'fed pass p50/p99 ms':>21}{'RSS (peak) MiB':>16}{'idle req/fed/min':>18}")
@@ -358,6 +472,12 @@ def main() -> int:
               f"{str(r['federation_pass_p50_ms']) + '/' + str(r['federation_pass_p99_ms']):>21}"
               f"{str(r['operator_rss_mib']) + ' (' + str(r['operator_peak_rss_mib']) + ')':>16}"
               f"{r['idle_requests_per_federation_minute']:>18}")
+    print()
+    print(f"{'where the seconds went (from the audit log)':<58}{'apply':>8}{'operator':>10}{'controllers':>13}{'polling':>9}")
+    for r in results:
+        b = timelines[r["scenario"]].get("breakdown_s") or {}
+        print(f"{r['scenario']:<58}{b.get('kubectl_apply', '-'):>8}{b.get('operator_after_apply', '-'):>10}"
+              f"{b.get('controllers_after_operator', '-'):>13}{b.get('benchmark_polling', '-'):>9}")
     print(f"idle, all {idle['federations']} federations: {idle['requests_per_federation_minute']} requests/min each "
           f"({idle['operator_requests']} in {idle['window_s']} s; cluster-scoped {idle['cluster_scoped_per_minute']}/min)")
     print(f"operator idle RSS before any federation: {out['operator_idle_rss_mib']} MiB")
