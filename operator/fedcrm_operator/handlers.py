@@ -171,11 +171,17 @@ def _federation_pass(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, partic
 @kopf.on.create(GROUP, VERSION, "federations")
 @kopf.on.update(GROUP, VERSION, "federations", field="spec")
 @kopf.on.resume(GROUP, VERSION, "federations")
-def federation_changed(**kwargs: Any) -> None:
-    _federation_pass(**kwargs)
+async def federation_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Created, its spec changed, or found at start: its pass runs at the next tick.
+
+    Only the timer runs a Federation's passes, one at a time: kopf runs timers beside the change handlers, and a
+    pass here would run alongside the timer's, the slower of the two writing a status computed from a Federation
+    the other had already moved on (Training, then Enrolling again, then Training: the round follower stopped
+    and started in between)."""
+    memo.woken.add(_federation_key(body["metadata"]["namespace"], body["metadata"]["name"]))
 
 
-@kopf.timer(GROUP, VERSION, "federations", interval=FEDERATION_TICK_SECONDS, initial_delay=RECONCILE_SECONDS)
+@kopf.timer(GROUP, VERSION, "federations", interval=FEDERATION_TICK_SECONDS, initial_delay=0)
 async def federation_tick(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     key = _federation_key(body["metadata"]["namespace"], body["metadata"]["name"])
     if not _due(memo, key):
