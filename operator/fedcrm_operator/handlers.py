@@ -219,7 +219,13 @@ def _training(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == Phase.training.value
 
 
-@kopf.daemon(GROUP, VERSION, "federations", when=_training, cancellation_timeout=5)
+#: How long a stopped round follower may take to notice (one status read: its timeout is a second) before kopf
+#: cancels it; kopf logs a cancellation as a warning ("is cancelled. Will escalate."), a normal stop as nothing.
+FOLLOWER_STOP_SECONDS = 5.0
+
+
+@kopf.daemon(GROUP, VERSION, "federations", when=_training, cancellation_backoff=FOLLOWER_STOP_SECONDS,
+             cancellation_timeout=5)
 async def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """While a Federation trains, copy each finished round into its status within a poll interval.
 
@@ -227,6 +233,10 @@ async def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf
     aggregator's /status and writes only when the round or the outcome changed. It is async on purpose:
     a sync daemon would hold one of kopf's worker threads for the whole training, and a few dozen
     training federations would starve every other handler. ``body`` is kopf's live view of the object.
+
+    kopf stops it when the Federation leaves Training (its ``when`` no longer matches), is deleted, or the
+    operator stops or loses its peering; it waits on ``stopped`` rather than sleeping, so it returns at once
+    and says why, instead of being cancelled.
     """
     meta = body["metadata"]
     names = Names(meta["namespace"], meta["name"])
@@ -234,12 +244,26 @@ async def follow_rounds(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf
     while not stopped:
         status = body.get("status") or {}
         aggregator = await asyncio.to_thread(federations.fetch_aggregator, names, settings)
-        if aggregator is not None:
+        if aggregator is not None and not stopped:
             fields = federations.progress_fields(aggregator)
             if any(status.get(k) != v for k, v in fields.items()):
                 await asyncio.to_thread(memo.kube.patch_status, f"{GROUP}/{VERSION}", "Federation",
                                         names.namespace, names.federation, fields)
-        await asyncio.sleep(settings.status_poll_seconds)
+        await stopped.wait(settings.status_poll_seconds)
+    log.info("federation %s/%s: no longer following its rounds (%s)", names.namespace, names.federation,
+             _stop_reason(stopped.reason))
+
+
+def _stop_reason(reason: kopf.DaemonStoppingReason | None) -> str:
+    """Why kopf stopped a daemon, in words."""
+    words = {
+        kopf.DaemonStoppingReason.FILTERS_MISMATCH: "it left the Training phase",
+        kopf.DaemonStoppingReason.RESOURCE_DELETED: "it is being deleted",
+        kopf.DaemonStoppingReason.OPERATOR_PAUSING: "this operator replica is pausing (another one is active)",
+        kopf.DaemonStoppingReason.OPERATOR_EXITING: "the operator is stopping",
+    }
+    said = [text for flag, text in words.items() if reason is not None and flag in reason]
+    return "; ".join(said) or f"stopped: {reason}"
 
 
 @kopf.on.delete(GROUP, VERSION, "federations")
