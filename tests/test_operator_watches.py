@@ -30,12 +30,12 @@ class Watched:
     def watchable(self, kind: str, namespace: str) -> bool:
         return kind in watches.TENANT_KINDS
 
-    def lookup(self, kind: str, namespace: str, name: str) -> tuple[bool, dict[str, Any] | None]:
+    def lookup(self, kind: str, namespace: str, name: str, *, wait: float = 0.0) -> tuple[bool, dict[str, Any] | None]:
         if not self.synced or not self.watchable(kind, namespace):
             return False, None
         return True, self.objects.get((kind, namespace, name))
 
-    def items(self, kind: str, namespace: str) -> list[dict[str, Any]] | None:
+    def items(self, kind: str, namespace: str, *, wait: float = 0.0) -> list[dict[str, Any]] | None:
         if not self.synced or not self.watchable(kind, namespace):
             return None
         return [o for (k, ns, _), o in self.objects.items() if (k, ns) == (kind, namespace)]
@@ -228,6 +228,8 @@ def test_a_stream_lists_then_follows_changes_and_wakes_on_each() -> None:
         children.start(asyncio.get_running_loop())
         try:
             assert children.lookup("Job", "t", "a") == (False, None)  # not listed yet: ask the API server
+            # ... unless the reader (a pass, in a thread) waits for the first list: then it knows.
+            assert (await asyncio.to_thread(children.lookup, "Job", "t", "a", wait=5.0))[0]
             for _ in range(100):
                 await asyncio.sleep(0.02)
                 if children.lookup("Job", "t", "a")[0] and children.lookup("Job", "t", "a")[1] is None:

@@ -95,6 +95,9 @@ KIND_CACHE_SECONDS = 60.0
 #: Threads one client shares among all passes for work done per tenant (:meth:`Kube.each`): enough to overlap the
 #: requests of a first pass over many tenants, few enough that their memory stays small.
 PARALLEL = 8
+#: How long a read waits for a new watch's first list instead of asking the API server itself (the first pass in a
+#: new tenant namespace: one list per kind there, rather than a read of each child and a list for each sweep).
+FIRST_LIST_SECONDS = 5.0
 #: A kind the cluster does not serve (no ServiceMonitor CRD) is looked for again this rarely: each look re-reads
 #: every API group (two dozen requests).
 MISSING_KIND_SECONDS = 600.0
@@ -156,7 +159,7 @@ class Kube:
         """What the watches hold: (known, object); not known without a synced watch of this kind there."""
         if self.cache is None or not namespace:
             return False, None
-        return self.cache.lookup(kind, namespace, name)
+        return self.cache.lookup(kind, namespace, name, wait=FIRST_LIST_SECONDS)
 
     def _trust(self, kind: str, namespace: str | None) -> float:
         """Seconds an object read or applied without a watch is trusted: half a minute, or (with watches, for a
@@ -377,13 +380,16 @@ class Kube:
         Returns how many objects still existed (0 means the sweep found nothing left). What the watches hold
         is read instead of listing, unless ``fresh`` (a Federation's deletion: nothing may be missed).
         """
-        kinds = list(kinds)
+        kinds = [k for k in kinds if self.has_kind(*k)]
+        namespaces = sorted(set(namespaces))
         remaining = 0
-        for namespace in sorted(set(namespaces)):
+        if self.cache is not None and not fresh:
+            for namespace in namespaces:  # start every watch this sweep reads at once; each is waited for below
+                for _, kind in kinds:
+                    self.cache.items(kind, namespace)
+        for namespace in namespaces:
             for api_version, kind in kinds:
-                if not self.has_kind(api_version, kind):
-                    continue
-                held = None if fresh or self.cache is None else self.cache.items(kind, namespace)
+                held = None if fresh or self.cache is None else self.cache.items(kind, namespace, wait=FIRST_LIST_SECONDS)
                 try:
                     found = ([o for o in held if _matches(o, selector)] if held is not None
                              else self.list(api_version, kind, namespace=namespace, selector=selector))

@@ -15,7 +15,10 @@ Never a tenant's Secrets (the tenant chart grants no list there) nor pods.
 A stream that is not yet listed, or that the API server refused (a namespace
 that did not grant the operator access: 403, retried with a growing pause),
 is *unknown*: the caller asks the API server as before, so a missing watch
-costs requests, never correctness.
+costs requests, never correctness. A reader may wait a little for a new
+stream's first list (``wait``) rather than ask the API server the same
+question itself: the first pass in a new tenant namespace then costs one list
+per kind instead of a read per child and a list per sweep.
 
 Objects are kept slim (metadata, status and, for ConfigMaps and Secrets,
 data): what the passes read, not pod templates.
@@ -91,6 +94,8 @@ class _Stream:
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     synced: bool = False
     task: asyncio.Task[None] | None = None
+    #: Set once the first list ended, listed or not (a reader waiting for it stops waiting either way).
+    tried: threading.Event = field(default_factory=threading.Event)
 
 
 class Children:
@@ -135,24 +140,36 @@ class Children:
         with self._lock:
             return kind in TENANT_KINDS or (kind in COORDINATOR_KINDS and namespace in self._coordinators)
 
-    def lookup(self, kind: str, namespace: str, name: str) -> tuple[bool, dict[str, Any] | None]:
+    def lookup(self, kind: str, namespace: str, name: str, *, wait: float = 0.0) -> tuple[bool, dict[str, Any] | None]:
         """(known, object): known is False while the stream is not listed (or not watchable); then the object
-        (None: it does not exist)."""
+        (None: it does not exist). ``wait``: seconds to wait for a new stream's first list (see :meth:`_first_list`)."""
         stream = self._stream(kind, namespace)
         if stream is None:
             return False, None
+        self._first_list(stream, wait)
         with self._lock:
             if not stream.synced:
                 return False, None
             return True, stream.objects.get(name)
 
-    def items(self, kind: str, namespace: str) -> list[dict[str, Any]] | None:
+    def items(self, kind: str, namespace: str, *, wait: float = 0.0) -> list[dict[str, Any]] | None:
         """Every child of ``kind`` in ``namespace``, or None while unknown."""
         stream = self._stream(kind, namespace)
         if stream is None:
             return None
+        self._first_list(stream, wait)
         with self._lock:
             return list(stream.objects.values()) if stream.synced else None
+
+    def _first_list(self, stream: _Stream, wait: float) -> None:
+        """Wait up to ``wait`` seconds for a stream that has not yet tried its first list. Only off the event
+        loop (the passes' threads): the loop is what lists; a stream that failed before is not waited for."""
+        if wait <= 0 or stream.tried.is_set():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            stream.tried.wait(wait)
 
     def _stream(self, kind: str, namespace: str) -> _Stream | None:
         if not self.watchable(kind, namespace):
@@ -205,19 +222,23 @@ class Children:
         while True:
             try:
                 version = await self._list(stream)
+                stream.tried.set()
                 failures = denials = 0
                 while True:
                     version = await self._watch(stream, version)
             except asyncio.CancelledError:
+                stream.tried.set()
                 raise
             except _Gone:
                 continue
             except _Denied:
+                stream.tried.set()
                 self._unsync(stream)
                 pause = DENIED_SECONDS[min(denials, len(DENIED_SECONDS) - 1)]
                 denials += 1
                 log.debug("watch %s in %s: no access; asking again in %.0fs", stream.kind, stream.namespace, pause)
             except Exception as err:  # noqa: BLE001 - any failure: fall back to requests, list again after a pause
+                stream.tried.set()
                 self._unsync(stream)
                 pause = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
                 failures += 1
