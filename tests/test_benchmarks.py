@@ -169,7 +169,7 @@ def test_bench_dp_quick_measures_every_variant(tmp_path: Path) -> None:
     _make_quick("bench-dp", tmp_path)
     summary = json.loads((tmp_path / "dp_cost.json").read_text())
     assert not _non_finite(summary)
-    assert set(summary["results"]) == {"plain", "dpsgd-hooks", "dpsgd-functorch"}
+    assert set(summary["results"]) == {"plain", "dpsgd-hooks", "dpsgd-functorch", "plain-threaded"}
     for variant, row in summary["results"].items():
         _assert_finite(row, ["samples_per_s", "samples_per_cpu_s", "peak_rise_mib", "peak_rss_mib", "rows", "parameters"],
                        variant)
