@@ -12,7 +12,9 @@ import asyncio
 import hashlib
 import logging
 import os
+import signal
 import socket
+import tracemalloc
 
 import kopf
 
@@ -32,7 +34,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_heap_on_signal() -> None:
+    """With PYTHONTRACEMALLOC set (a memory investigation): SIGUSR1 logs where the Python heap's memory was
+    allocated, by file and by line, the largest first."""
+    if not tracemalloc.is_tracing():
+        return
+
+    def dump(*_: object) -> None:
+        snapshot = tracemalloc.take_snapshot()
+        stats = snapshot.statistics("lineno")
+        total = sum(s.size for s in stats)
+        lines = [f"traced Python heap: {total / 2**20:.1f} MiB in {sum(s.count for s in stats)} blocks"]
+        lines += [f"{s.size / 2**20:8.2f} MiB {s.count:8d} {s.traceback}" for s in snapshot.statistics("filename")[:30]]
+        lines += [f"{s.size / 2**20:8.2f} MiB {s.count:8d} {s.traceback}" for s in stats[:30]]
+        logging.getLogger("fedcrm.operator").warning("\n".join(lines))
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main(argv: list[str] | None = None) -> None:
+    log_heap_on_signal()
     args = _parser().parse_args(argv)
     configure(args.log_level)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
