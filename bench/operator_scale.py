@@ -392,7 +392,7 @@ def idle_window(kubectl: Kubectl, operator: OperatorProcess, audit_log: Path, sc
     server_after, operator_after = apiserver_metrics(kubectl), operator.metrics()
     time.sleep(2)  # the audit backend writes a request's line when its response completes
     events = audited_requests(audit_log, start, end)
-    minutes = (end - start) / 60
+    minutes = max(end - start, 1e-3) / 60  # --idle 0: no window, and no division by zero
     federations = sum(f for _, f, _, _ in scenarios)
     by_what = collections.Counter(_what(e) for e in events)
     by_scope = collections.Counter(
