@@ -37,7 +37,7 @@ from fedcrm.training.health import model_warnings
 from fedcrm.training.metrics import EVAL_SIZE, metrics_from_counts
 from fedcrm.training.preprocessing import Preprocessing, StatisticsLayout, training_rows
 from fedcrm.training.server_optimizers import ServerOptimizerState
-from fedcrm.training.secure_vectors import StatisticsEncoding, client_dp_fit_vector, fit_vector
+from fedcrm.training.secure_vectors import StatisticsEncoding, client_dp_fit_vector, expand_fit, fit_support, fit_vector
 from fedcrm_aggregator.checkpoints import (
     Checkpoint,
     load_checkpoint,
@@ -551,6 +551,14 @@ class Coordinator:
         if self.privacy.mode == "sample":  # each participant spends as soon as it trains
             self.privacy.record(release, self._usable())
         contributors, fit_total = self._sum(pb.Task.FIT, round_, attempt)
+        if self.secure is not None and contributors:
+            # keepFraction: the sum covers the round's shared support only; derived here as each participant did
+            support = fit_support(self.spec, federation=self.federation.key, round_=round_,
+                                  parameters=self.layout.size)
+            try:
+                fit_total = expand_fit(fit_total, support, self.layout.size)
+            except ValueError as err:
+                raise FederationFailed(f"round {round_}: {err}") from None
         if self.privacy.noise is not None and contributors:
             # The noised sum is out (already counted when the first update or the unmasking shares came in,
             # see count_exposure; recording a release twice counts it once).

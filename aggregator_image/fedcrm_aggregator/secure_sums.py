@@ -57,6 +57,7 @@ from fedcrm.secagg.client import AdvertisedKeys, ProtocolViolation, UnmaskReply
 from fedcrm.secagg.graph import public_seed
 from fedcrm.secagg.member_lists import commitment_of, graph_salt, member_list_digest, transcript_digest
 from fedcrm.secagg.params import SecAggParams
+from fedcrm.secagg import sparsification
 from fedcrm.secagg.segments import SegmentedQuantizer
 from fedcrm.secagg.server import BelowThreshold, SecAggServer
 from fedcrm.spec.manifests import SecureAggregation
@@ -350,7 +351,10 @@ class SecureSums:
             if kind == pb.Task.FIT:
                 # The member list of every sum is all of self.ids (run()'s members); both sides derive the modulus
                 quantized = quantized_fit(self.c.spec) is not None
-                return fit_quantizer(parameters=self.c.layout.size, weight_bound=self.bound(kind),
+                # keepFraction: the participants send only the round's support (the same size every round)
+                kept = self.c.layout.size if self.spec.keep_fraction >= 1 else \
+                    sparsification.kept(self.c.layout.size, self.spec.keep_fraction)
+                return fit_quantizer(parameters=kept, weight_bound=self.bound(kind),
                                      clip=self.spec.clip, bits=sum_bits(self.c.spec, fit=True, members=len(self.ids)),
                                      contributors=len(self.ids) if quantized else None)
             return evaluation_quantizer(validation_rows_bound=self.bound(kind), bits=self.spec.bits)

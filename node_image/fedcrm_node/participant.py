@@ -439,13 +439,19 @@ class ParticipantNode:
         if dp.mode == "client":
             return self._client_dp_fit(task, delta, outcome.loss_sum / max(outcome.examples, 1), took)
         if task.HasField("secagg"):
-            from fedcrm.training.secure_vectors import fit_quantizer, fit_vector, quantized_fit
+            from fedcrm.secagg.sparsification import gather
+            from fedcrm.training.secure_vectors import fit_quantizer, fit_support, fit_vector, quantized_fit
 
             s = task.secagg
-            values = fit_vector(delta, examples=outcome.examples, loss_sum=outcome.loss_sum, clip=s.clip)
+            # keepFraction: the round's shared support, derived here from this participant's own terms (checked
+            # equal to the aggregator's) and the round, never taken from the aggregator
+            support = fit_support(self.federation.spec, federation=self.federation.key, round_=task.round,
+                                  parameters=delta.size)
+            sent = delta if support is None else gather(delta, support)
+            values = fit_vector(sent, examples=outcome.examples, loss_sum=outcome.loss_sum, clip=s.clip)
             # s.bits was checked against this participant's own sum_bits (_check_task); n is the signed member list
             contributors = len(s.members) if quantized_fit(self.federation.spec) is not None else None
-            quantizer = fit_quantizer(parameters=delta.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits,
+            quantizer = fit_quantizer(parameters=sent.size, weight_bound=s.weight_bound, clip=s.clip, bits=s.bits,
                                       contributors=contributors)
             keys = self._start_secure_sum(task, quantizer, values)
             return pb.FitResult(round=task.round, model_version=task.model_version, secagg_keys=keys)

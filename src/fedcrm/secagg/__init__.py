@@ -7,7 +7,8 @@ aggregator, one of each per round, exchanging plain Python values that the
 node and aggregator carry over gRPC. No torch, no network here.
 
 Modules: :mod:`~fedcrm.secagg.params` (the knobs), :mod:`~fedcrm.secagg.quantization`
-(reals <-> integers modulo ``2**bits``), :mod:`~fedcrm.secagg.graph` (who
+(reals <-> integers modulo ``2**bits``), :mod:`~fedcrm.secagg.sparsification` (the coordinates every member
+keeps in a round), :mod:`~fedcrm.secagg.graph` (who
 neighbours whom), :mod:`~fedcrm.secagg.shamir` (secret sharing),
 :mod:`~fedcrm.secagg.crypto` (X25519, AES-GCM, AES-CTR masks),
 :mod:`~fedcrm.secagg.signing` (certificate signatures over keys and survivor sets),

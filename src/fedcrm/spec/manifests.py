@@ -468,6 +468,21 @@ class SecureAggregation(_Model):
             json_schema_extra={"minimum": 8, "maximum": 24},  # checked by _quantization_bits, with its message
         ),
     ] = None
+    keep_fraction: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description=(
+                "Shared random sparsification of the training update: each round every participant sends only the "
+                "same ceil(keepFraction x d) of the model's d parameters, chosen at random from the federation key, "
+                "spec.training.seed and the round number (so every party derives the same subset and the masks "
+                "still cancel); the others stay as they are that round. Upload shrinks by the same factor and "
+                "composes with quantizationBits. 1 (the default) sends every parameter. Not with client-level or "
+                "pooled DP."
+            ),
+        ),
+    ] = 1.0
 
     @field_validator("quantization_bits")
     @classmethod
@@ -485,6 +500,11 @@ class SecureAggregation(_Model):
             raise ValueError(
                 "quantizationBits compresses the masked sum of secure aggregation; set enabled: true or leave "
                 "quantizationBits unset"
+            )
+        if self.keep_fraction < 1 and not self.enabled:
+            raise ValueError(
+                f"keepFraction {self.keep_fraction} sparsifies the masked sum of secure aggregation; set enabled: "
+                "true or leave keepFraction at 1"
             )
         return self
 
@@ -676,6 +696,14 @@ class FederationSpec(_Model):
                 "real rows only, and the GAN's own epsilon is not counted in the federation's budget, so the "
                 "declared (epsilon, delta) would not hold. Use mode 'client' (which covers everything a participant "
                 "trains on) or 'none', or turn augmentation.gan off"
+            )
+        keep = self.privacy.secure_aggregation.keep_fraction
+        if keep < 1 and mode in ("client", "pooled"):
+            raise ValueError(
+                f"privacy.secureAggregation.keepFraction {keep} cannot be combined with differentialPrivacy mode "
+                f"{mode!r} (yet): the noise would still be sound, since the kept coordinates of a clipped update "
+                "have at most its norm, but the noise shares, their decoding and the sampling are sized for the "
+                "whole update and are not wired for a subset. Use mode 'sample' or 'none', or keepFraction 1"
             )
         return self
 

@@ -7,6 +7,10 @@ is exact up to quantization. With ``secureAggregation.quantizationBits`` = q
 the sum is modulo ``2**(q + ceil(log2 n))`` for the ``n`` members of the sum
 (:func:`sum_bits`, :func:`fit_quantizer`): the weighted deltas are rounded
 stochastically to a shared scale, the examples and loss sum go as digits.
+With ``secureAggregation.keepFraction`` below 1 the weighted deltas are only
+the round's shared support (:func:`fit_support`, :mod:`fedcrm.secagg.sparsification`):
+``[examples * clipped delta[support], examples, training loss sum]``, which the
+aggregator scatters back to the model's length (:func:`expand_fit`).
 
 EVALUATE: the evaluation counts of :mod:`fedcrm.training.metrics`, counts
 exact and the loss sum scaled.
@@ -30,13 +34,14 @@ import math
 import numpy as np
 
 from fedcrm.privacy.mechanisms import POOLED_BITS, ClientNoise, PooledNoise
+from fedcrm.secagg import sparsification
 from fedcrm.secagg.quantization import log2_ceil
 from fedcrm.secagg.segments import Segment, SegmentedQuantizer
 from fedcrm.spec.manifests import FeatureType, FederationSpec
 from fedcrm.training.metrics import BINS, LOSS_CAP
 from fedcrm.training.preprocessing import MAX_PARTICIPANT_ROWS, StatisticsLayout
 
-__all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "fit_quantizer", "fit_vector", "quantized_fit", "validation_bound"]
+__all__ = ["LOSS_CAP", "STATISTICS_BITS", "sum_bits", "StatisticsEncoding", "client_dp_fit_quantizer", "client_dp_fit_vector", "evaluation_quantizer", "expand_fit", "fit_support", "fit_quantizer", "fit_vector", "quantized_fit", "validation_bound"]
 
 #: The modulus of the statistics' secure sum, fixed here so that both sides derive it and neither takes it from the
 #: other: the vector is a few dozen values, so 8 bytes each cost nothing, and 62 bits (the most the arithmetic
@@ -49,6 +54,33 @@ def quantized_fit(spec: FederationSpec) -> int | None:
     if spec.privacy.differential_privacy.mode in ("client", "pooled"):
         return None
     return spec.privacy.secure_aggregation.quantization_bits
+
+
+def fit_support(spec: FederationSpec, *, federation: str, round_: int, parameters: int) -> np.ndarray | None:
+    """The coordinates of the model's ``parameters`` that every member's training update carries in ``round_``
+    under ``keepFraction`` (None: all of them, as without sparsification). Derived from the federation key, the
+    terms' ``training.seed`` and the round number, which both sides hold, never from each other's word; not used by
+    client-level or pooled DP (the manifest refuses the combination).
+
+    The kept coordinates are not scaled by ``d / k``: the aggregate is FedAvg on the support and zero elsewhere, a
+    random block-coordinate step. Scaling would make the step an unbiased estimate of the full one, but it
+    multiplies the kept coordinates' step (and its variance) by ``d / k``, which with a plain server learning rate
+    is a ``d / k`` times larger step on the kept coordinates and destabilises training; unscaled, every coordinate
+    moves with the full learning rate in the rounds that keep it."""
+    keep = spec.privacy.secure_aggregation.keep_fraction
+    if keep >= 1 or spec.privacy.differential_privacy.mode in ("client", "pooled"):
+        return None
+    return sparsification.support(parameters, keep, federation=federation, seed=spec.training.seed, round_=round_)
+
+
+def expand_fit(total: np.ndarray, support: np.ndarray | None, parameters: int) -> np.ndarray:
+    """A training sum over the support back to the model's layout: ``[summed weighted deltas (zero off the
+    support), examples, loss sum]``. ``total`` must be exactly ``len(support) + 2`` long."""
+    if support is None:
+        return total
+    if total.shape != (support.size + 2,):
+        raise ValueError(f"a training sum of {total.size} values for a support of {support.size} coordinates")
+    return np.concatenate([sparsification.scatter(total[: support.size], support, parameters), total[support.size:]])
 
 
 def sum_bits(spec: FederationSpec, *, statistics: bool = False, fit: bool = False, members: int = 1) -> int:
