@@ -41,8 +41,9 @@ def test_an_8_bit_federation_trains_and_uploads_under_40_percent_of_the_unquanti
 
 def test_a_federation_keeping_a_quarter_of_each_8_bit_update_trains_and_uploads_about_a_quarter(
         small_federation: SynthResult, tmp_path: Path) -> None:
-    """keepFraction 0.25 on top of quantizationBits 8: the same support everywhere, so the masks cancel and the
-    model still learns (3 rounds of a quarter of the coordinates each), with about a quarter of the upload."""
+    """keepFraction 0.25 on top of quantizationBits 8: the same support everywhere, so the masks cancel, and the
+    model learns about as well as the dense 8-bit one (3 rounds of a quarter of the coordinates each, rescaled by
+    4: rescaleKept), with about a quarter of the upload."""
     runs = {}
     for keep in (1.0, 0.25):
         doc = yaml.safe_load(small_federation.federation_path.read_text())
@@ -57,7 +58,8 @@ def test_a_federation_keeping_a_quarter_of_each_8_bit_update_trains_and_uploads_
     dense, sparse = runs[1.0], runs[0.25]
     assert sparse["status"] == "succeeded" and sparse["rounds_completed"] == 3
     assert sparse["history"][-1]["loss"] < sparse["history"][0]["loss"]  # it learned
-    assert sparse["metrics"]["auc"] > 0.7
+    assert sparse["metrics"]["accuracy"] > 0.75 and sparse["metrics"]["auc"] > 0.8
+    assert sparse["metrics"]["auc"] == pytest.approx(dense["metrics"]["auc"], abs=0.05)
     for s, d in zip(sparse["history"], dense["history"]):
         # the masked vector is a quarter; keys, shares and signatures are not, so a little more than a quarter
         assert 0.2 * d["bytes_up_per_client"] < s["bytes_up_per_client"] < 0.35 * d["bytes_up_per_client"]

@@ -80,7 +80,24 @@ def test_scatter_refuses_a_length_that_does_not_match_the_support() -> None:
     with pytest.raises(ValueError, match="24 values for a support of 25"):
         scatter(np.zeros(24), s, 100)
     with pytest.raises(ValueError, match="training sum of 26 values for a support of 25"):
-        expand_fit(np.zeros(26), s, 100)
+        expand_fit(np.zeros(26), s, 100, rescale=True)
+
+
+def test_rescaling_by_d_over_k_makes_the_sparsified_step_unbiased() -> None:
+    """Each coordinate is kept with probability k / d: times d / k, the mean over rounds is the full update; the
+    examples and loss sum are never scaled."""
+    d, rounds = 50, 4000
+    full = np.concatenate([np.linspace(-1, 1, d), [7.0, 3.0]])
+    mean = np.zeros(d + 2)
+    for r in range(rounds):
+        s = support(d, 0.2, federation=FED, seed=0, round_=r)
+        total = np.concatenate([gather(full[:d], s), full[d:]])
+        out = expand_fit(total, s, d, rescale=True)
+        assert np.allclose(out[s], full[s] * 5) and out[d] == 7.0 and out[d + 1] == 3.0
+        mean += out / rounds
+    # each coordinate: a mean of 4000 draws of 5x with probability 0.2, sd 2x/sqrt(4000): within 5 sd
+    assert np.all(np.abs(mean[:d] - full[:d]) <= 5 * 2 * np.abs(full[:d]) / np.sqrt(rounds) + 1e-12)
+    assert np.array_equal(expand_fit(total, s, d, rescale=False)[s], full[s])
 
 
 # The masked sum on the support ------------------------------------------------------------
@@ -106,7 +123,7 @@ def test_the_masked_sum_of_sparsified_updates_is_the_plain_sparse_sum() -> None:
     quantizer = fit_quantizer(parameters=s.size, weight_bound=2.0 * sum(examples), clip=clip, bits=32)
     vectors = [fit_vector(gather(x, s), examples=e, loss_sum=0.4 * e, clip=clip) for x, e in zip(deltas, examples)]
     inputs = [quantizer.quantize(v) for v in vectors]
-    total = expand_fit(quantizer.dequantize(_masked_sum(n, inputs, 32)), s, d)
+    total = expand_fit(quantizer.dequantize(_masked_sum(n, inputs, 32)), s, d, rescale=False)
     plain = sum(np.concatenate([scatter(gather(x * e, s), s, d), [e, 0.4 * e]]) for x, e in zip(deltas, examples))
     assert total.shape == (d + 2,)
     assert np.allclose(total, plain, atol=n * 2 * sum(examples) * clip / 2**31)
@@ -127,11 +144,11 @@ def test_the_masked_sum_of_sparsified_8_bit_updates_is_close_to_the_plain_sparse
     deltas = [rng.normal(0, 0.05, d) for _ in range(n)]
     vectors = [fit_vector(gather(x, s), examples=int(e), loss_sum=0.3 * e, clip=clip) for x, e in zip(deltas, examples)]
     inputs = [quantizer.quantize(v, rng).astype(vector_dtype(bits)) for v in vectors]
-    total = expand_fit(quantizer.dequantize(_masked_sum(n, inputs, bits)), s, d)
+    total = expand_fit(quantizer.dequantize(_masked_sum(n, inputs, bits)), s, d, rescale=False)
     plain = np.zeros(quantizer.size, dtype=vector_dtype(bits))
     for v in inputs:
         modular_add(plain, v, bits)
-    assert np.array_equal(total, expand_fit(quantizer.dequantize(plain), s, d))  # masking changed nothing
+    assert np.array_equal(total, expand_fit(quantizer.dequantize(plain), s, d, rescale=False))  # masking changed nothing
     exact = sum(scatter(gather(x * e, s), s, d) for x, e in zip(deltas, examples))
     step = 1 / quantizer.scales[0]
     assert np.all(np.abs(total[:d] - exact) < n * step)
@@ -149,7 +166,7 @@ def _spec(dp: dict | None = None, **secure: object) -> FederationSpec:
 
 
 def test_keep_fraction_is_off_by_default_and_derived_from_the_terms() -> None:
-    assert SecureAggregation().keep_fraction == 1.0
+    assert SecureAggregation().keep_fraction == 1.0 and SecureAggregation().rescale_kept
     assert fit_support(_spec(), federation=FED, round_=1, parameters=100) is None
     spec = _spec(keepFraction=0.25, quantizationBits=8)
     s = fit_support(spec, federation=FED, round_=1, parameters=100)

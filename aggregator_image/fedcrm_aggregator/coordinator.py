@@ -556,7 +556,8 @@ class Coordinator:
             support = fit_support(self.spec, federation=self.federation.key, round_=round_,
                                   parameters=self.layout.size)
             try:
-                fit_total = expand_fit(fit_total, support, self.layout.size)
+                fit_total = expand_fit(fit_total, support, self.layout.size,
+                                       rescale=self.spec.privacy.secure_aggregation.rescale_kept)
             except ValueError as err:
                 raise FederationFailed(f"round {round_}: {err}") from None
         if self.privacy.noise is not None and contributors:

@@ -483,6 +483,17 @@ class SecureAggregation(_Model):
             ),
         ),
     ] = 1.0
+    rescale_kept: Annotated[
+        bool,
+        Field(
+            description=(
+                "With keepFraction below 1: multiply the kept coordinates of the aggregate by d / k, so that each "
+                "round's step is an unbiased estimate of the full FedAvg step. False applies the kept coordinates "
+                "as they are, which with plain FedAvg acts like a server learning rate of keepFraction and learns "
+                "more slowly (measured: docs/benchmarks.md)."
+            ),
+        ),
+    ] = True
 
     @field_validator("quantization_bits")
     @classmethod
