@@ -1,4 +1,6 @@
-"""Compression compatible with secure aggregation: unquantized against 16-bit and 8-bit updates, side by side.
+"""Compression compatible with secure aggregation: unquantized against 16-bit and 8-bit updates, and 8-bit updates
+of which each round keeps a shared random half, quarter or tenth of the coordinates (``keepFraction``), side by
+side.
 
 One command (``make bench-compression``) synthesises ten tenants (``fedcrm synth --clients 10 --rows 1000``), then
 trains the same model (hidden layers 512 and 256, about 150,000 parameters, so the update rather than the key
@@ -6,7 +8,11 @@ exchange dominates the upload) for 20 rounds with secure aggregation, three ways
 
 * ``unquantized``: today's masked sum modulo ``2**32``, four bytes an element, the size of float32 weights;
 * ``16-bit`` and ``8-bit``: ``quantizationBits`` 16 and 8, summed modulo ``2**(q + ceil(log2 10))`` and sent
-  packed at that width (20 and 12 bits an element).
+  packed at that width (20 and 12 bits an element);
+* ``8-bit keep 50%``, ``25%`` and ``10%``: as ``8-bit``, and every participant sends only the round's shared
+  random support of ``k = ceil(keepFraction x d)`` coordinates; the others keep the global model's value that
+  round, the kept ones are multiplied by ``d / k`` (``rescaleKept``, the default);
+* ``8-bit keep 25% unscaled``: ``rescaleKept: false``, the kept coordinates applied as they are.
 
 Reports accuracy and ROC AUC on the held-out test set, the bytes each participant sends per round (every secure-
 aggregation message of the training and evaluation sums, from the run's report), the masked training vector's own
@@ -36,7 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
 CLIENTS = 10
 #: ``quantizationBits`` of each setting (None: unquantized, the modulus of ``bits``, 32 by default).
-SETTINGS: dict[str, int | None] = {"unquantized": None, "16-bit": 16, "8-bit": 8}
+SETTINGS: dict[str, int | None] = {"unquantized": None, "16-bit": 16, "8-bit": 8, "8-bit keep 50%": 8,
+                                   "8-bit keep 25%": 8, "8-bit keep 10%": 8, "8-bit keep 25% unscaled": 8}
+#: ``keepFraction`` of each setting (absent: 1, every coordinate, no sparsification).
+KEEP: dict[str, float] = {"8-bit keep 50%": 0.5, "8-bit keep 25%": 0.25, "8-bit keep 10%": 0.1,
+                          "8-bit keep 25% unscaled": 0.25}
+#: Settings with ``rescaleKept: false``.
+UNSCALED = {"8-bit keep 25% unscaled"}
 
 
 def _manifest(data: Path, work: Path, name: str, rounds: int, hidden: list[int]) -> Path:
@@ -47,14 +59,18 @@ def _manifest(data: Path, work: Path, name: str, rounds: int, hidden: list[int])
     secure["enabled"] = True
     if SETTINGS[name] is not None:
         secure["quantizationBits"] = SETTINGS[name]
+    if name in KEEP:
+        secure["keepFraction"] = KEEP[name]
+        secure["rescaleKept"] = name not in UNSCALED
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def _masked_bytes(parameters: int, q: int | None) -> int:
+def _masked_bytes(parameters: int, q: int | None, keep: float = 1.0) -> int:
     """The masked training vector's bytes: 4 an element at 32 bits, else packed at q + ceil(log2 n) bits (the
-    examples and loss slots add a few elements)."""
+    examples and loss slots add a few elements); with ``keep`` < 1, of the ``ceil(keep x parameters)`` kept."""
+    parameters = math.ceil(keep * parameters)
     if q is None:
         return 4 * (parameters + 2)
     bits = q + math.ceil(math.log2(CLIENTS))
@@ -77,7 +93,7 @@ def _run(name: str, data: Path, work: Path, rounds: int, hidden: list[int], repe
     parameters = int(log.split(" parameters")[0].rsplit("model has ", 1)[1])
     m = report["metrics"]
     return {"accuracy": m["accuracy"], "auc": m["auc"], "bytes_up_per_client_per_round": statistics.fmean(ups),
-            "parameters": parameters, "masked_update_bytes": _masked_bytes(parameters, SETTINGS[name]),
+            "parameters": parameters, "masked_update_bytes": _masked_bytes(parameters, SETTINGS[name], KEEP.get(name, 1.0)),
             "seconds": round(time.monotonic() - started, 1)}
 
 

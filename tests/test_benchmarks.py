@@ -267,10 +267,15 @@ def test_bench_compression_quick_runs_every_setting(tmp_path: Path) -> None:
     _make_quick("bench-compression", tmp_path)
     out = json.loads((tmp_path / "compression.json").read_text())
     assert not _non_finite(out)
-    assert set(out["results"]) == {"unquantized", "16-bit", "8-bit"}
+    assert set(out["results"]) == {"unquantized", "16-bit", "8-bit", "8-bit keep 50%", "8-bit keep 25%",
+                                   "8-bit keep 10%", "8-bit keep 25% unscaled"}
     for name, row in out["results"].items():
         _assert_finite(row, ["accuracy", "auc", "bytes_up_per_client_per_round", "masked_update_bytes"], name)
     rows = out["results"]
     assert rows["8-bit"]["masked_update_bytes"] < rows["16-bit"]["masked_update_bytes"] < rows["unquantized"]["masked_update_bytes"]
     assert rows["8-bit"]["bytes_up_per_client_per_round"] < rows["unquantized"]["bytes_up_per_client_per_round"]
+    assert rows["8-bit keep 10%"]["masked_update_bytes"] < rows["8-bit keep 25%"]["masked_update_bytes"] \
+        == rows["8-bit keep 25% unscaled"]["masked_update_bytes"] < rows["8-bit keep 50%"]["masked_update_bytes"] \
+        < rows["8-bit"]["masked_update_bytes"]
+    assert rows["8-bit keep 25%"]["bytes_up_per_client_per_round"] < rows["8-bit"]["bytes_up_per_client_per_round"]
     assert "| 8-bit | 12 |" in (tmp_path / "compression.md").read_text()
