@@ -75,7 +75,7 @@ privacy-table: $(STAMP)  ## DP mode x epsilon: accuracy, F1, attack AUC (JSON, m
 bench-dp-utility: $(STAMP)  ## DP on small skewed tenants: per-tenant DP-SGD vs pooled DP-SGD vs non-private (JSON, markdown in bench/results/; ~15 min)
 	nice -n 10 $(BIN)/python bench/dp_utility.py $(BENCH_QUICK) --results $(BENCH_OUT)
 
-bench-compression: $(STAMP)  ## secure aggregation unquantized vs 16-bit vs 8-bit updates: accuracy, AUC, bytes up per client per round (JSON, markdown in bench/results/; ~10 min)
+bench-compression: $(STAMP)  ## secure aggregation unquantized vs 16-bit vs 8-bit updates, and 8-bit keeping a shared random 50/25/10 % of coordinates: accuracy, AUC, bytes up per client per round (JSON, markdown in bench/results/; ~7 min)
 	nice -n 10 $(BIN)/python bench/update_compression.py $(BENCH_QUICK) --results $(BENCH_OUT)
 
 bench-gan-augmentation: $(STAMP)  ## each participant's GAN augmentation vs none, with and without DP: accuracy, F1, AUC, membership-inference AUC (JSON, markdown in bench/results/; ~10 min)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from secagg_harness import Round
 
+from fedcrm.protocol.vectors import from_vector, to_vector
+from fedcrm.secagg.client import ProtocolViolation
 from fedcrm.secagg.params import SecAggParams
 from fedcrm.secagg.quantization import log2_ceil, modular_add, vector_dtype
 from fedcrm.secagg.sparsification import gather, kept, scatter, support
@@ -153,6 +155,23 @@ def test_the_masked_sum_of_sparsified_8_bit_updates_is_close_to_the_plain_sparse
     step = 1 / quantizer.scales[0]
     assert np.all(np.abs(total[:d] - exact) < n * step)
     assert total[d] == examples.sum()
+
+
+def test_a_member_that_derived_another_support_size_is_refused_not_summed() -> None:
+    """keepFraction 0.25 on the aggregator, 0.3 on one member: its masked vector has another length, refused on the
+    wire (the aggregator decodes with the length it derived) and by the secure sum itself."""
+    d, bits = 400, 12
+    agreed = fit_quantizer(parameters=kept(d, 0.25), weight_bound=1e4, clip=1.0, bits=bits, contributors=3)
+    other = fit_quantizer(parameters=kept(d, 0.3), weight_bound=1e4, clip=1.0, bits=bits, contributors=3)
+    wrong = other.quantize(np.zeros(kept(d, 0.3) + 2), np.random.default_rng(0)).astype(vector_dtype(bits))
+    with pytest.raises(ValueError, match=f"vector has {other.size} values, expected {agreed.size}"):
+        from_vector(to_vector(wrong, bits=bits), expected_length=agreed.size, bits=bits)
+    round_ = Round(3, agreed.size, SecAggParams(threshold=0.6, neighbours="complete", bits=bits))
+    round_.advertise()
+    round_.share_keys()
+    cid = round_.u2[0]
+    with pytest.raises(ProtocolViolation, match=f"length {agreed.size}"):
+        round_.server.receive_masked(cid, wrong)
 
 
 # The setting --------------------------------------------------------------------------------
