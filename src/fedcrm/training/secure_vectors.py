@@ -64,9 +64,9 @@ def fit_support(spec: FederationSpec, *, federation: str, round_: int, parameter
 
     Under ``rescaleKept`` (the default) the aggregator multiplies the summed kept coordinates by ``d / k``
     (:func:`expand_fit`): each coordinate is kept with probability ``k / d``, so the step is an unbiased estimate of
-    the full FedAvg step. Unscaled, the expected step is ``k / d`` of it, a server learning rate of ``k / d``: with
-    20 rounds that cost 2 points of accuracy at a tenth kept, where the rescaled step cost none and stayed stable
-    down to a fiftieth (docs/benchmarks.md). The rescaled step of one coordinate can reach ``d / k x clip``; a
+    the full FedAvg step. Unscaled, the expected step is ``k / d`` of it, a server learning rate of ``k / d``: in
+    20 rounds that cost 0.8 points of accuracy at a quarter kept (docs/benchmarks.md; 2 points at a tenth in a
+    one-off run), where the rescaled step cost none and stayed stable down to a fiftieth. The rescaled step of one coordinate can reach ``d / k x clip``; a
     server optimiser (``momentum``, ``adam``) damps that if a model needs it."""
     keep = spec.privacy.secure_aggregation.keep_fraction
     if keep >= 1 or spec.privacy.differential_privacy.mode in ("client", "pooled"):
