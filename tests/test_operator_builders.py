@@ -820,3 +820,19 @@ def test_a_pass_records_the_minimum_once_owns_what_it_may_and_removes_the_timer_
     assert "enrollment" in below and below["enrollment"] is None  # a merge patch's null removes it
     gone = {k: v for k, v in below.items() if k != "enrollment"}
     assert "enrollment" not in reconcile(kube, {**body, "status": gone}, two[:1], SETTINGS).status  # type: ignore[arg-type]
+
+
+def test_the_operator_process_loads_no_numpy() -> None:
+    """The operator image runs kopf, the Kubernetes client and the spec models; numpy (needed by the privacy
+    mechanisms and secure aggregation, not by the plan the operator writes into status.privacyPlan) would add some
+    10 MiB to every replica's resident memory. import-linter cannot say this: fedcrm.privacy.plans imports the
+    mechanisms inside the functions that need them, which it counts as imports too."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, fedcrm_operator.__main__, fedcrm_operator.handlers, fedcrm_operator.desired; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'torch', 'pandas', 'scipy'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedcrm.privacy.accounting import RdpAccountant, calibrate_noise_multiplier, epsilon_for
-from fedcrm.privacy.mechanisms import ClientNoise, PooledNoise
-from fedcrm.secagg.params import SecAggParams
 from fedcrm.spec.manifests import FederationSpec
+
+# The operator reads plans (status.privacyPlan) and is kept free of numpy, which the mechanisms and the
+# secure-aggregation package need (some 12 MiB of its resident memory): those are imported where they are used.
+if TYPE_CHECKING:
+    from fedcrm.privacy.mechanisms import ClientNoise, PooledNoise
 
 __all__ = ["DROWNED", "STATISTICS_SHARE", "SWAMPED", "SamplePlan", "noise_to_signal", "client_accountant", "client_noise", "client_noise_multiplier",
            "pooled_accountant", "pooled_noise", "pooled_noise_multiplier", "privacy_plan", "sample_accountant",
@@ -47,6 +51,8 @@ def survivors_min(spec: FederationSpec, participants: int) -> int:
     floor = min(spec.training.min_participants, participants)
     if not sa.enabled or participants < 2:
         return max(1, floor)
+    from fedcrm.secagg.params import SecAggParams
+
     params = SecAggParams(threshold=sa.threshold, neighbours=sa.neighbours, bits=sa.bits)
     return max(1, min(participants, params.shares_needed(params.neighbour_count(participants))))
 
@@ -105,6 +111,8 @@ def noise_participants(spec: FederationSpec, claimed: int) -> int:
 
 
 def client_noise(spec: FederationSpec, *, participants: int, dimension: int) -> ClientNoise:
+    from fedcrm.privacy.mechanisms import ClientNoise
+
     dp = spec.privacy.differential_privacy
     return ClientNoise(
         clipping_norm=dp.clip, noise_multiplier=client_noise_multiplier(spec),
@@ -166,6 +174,8 @@ def pooled_noise_multiplier(spec: FederationSpec) -> float:
 
 
 def pooled_noise(spec: FederationSpec, *, participants: int, dimension: int) -> PooledNoise:
+    from fedcrm.privacy.mechanisms import PooledNoise
+
     dp = spec.privacy.differential_privacy
     return PooledNoise(clipping_norm=dp.clip, noise_multiplier=pooled_noise_multiplier(spec),
                        survivors_min=survivors_min(spec, participants), contributors_max=max(participants, 1),
