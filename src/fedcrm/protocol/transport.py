@@ -24,6 +24,8 @@ import grpc
 
 __all__ = [
     "GRPC_OPTIONS",
+    "KEEPALIVE_MS",
+    "keepalive_options",
     "max_result_bytes",
     "server_options",
     "PROTOCOL_VERSION",
@@ -40,14 +42,32 @@ PROTOCOL_VERSION = 5  # 2: signed keys, member list, consistency check (secure a
 # 5: masked vectors packed at the sum's modulus (Vector.PACKED), quantized training sums (quantizationBits)
 
 _MAX_MESSAGE = 256 * 1024 * 1024
+#: How often each side pings a connection on which nothing else moves.
+KEEPALIVE_MS = 30_000
+
+
+def keepalive_options(every_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """Ping every ``every_ms`` so the long-lived task stream survives idle NAT and load-balancer timeouts, and
+    accept the other side's pings at that pace.
+
+    The accepting half matters as much: gRPC's receiving side by default tolerates pings on a connection without
+    data only every 5 minutes, and after two early ones closes it (GOAWAY ``too_many_pings``). A participant
+    that computes for minutes between messages -- training its GAN in the first round, a large tenant's local
+    epoch -- then lost its connection and was dropped from the round as disconnected.
+    """
+    return [
+        ("grpc.keepalive_time_ms", every_ms),
+        ("grpc.keepalive_timeout_ms", min(10_000, every_ms)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", every_ms // 2),
+    ]
+
+
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
-    # Keep the long-lived task stream alive through idle NAT/load-balancer timeouts.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
+    *keepalive_options(),
 ]
 
 
