@@ -327,13 +327,21 @@ def _use_legacy(src: Path) -> None:
     sys.modules["fedcrm.secagg"] = module
     spec.loader.exec_module(module)
     fedcrm.secagg = module  # type: ignore[attr-defined]
-    # Today's training code imports this arithmetic helper when it loads; the old package predates it. It plays
-    # no part in the old protocol measured here (client-level DP sums never quantize with it).
+    # Today's training code imports these when it loads; the old package predates them. They play no part in the
+    # old protocol measured here (client-level DP sums never quantize with log2_ceil, nor sparsify).
     import importlib
 
     quantization = importlib.import_module("fedcrm.secagg.quantization")
     if not hasattr(quantization, "log2_ceil"):
         quantization.log2_ceil = lambda n: (n - 1).bit_length()  # type: ignore[attr-defined]
+    if not (src / "sparsification.py").exists():
+        today = Path(fedcrm.__file__).parent / "secagg" / "sparsification.py"
+        extra = importlib.util.spec_from_file_location("fedcrm.secagg.sparsification", today)
+        assert extra is not None and extra.loader is not None
+        sparsification = importlib.util.module_from_spec(extra)
+        sys.modules["fedcrm.secagg.sparsification"] = sparsification
+        extra.loader.exec_module(sparsification)
+        module.sparsification = sparsification  # type: ignore[attr-defined]
 
 
 class Federation:
