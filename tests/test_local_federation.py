@@ -34,6 +34,15 @@ def _run_args(fed: Path, small: SynthResult, out: Path) -> list[str]:
             "--test-data", str(small.test_path), "--out", str(out)]
 
 
+def _events_so_far(out: Path) -> list[dict[str, Any]]:
+    """The events the aggregator has written completely: a poll may catch the last line half written."""
+    path = out / "events.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
 def _run(fed: Path, small: SynthResult, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_run_args(fed, small, out), capture_output=True, text=True, timeout=600)
 
@@ -120,11 +129,7 @@ def _start_and_kill_one(fed: Path, small: SynthResult, out: Path, at_round: int)
     deadline = time.monotonic() + 300
     while victim is None and time.monotonic() < deadline:
         time.sleep(0.05)
-        events = out / "events.jsonl"
-        if events.exists() and any(
-            json.loads(line).get("round", 0) >= at_round and json.loads(line)["event"] == "round"
-            for line in events.read_text().splitlines() if line.strip()
-        ):
+        if any(e["event"] == "round" and e.get("round", 0) >= at_round for e in _events_so_far(out)):
             pids = json.loads((out / "processes.json").read_text())
             victim = sorted(k for k in pids if k != "aggregator")[1]
             os.kill(pids[victim], signal.SIGKILL)
@@ -197,8 +202,7 @@ def test_a_crashed_aggregator_is_restarted_and_resumes_from_its_checkpoint(small
     killed = False
     while not killed and time.monotonic() < deadline:
         time.sleep(0.05)
-        events = out / "events.jsonl"
-        rounds = [json.loads(x) for x in events.read_text().splitlines() if '"event": "round"' in x] if events.exists() else []
+        rounds = [e for e in _events_so_far(out) if e["event"] == "round"]
         if len(rounds) >= 3:
             os.kill(json.loads((out / "processes.json").read_text())["aggregator"], signal.SIGKILL)
             killed = True
@@ -254,12 +258,11 @@ def test_a_participant_that_stops_answering_is_dropped_after_the_round_timeout(
     deadline = time.monotonic() + 300
     while stopped is None and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
-        events = out / "events.jsonl"
         processes = out / "processes.json"
-        if not events.exists() or not processes.exists():
+        lines = _events_so_far(out)
+        if not lines or not processes.exists():
             continue
-        pids = json.loads(processes.read_text())
-        lines = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+        pids = json.loads(processes.read_text())  # written atomically by the launcher
         connected = [e["identity"] for e in lines if e["event"] == "connected"]
         if when == "before_the_member_list":
             # The first to connect (so it is enrolled), while the agreement still waits for the others: it never signs.

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcrm.models.artifacts import atomic_write
+from fedcrm.files import atomic_write
 from fedcrm.models.layout import ModelLayout
 from fedcrm.reporting import RoundRecord
 from fedcrm.training.preprocessing import Preprocessing

@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedcrm.models.artifacts import atomic_write
+from fedcrm.files import atomic_write
 from fedcrm.privacy.accounting import BudgetExhausted, RdpAccountant
 from fedcrm.privacy.mechanisms import ClientNoise, PooledNoise
 from fedcrm.privacy.plans import (

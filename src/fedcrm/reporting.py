@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcrm.models.artifacts import atomic_write
+from fedcrm.files import atomic_write
 from fedcrm.training.health import model_warnings
 
 __all__ = ["RoundRecord", "build_report", "read_report", "render_markdown", "write_report"]

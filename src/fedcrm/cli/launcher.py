@@ -29,6 +29,7 @@ from typing import Any
 from fedcrm.cli.children import Child, Warm, start_subprocess
 from fedcrm.data.credentials import Credentials
 from fedcrm.errors import DataError, FedcrmError, ManifestError
+from fedcrm.files import atomic_write
 from fedcrm.exit_codes import NodeExitCode
 from fedcrm.pki import CertificateAuthority, write_pem_files
 from fedcrm.reporting import read_report, write_report
@@ -240,7 +241,7 @@ class _Processes:
     def record(self) -> None:
         pids = {"aggregator": self.aggregator.pid if self.aggregator else None}
         pids.update({k: p.pid for k, p in self.nodes.items()})
-        (self.out / "processes.json").write_text(json.dumps(pids, indent=2))
+        atomic_write(self.out / "processes.json", json.dumps(pids, indent=2).encode())
 
     def stop_all(self, grace: float = 5.0) -> None:
         procs = [p for p in [self.aggregator, *self.nodes.values(), self.scorer] if p is not None and p.poll() is None]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,16 @@ from typing import Any
 import numpy as np
 
 from fedcrm.errors import FedcrmError
+from fedcrm.files import atomic_write
 from fedcrm.models.layout import ModelLayout
 from fedcrm.spec.manifests import Task
 from fedcrm.training.preprocessing import Preprocessing
 
-__all__ = ["SavedModel", "atomic_write", "load_model", "save_model", "weights_digest"]
+__all__ = ["SavedModel", "load_model", "save_model", "weights_digest"]
 
 
 def weights_digest(weights: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(weights, dtype="<f4").tobytes()).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
