@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedcrm.cli.launcher import RUN_OUTPUTS
 from fedcrm.data.synthetic import SynthResult
 
 FEDCRM = [sys.executable, "-m", "fedcrm.cli.main"]
@@ -51,6 +52,8 @@ def test_run_help_names_everything_a_run_writes(tmp_path: Path) -> None:
     written = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
     assert "participants/" in written and "checkpoint/" in written
     assert [name for name in written if name not in help_text] == []
+    # What a run writes and removes again (credentials/) or writes only sometimes (audit.json) is listed too.
+    assert [name for name in RUN_OUTPUTS if name not in help_text] == []
     assert "secagg-members.json" in help_text and (out / "checkpoint" / "secagg-members.json").exists()
 
 

@@ -37,9 +37,10 @@ from fedcrm.runconfig import AggregatorConfig, TlsPaths
 from fedcrm.spec.loading import ParticipantManifests, check_membership, load_federation, load_participant_manifests, secret_values
 from fedcrm.spec.manifests import Federation, Participant, Task
 
-__all__ = ["LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "run_federation"]
+__all__ = ["RUN_OUTPUTS", "LoadedFederation", "RunResult", "load_check_inputs", "load_federation_inputs", "run_federation"]
 
-_OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md",
+#: Every top-level name a run may write in its output folder; a rerun clears them (and nothing else).
+RUN_OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md",
             "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png", "ready",
             "participants")
 
@@ -151,7 +152,7 @@ def _write_credentials(out: Path, inputs: LoadedFederation) -> dict[str, Path]:
 
 def _prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name in _OUTPUTS:
+    for name in RUN_OUTPUTS:
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)

@@ -33,6 +33,10 @@ outputs in OUT:
   events.jsonl             what the aggregator recorded, one JSON object per event
   logs/                    the aggregator's and each participant's log
   pki/                     this run's CA certificate and issued certificates
+  credentials/             while the run lasts only: each participant's Secret values, one 0600 file per key
+                           (the layout a mounted Secret has in a pod); removed when the run ends
+  audit.json, audit_roc.png
+                           written later by `fedcrm audit --run OUT`: the membership-inference result and its ROC
   aggregator.json, aggregator.port, processes.json, ready/
                            the launcher's own: the aggregator's config and port, the process ids, and each
                            participant's data-check result
