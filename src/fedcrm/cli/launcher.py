@@ -29,8 +29,8 @@ from typing import Any
 from fedcrm.cli.children import Child, Warm, start_subprocess
 from fedcrm.data.credentials import Credentials
 from fedcrm.errors import DataError, FedcrmError, ManifestError
-from fedcrm.files import atomic_write
 from fedcrm.exit_codes import NodeExitCode
+from fedcrm.files import atomic_write
 from fedcrm.pki import CertificateAuthority, write_pem_files
 from fedcrm.reporting import read_report, write_report
 from fedcrm.runconfig import AggregatorConfig, TlsPaths
@@ -41,8 +41,8 @@ __all__ = ["RUN_OUTPUTS", "LoadedFederation", "RunResult", "load_check_inputs", 
 
 #: Every top-level name a run may write in its output folder; a rerun clears them (and nothing else).
 RUN_OUTPUTS = ("pki", "credentials", "logs", "model", "checkpoint", "events.jsonl", "report.json", "report.md",
-            "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png", "ready",
-            "participants")
+               "processes.json", "aggregator.json", "aggregator.port", "audit.json", "audit_roc.png", "ready",
+               "participants")
 
 
 # How often `fedcrm run` restarts a crashed aggregator before giving up.
