@@ -130,6 +130,25 @@ def test_a_restarted_ledger_continues_the_spend(tmp_path: Path) -> None:
         second.check_round(people)
 
 
+def test_a_release_a_participant_showed_mid_round_stops_the_round_before_its_sum_is_seen(tmp_path: Path) -> None:
+    """The budget funds 4 releases. Rounds 1 to 3 are counted; then, during round 4, one participant reports the
+    update it sent to the crashed aggregator (a release this ledger missed): the budget is now full, so round 4's
+    noised sum may not be seen, even though another participant's own ledger still lets it send."""
+    fed = _federation("client")
+    people = ["a/p1", "a/p2", "a/p3"]
+    ledger = PrivacyLedger(fed, people, tmp_path)
+    ledger.setup(dimension=100, train_rows={})
+    for r in range(1, 4):
+        ledger.expose(f"{r}@2")
+    assert ledger.expose("3@2") == ledger.spent()  # seeing the same sum again costs nothing
+    ledger.check_round(people)  # round 4 is funded when it begins...
+    assert ledger.reconcile("a/p1", 4, incarnation=2) == 1
+    with pytest.raises(BudgetExhausted):  # ...but not once p1's count is in
+        ledger.expose("4@2")
+    assert ledger.accountants["*"].releases == ["1@2", "2@2", "3@2", "unseen-4@2"]
+    assert ledger.spent() <= 1.0
+
+
 def test_a_ledger_refuses_state_from_other_settings(tmp_path: Path) -> None:
     people = ["a/p1", "a/p2"]
     PrivacyLedger(_federation("client"), people, tmp_path).setup(dimension=10, train_rows={})

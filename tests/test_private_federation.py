@@ -196,6 +196,46 @@ def test_a_restarted_aggregator_continues_the_spend(small_federation: SynthResul
         epsilon_for(q=1.0, noise_multiplier=sigma, steps=len(releases), delta=1e-5)) and spent[-1] <= 1.0
 
 
+def test_a_release_shown_mid_round_stops_the_round_before_any_update_is_used(small_federation: SynthResult,
+                                                                             tmp_path: Path) -> None:
+    """The race the restart test can hit: two participants had sent an update to an aggregator that crashed, the
+    third had not. In the last funded round the two report that their own ledgers are full (counting that update),
+    while the third, whose ledger has room, sends its noised update. Counting that one too would spend past the
+    budget; it must be refused without being used and the run stop at the budget."""
+    from inprocess_aggregator import aggregators, finish, identities, start_nodes
+
+    from fedcrm.protocol import pb
+    from fedcrm.spec.loading import load_federation
+
+    fed = _federation(small_federation, tmp_path, {"mode": "client", "epsilon": 1.0, "delta": 1e-5}, secure=False)
+    federation = load_federation(fed)
+    people = identities(small_federation)
+    acks: list[Any] = []
+    with aggregators(tmp_path) as start:
+        coordinator, port, ca = start(federation, federation, people)
+        submit = coordinator.submit
+
+        def full_ledger_first(kind: int, identity: str, message: Any) -> Any:
+            if kind == pb.Task.FIT and message.round == 3:
+                if not acks:  # before the first update of round 3 is read, the others' counts come in
+                    for other in people:
+                        if other != identity:
+                            coordinator.report_budget_spent(other, "own ledger full", releases=3)
+                acks.append(submit(kind, identity, message))
+                return acks[-1]
+            return submit(kind, identity, message)
+
+        coordinator.submit = full_ledger_first
+        finish(start_nodes(small_federation, fed, port, ca, tmp_path))
+
+    assert acks and not acks[0].accepted and "privacy budget has no release left" in acks[0].message
+    assert [r.round for r in coordinator.history] == [1, 2]
+    assert coordinator.privacy.accountants["*"].releases == ["1@1", "2@1", "unseen-3@1"]
+    assert coordinator.privacy.spent() <= 1.0
+    events = (tmp_path / "aggregator" / "events.jsonl").read_text()
+    assert '"event": "privacy_budget_exhausted"' in events and "stopped before round 3" in events
+
+
 def test_a_crash_before_the_first_checkpoint_is_counted_like_the_participants_count_it(
         small_federation: SynthResult, tmp_path: Path) -> None:
     """DP-SGD, the aggregator killed during round 1 (before any checkpoint exists) and restarted.

@@ -202,6 +202,13 @@ class Coordinator:
             try:
                 assert self._receiver is not None
                 self._results[identity] = self._receiver(identity, message)
+            except BudgetExhausted as err:
+                # The budget ran out while the round was under way (a participant's ledger showed a release this
+                # one missed): the update is not used, and the round loop stops at the budget.
+                log.warning("did not use the %s result from %s: %s", STAGE_NAMES[kind], identity, err)
+                self._refused[identity] = f"not used, the privacy budget has no release left: {err}"
+                self._cond.notify_all()
+                return pb.Ack(accepted=False, message=f"not used, the privacy budget has no release left: {err}")
             except ValueError as err:
                 # Out of this round at once (the stage does not wait for it); asked again next round.
                 log.warning("refused a malformed %s result from %s: %s", STAGE_NAMES[kind], identity, err)
@@ -236,10 +243,12 @@ class Coordinator:
         """Count this round's client-level release the moment a noised update can first be seen.
 
         That is when the first plain update arrives, or, under secure aggregation, just before the unmasking
-        shares are asked for. Counted (and persisted) then, a crash before the round's end cannot lose it.
+        shares are asked for. Counted (and persisted) then, a crash before the round's end cannot lose it. Raises
+        :class:`BudgetExhausted` instead when the budget no longer funds the release: a plain update is then
+        refused without being decoded or summed, and under secure aggregation no unmasking share is asked for.
         """
         if self.privacy.noise is not None:
-            self.privacy.record(self.release, [])
+            self.privacy.expose(self.release)
 
     def _receive_client_dp_fit(self, message: pb.FitResult) -> np.ndarray:
         """A client-level DP update: clipped, integer, noised; every participant weighs 1 (DP-FedAvg)."""

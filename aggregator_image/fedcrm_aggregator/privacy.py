@@ -207,6 +207,15 @@ class PrivacyLedger:
             self._write()
         return self.spent()
 
+    def expose(self, release: str) -> float | None:
+        """Count the round's noised sum the moment it can first be seen, or raise :class:`BudgetExhausted` if
+        the budget no longer funds it. The round was checked when it began, but a participant may since have
+        shown a release this ledger missed (:meth:`reconcile`: an update sent just before a restart), and a
+        participant whose own ledger still has room must not then spend past the budget for everyone."""
+        if self.mode in ("client", "pooled") and release not in self.accountants[_FEDERATION].releases:
+            self.check_round([])
+        return self.record(release, [])
+
     def reconcile(self, identity: str, releases: int, *, incarnation: int) -> int:
         """Count releases a participant saw and this ledger did not (keys ``unseen-N@incarnation``); returns how
         many. A participant counts an update as released when it sends it; this ledger when it receives it, so
